@@ -1,0 +1,6 @@
+"""Embedding kinds. Importing this package registers every kind with ``build_embedding``."""
+
+from lma.embeddings.base import EMBEDDINGS, Embedding, EmbeddingSpec, build_embedding
+from lma.embeddings import tables  # noqa: F401  (full, hash)
+
+__all__ = ["EMBEDDINGS", "Embedding", "EmbeddingSpec", "build_embedding"]

@@ -1,0 +1,91 @@
+"""The embedding interface every kind implements, and the registry that builds kinds by name.
+
+An embedding maps (B, S) int64 tokens (token hash v1; 0 = padding) to (B, S, d) floats. DLRM
+never branches on the kind. Each kind is built from a budget of parameters, so that every kind at
+the same ``--compression`` has the same number of embedding parameters.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lma.features import FeatureMap
+
+
+@dataclass
+class EmbeddingSpec:
+    """What a kind needs to build itself."""
+
+    kind: str
+    dim: int
+    n_params: int  # embedding parameter budget (floats)
+    seed: int = 0
+    min_count: int = 1  # vocabulary threshold for full tables (and the budget's reference)
+    options: dict[str, Any] = field(default_factory=dict)  # kind-specific (Z, T, aligned, ...)
+
+
+class Embedding(nn.Module, ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, spec: EmbeddingSpec):
+        super().__init__()
+        self.spec = spec
+        self.dim = spec.dim
+
+    @classmethod
+    @abstractmethod
+    def build(cls, spec: EmbeddingSpec, feature_map: FeatureMap, **state: Any) -> Embedding:
+        """Create the module for ``spec`` on the data described by ``feature_map``."""
+
+    @abstractmethod
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) int64 tokens -> (B, S, d) float32."""
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_bytes(self) -> int:
+        """Bytes of per-token state needed at serving besides parameters (vocabulary, signatures)."""
+        return 0
+
+    def serving_bytes(self) -> int:
+        """Parameters (float32) plus per-token state: what a server must hold for this embedding."""
+        return 4 * self.parameter_count() + self.state_bytes()
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description (the spec); ``build_embedding`` rebuilds the module from it."""
+        return {
+            "kind": self.kind,
+            "dim": self.spec.dim,
+            "n_params": self.spec.n_params,
+            "seed": self.spec.seed,
+            "min_count": self.spec.min_count,
+            "options": dict(self.spec.options),
+        }
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse (trained with a sparse-capable optimizer)."""
+        return []
+
+
+EMBEDDINGS: dict[str, type[Embedding]] = {}
+
+
+def register(cls: type[Embedding]) -> type[Embedding]:
+    EMBEDDINGS[cls.kind] = cls
+    return cls
+
+
+def build_embedding(spec: EmbeddingSpec, feature_map: FeatureMap, **state: Any) -> Embedding:
+    """Build a kind by name. ``state`` passes per-token state a kind may need (e.g. signatures)."""
+    # Import the kinds so that they register themselves.
+    from lma import embeddings  # noqa: F401
+
+    if spec.kind not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding kind {spec.kind!r}; known: {sorted(EMBEDDINGS)}")
+    return EMBEDDINGS[spec.kind].build(spec, feature_map, **state)  # type: ignore[attr-defined]
