@@ -10,6 +10,7 @@ Parameters (derived from ``seed`` by :func:`make_params`, so any runtime can reb
     A[c, j, i]          multipliers in [1, P - 1], c < n_blocks, j in {0, 1}, i < 4
     B[c, j]             offsets in [0, P - 1]
     W[p, c]             nibble weights for LMA block keys, p < 16 (see ``lma_block_keys``)
+    positions[c, t]     the T distinct nibble positions block c reads, drawn without replacement
 
 Slot of key ``k`` (int64) for block ``c``:
     u_i  = (k >> 16 i) & 0xFFFF, i = 0..3    (16-bit limbs of k's two's-complement bits)
@@ -86,9 +87,13 @@ def make_params(seed: int, n_blocks: int, n_subkeys: int = 8) -> HashParams:
                 a[c, j, i] = 1 + r % (P - 1)
             state, r = splitmix64(state)
             b[c, j] = r % P
+        # T distinct positions (a partial Fisher-Yates draw): a repeated position would make the
+        # block key carry fewer than T independent sub-keys, so Pr[same block] would be
+        # (J + (1 - J) / 16)^T' with T' < T for some blocks.
+        free = list(range(NIBBLES))
         for t in range(n_subkeys):
             state, r = splitmix64(state)
-            pos[c, t] = r % NIBBLES
+            pos[c, t] = free.pop(r % len(free))
     return HashParams(seed=seed, n_blocks=n_blocks, n_subkeys=n_subkeys, A=a, B=b, positions=pos)
 
 
