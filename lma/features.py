@@ -2,13 +2,18 @@
 
 Training, export and serving all go through :func:`encode_table`, so a value is turned into the
 same numbers everywhere. This module does not import torch.
+
+Bad values (a non-numeric dense value, a label other than 0/1, a malformed derived column) raise
+:class:`EncodeError` naming the column and every 0-based row at fault in it.
+:func:`encode_with_errors` instead returns all such errors, over all columns, together with an
+encoding of every row (bad cells filled), so a reader can drop the bad rows in one pass.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lma.schema import Schema
+from lma.schema import CategoricalField, DenseField, Schema
 from lma.tokens import PAD_TOKEN, hash_column
 
 FEATURE_MAP_VERSION = 1
+
+_NUMBER_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|infinity|nan)$"
 
 
 @dataclass
@@ -30,68 +37,202 @@ class Encoded:
     tokens: np.ndarray  # (N, S) int64, S = schema.n_token_slots; 0 pads multi-valued fields
     labels: np.ndarray | None  # (N,) float32 in {0, 1}, None for unlabelled data
     line_numbers: np.ndarray | None = None  # (N,) int64, 1-based lines of the source file
+    times: np.ndarray | None = None  # (N,) int64/float64 of schema.time_column, when present
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
 class EncodeError(ValueError):
-    """A value that cannot be encoded; carries the column and the 0-based rows at fault."""
+    """A value that cannot be encoded; carries the column and the 0-based rows at fault.
 
-    def __init__(self, column: str, rows: np.ndarray, message: str):
+    ``values`` (when known) are the offending raw values, one per row, and ``problem`` the short
+    description used by :meth:`reason`.
+    """
+
+    def __init__(
+        self,
+        column: str,
+        rows: np.ndarray,
+        message: str,
+        *,
+        values: list[Any] | None = None,
+        problem: str | None = None,
+    ):
         self.column = column
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.values = values
+        self.problem = problem or message
         super().__init__(message)
+
+    def reason(self, i: int) -> str:
+        """Why row ``self.rows[i]`` is bad, e.g. ``column 'I5': non-numeric value 'abc'``."""
+        if self.values is not None and i < len(self.values):
+            return f"column '{self.column}': {self.problem} {self.values[i]!r}"
+        return f"column '{self.column}': {self.problem}"
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    if name not in table.column_names:
+        raise EncodeError(
+            name,
+            np.arange(table.num_rows),
+            f"column '{name}' is missing from the table (columns: {table.column_names})",
+        )
+    col = table.column(name)
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if isinstance(arr.type, pa.DictionaryType):
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _bad_values(arr: pa.Array, rows: np.ndarray, limit: int = 1000) -> list[Any]:
+    """Raw values of ``rows`` (the first ``limit``), for error messages."""
+    return arr.take(pa.array(rows[:limit], pa.int64())).to_pylist()
+
+
+def _parse_float(name: str, arr: pa.Array, what: str) -> tuple[np.ndarray, EncodeError | None]:
+    """Column -> float64 (NaN for missing: null, empty or 'nan'); rows that are not numbers or
+    are infinite are reported (and NaN in the result)."""
+    n = len(arr)
+    if _is_text(arr.type):
+        arr = pc.utf8_trim_whitespace(arr)
+        arr = pc.if_else(pc.equal(pc.utf8_length(arr), 0), pa.scalar(None, arr.type), arr)
+        bad = np.zeros(0, np.int64)
+        try:
+            num = pc.cast(arr, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            ok = pc.fill_null(pc.match_substring_regex(arr, _NUMBER_RE, ignore_case=True), True)
+            ok_np = np.asarray(ok)
+            bad = np.flatnonzero(~ok_np)
+            cleaned = pc.if_else(ok, arr, pa.scalar(None, arr.type))
+            try:
+                num = pc.cast(cleaned, pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                # Something the pattern accepts but the cast does not: find it value by value.
+                vals = cleaned.to_pylist()
+                out = np.full(n, np.nan)
+                extra = []
+                for i, v in enumerate(vals):
+                    if v is None:
+                        continue
+                    try:
+                        out[i] = float(v)
+                    except ValueError:
+                        extra.append(i)
+                bad = np.union1d(bad, np.asarray(extra, np.int64))
+                num = pa.array(out)
+        values = np.asarray(num.to_numpy(zero_copy_only=False), dtype=np.float64)
+    elif pa.types.is_null(arr.type):
+        values, bad = np.full(n, np.nan), np.zeros(0, np.int64)
+    else:
+        try:
+            num = pc.cast(arr, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise EncodeError(
+                name, np.arange(n), f"column '{name}': cannot read {arr.type} as a number: {e}"
+            ) from None
+        values = np.asarray(num.to_numpy(zero_copy_only=False), dtype=np.float64)
+        bad = np.zeros(0, np.int64)
+    inf = np.flatnonzero(np.isinf(values))
+    if len(inf):
+        bad = np.union1d(bad, inf)
+    if len(bad) == 0:
+        return values, None
+    values[bad] = np.nan
+    raw = _bad_values(arr, bad)
+    problem = f"non-numeric {what} value"
+    err = EncodeError(
+        name, bad, f"column '{name}': {problem} {raw[0]!r}", values=raw, problem=problem
+    )
+    return values, err
+
+
+def _derive(schema: Schema, table: pa.Table) -> tuple[pa.Table, list[EncodeError]]:
+    errors: list[EncodeError] = []
+    derive = schema.extra.get("derive", ())
+    if "avazu_hour" in derive and "hour" in table.column_names:
+        hour = _column(table, "hour")
+        if not _is_text(hour.type):
+            hour = pc.cast(hour, pa.string())
+        ok = np.asarray(pc.fill_null(pc.match_substring_regex(hour, r"^\d{8}$"), False))
+        safe = pc.if_else(pa.array(ok), hour, pa.scalar("00010100", hour.type))
+        h = np.asarray(pc.cast(safe, pa.int64()))
+        yy, mm, dd, hh = h // 1_000_000, h // 10_000 % 100, h // 100 % 100, h % 100
+        month_ok = (mm >= 1) & (mm <= 12)
+        months = ((2000 + yy - 1970) * 12 + np.where(month_ok, mm - 1, 0)).astype("datetime64[M]")
+        days = months.astype("datetime64[D]") + np.maximum(dd - 1, 0).astype("timedelta64[D]")
+        day_ok = (dd >= 1) & (days.astype("datetime64[M]") == months)
+        ok &= month_ok & day_ok & (hh < 24)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raw = _bad_values(hour, bad)
+            problem = "expected YYMMDDHH, got"
+            errors.append(
+                EncodeError(
+                    "hour", bad, f"column 'hour': {problem} {raw[0]!r}", values=raw, problem=problem
+                )
+            )
+        # 1970-01-01 was a Thursday (weekday 3, Monday = 0 as in datetime.date.weekday()).
+        weekday = (days.astype(np.int64) + 3) % 7
+        weekday[~ok] = 0
+        hod = pc.utf8_slice_codeunits(pc.if_else(pa.array(ok), hour, pa.scalar("00000000")), 6, 8)
+        names = pa.array([str(i) for i in range(7)], pa.string())
+        table = table.append_column("hour_of_day", pc.cast(hod, pa.string()))
+        table = table.append_column("weekday", names.take(pa.array(weekday)))
+    return table, errors
 
 
 def derive_columns(schema: Schema, table: pa.Table) -> pa.Table:
     """Add the columns a schema derives from raw ones (Avazu: hour -> hour_of_day, weekday)."""
-    if "avazu_hour" in schema.extra.get("derive", ()) and "hour" in table.column_names:
-        raw = pc.cast(table.column("hour"), pa.string()).to_numpy(zero_copy_only=False)
-        raw = np.array(["" if v is None else str(v) for v in raw], dtype=object)
-        ok = np.array([len(v) == 8 and v.isdigit() for v in raw], dtype=bool)
-        if not ok.all():
-            bad = np.flatnonzero(~ok)
-            raise EncodeError("hour", bad, f"column 'hour': expected YYMMDDHH, got {raw[bad[0]]!r}")
-        hod = np.array([v[6:8] for v in raw], dtype=object)
-        # The weekday is a pure function of the date, computed per distinct day.
-        days = {v[:6] for v in raw}
-        wd = {d: str(date(2000 + int(d[:2]), int(d[2:4]), int(d[4:6])).weekday()) for d in days}
-        weekday = np.array([wd[v[:6]] for v in raw], dtype=object)
-        table = table.append_column("hour_of_day", pa.array(hod, pa.string()))
-        table = table.append_column("weekday", pa.array(weekday, pa.string()))
+    table, errors = _derive(schema, table)
+    if errors:
+        raise errors[0]
     return table
 
 
-def _dense_matrix(schema: Schema, table: pa.Table) -> np.ndarray:
+def _dense_matrix(schema: Schema, table: pa.Table) -> tuple[np.ndarray, list[EncodeError]]:
     n = table.num_rows
     out = np.zeros((n, len(schema.dense)), dtype=np.float32)
+    errors: list[EncodeError] = []
     for j, f in enumerate(schema.dense):
-        if f.name not in table.column_names:
-            raise EncodeError(f.name, np.arange(min(n, 1)), f"missing dense column '{f.name}'")
-        col = table.column(f.name)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            col = pc.utf8_trim_whitespace(col)
-            empty = pc.equal(pc.utf8_length(col), 0)
-            col = pc.if_else(empty, pa.scalar(None, col.type), col)
-            try:
-                col = pc.cast(col, pa.float64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                numeric = pc.match_substring_regex(
-                    col, r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$"
-                )
-                bad = np.flatnonzero(~np.asarray(pc.fill_null(numeric, True)))
-                raise EncodeError(
-                    f.name, bad, f"column '{f.name}': non-numeric value {col[int(bad[0])].as_py()!r}"
-                ) from None
-        v = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-        v = np.where(np.isnan(v), f.fill, v)
-        if f.clip_min is not None or f.clip_max is not None:
-            v = np.clip(v, f.clip_min, f.clip_max)
-        if f.transform == "log1p":
-            v = np.log1p(np.maximum(v, 0.0))
-        out[:, j] = v
-    return out
+        v, err = _parse_float(f.name, _column(table, f.name), "dense")
+        if err is not None:
+            errors.append(err)
+        out[:, j] = transform_dense(f, v)
+    return out, errors
+
+
+def transform_dense(f: DenseField, v: np.ndarray) -> np.ndarray:
+    """The schema's dense transform of raw float64 values (NaN = missing): fill, clip, log1p."""
+    v = np.where(np.isnan(v), f.fill, v)
+    if f.clip_min is not None or f.clip_max is not None:
+        v = np.clip(v, f.clip_min, f.clip_max)
+    if f.transform == "log1p":
+        v = np.log1p(np.maximum(v, 0.0))
+    return v
+
+
+def split_bag(f: CategoricalField, col: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Values of a multi-valued column: (non-empty items, their row, their position in the row).
+
+    Empty items ("a||b", a trailing separator) are dropped; positions count kept items only.
+    """
+    if not _is_text(col.type):
+        col = pc.cast(col, pa.string())
+    lists = pc.split_pattern(col, pattern=f.separator)
+    items = pc.list_flatten(lists)
+    parent = np.asarray(pc.list_parent_indices(lists), dtype=np.int64)
+    keep = np.asarray(pc.greater(pc.utf8_length(items), 0))
+    items = items.filter(pa.array(keep))
+    parent = parent[keep]
+    first = np.searchsorted(parent, parent, side="left")
+    pos = np.arange(len(parent), dtype=np.int64) - first
+    return items, parent, pos
 
 
 def _token_matrix(schema: Schema, table: pa.Table) -> np.ndarray:
@@ -99,44 +240,134 @@ def _token_matrix(schema: Schema, table: pa.Table) -> np.ndarray:
     out = np.full((n, schema.n_token_slots), PAD_TOKEN, dtype=np.int64)
     s = 0
     for f in schema.categorical:
-        if f.name not in table.column_names:
-            raise EncodeError(f.name, np.arange(min(n, 1)), f"missing categorical column '{f.name}'")
-        col = table.column(f.name)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            col = pc.cast(col, pa.string())
+        col = _column(table, f.name)
         if f.separator is None:
             out[:, s] = hash_column(f.name, col)
         else:
-            lists = pc.split_pattern(col, pattern=f.separator)
-            for k in range(f.max_values):
-                # Cells with fewer than k + 1 values keep the padding token in slot k.
-                has = np.asarray(pc.fill_null(pc.greater(pc.list_value_length(lists), k), False))
-                item = pc.list_element(pc.if_else(pa.array(has), lists, pa.scalar(["x"])), k)
-                if k == 0:
-                    out[:, s] = hash_column(f.name, item)  # empty/null cell -> missing token
-                else:
-                    out[has, s + k] = hash_column(f.name, item)[has]
+            items, parent, pos = split_bag(f, col)
+            kept = pos < f.max_values
+            # Rows without any value hold the missing token in their first slot.
+            out[:, s] = hash_column(f.name, [None])[0]
+            out[parent[kept], s + pos[kept]] = hash_column(f.name, items.filter(pa.array(kept)))
         s += f.width
     return out
 
 
-def encode_table(schema: Schema, table: pa.Table, line_numbers: np.ndarray | None = None) -> Encoded:
-    """Encode a table of raw columns (strings or numbers) into model inputs."""
-    table = derive_columns(schema, table)
-    labels = None
-    if schema.label is not None and schema.label in table.column_names:
-        lab = pc.cast(table.column(schema.label), pa.float64()).to_numpy(zero_copy_only=False)
-        lab = np.asarray(lab, dtype=np.float64)
-        bad = np.flatnonzero(~np.isin(lab, (0.0, 1.0)))
-        if len(bad):
-            raise EncodeError(schema.label, bad, f"label '{schema.label}' must be 0 or 1")
-        labels = lab.astype(np.float32)
-    return Encoded(
-        dense=_dense_matrix(schema, table),
+def _labels(schema: Schema, table: pa.Table) -> tuple[np.ndarray | None, EncodeError | None]:
+    if schema.label is None or schema.label not in table.column_names:
+        return None, None
+    arr = _column(table, schema.label)
+    lab, err = _parse_float(schema.label, arr, "label")
+    ok = np.isin(lab, (0.0, 1.0))
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raw = _bad_values(arr, bad)
+        problem = "label must be 0 or 1, got"
+        err = EncodeError(
+            schema.label,
+            bad,
+            f"label '{schema.label}' must be 0 or 1, got {raw[0]!r}",
+            values=raw,
+            problem=problem,
+        )
+    return np.where(ok, lab, 0.0).astype(np.float32), err
+
+
+def _times(schema: Schema, table: pa.Table) -> tuple[np.ndarray | None, EncodeError | None]:
+    """The time column as int64 (integers, timestamps in microseconds) or float64."""
+    name = schema.time_column
+    if name is None or name not in table.column_names:
+        return None, None
+    arr = _column(table, name)
+    if _is_text(arr.type):
+        arr = pc.utf8_trim_whitespace(arr)
+        arr = pc.if_else(pc.equal(pc.utf8_length(arr), 0), pa.scalar(None, arr.type), arr)
+    t: pa.Array | None = None
+    targets = (pa.int64(), pa.timestamp("us")) if _is_text(arr.type) else (pa.int64(),)
+    if pa.types.is_integer(arr.type) or _is_text(arr.type):
+        for target in targets:
+            try:
+                t = pc.cast(arr, target)
+                break
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+    elif pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
+        t = pc.cast(arr, pa.timestamp("us"))
+    if t is not None:
+        if pa.types.is_timestamp(t.type):
+            t = pc.cast(t, pa.int64())
+        values = np.asarray(t.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        err = None
+        if t.null_count:
+            bad = np.flatnonzero(np.asarray(t.is_null()))
+            problem = "missing time value"
+            err = EncodeError(name, bad, f"column '{name}': {problem}", problem=problem)
+        return values, err
+    fvalues, err = _parse_float(name, arr, "time")
+    missing = np.isnan(fvalues)
+    if missing.any():
+        bad = np.flatnonzero(missing)
+        raw = _bad_values(arr, bad)
+        problem = "missing or non-numeric time value"
+        err = EncodeError(
+            name, bad, f"column '{name}': {problem} {raw[0]!r}", values=raw, problem=problem
+        )
+    return np.where(missing, 0.0, fvalues), err
+
+
+def encode_with_errors(
+    schema: Schema, table: pa.Table, line_numbers: np.ndarray | None = None
+) -> tuple[Encoded, list[EncodeError]]:
+    """Encode every row and collect the bad values of all columns instead of raising.
+
+    Rows named by an error are encoded with their bad cells treated as missing; callers drop
+    them (e.g. ``lma.data.take``) or raise. A column missing from the table still raises.
+    """
+    table, errors = _derive(schema, table)
+    labels, err = _labels(schema, table)
+    if err is not None:
+        errors.append(err)
+    dense, dense_errors = _dense_matrix(schema, table)
+    errors.extend(dense_errors)
+    times, err = _times(schema, table)
+    if err is not None:
+        errors.append(err)
+    enc = Encoded(
+        dense=dense,
         tokens=_token_matrix(schema, table),
         labels=labels,
-        line_numbers=line_numbers,
+        line_numbers=None if line_numbers is None else np.asarray(line_numbers, dtype=np.int64),
+        times=times,
     )
+    return enc, errors
+
+
+def encode_table(
+    schema: Schema, table: pa.Table, line_numbers: np.ndarray | None = None
+) -> Encoded:
+    """Encode a table of raw columns (strings or numbers) into model inputs.
+
+    Raises :class:`EncodeError` for the bad value of the lowest row (with all bad rows of that
+    column in ``rows``).
+    """
+    enc, errors = encode_with_errors(schema, table, line_numbers)
+    if errors:
+        raise min(errors, key=lambda e: int(e.rows.min()) if len(e.rows) else 0)
+    return enc
+
+
+def _merge_counts(
+    tokens: list[np.ndarray], counts: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum counts of equal tokens over several (token, count) arrays: sorted unique tokens."""
+    t = np.concatenate(tokens)
+    c = np.concatenate(counts)
+    if len(t) == 0:
+        return t.astype(np.int64), c.astype(np.int64)
+    order = np.argsort(t, kind="stable")
+    t, c = t[order], c[order]
+    starts = np.flatnonzero(np.concatenate([[True], t[1:] != t[:-1]]))
+    return t[starts], np.add.reduceat(c, starts).astype(np.int64)
 
 
 class FeatureMap:
@@ -147,8 +378,14 @@ class FeatureMap:
     vocabulary from here (tokens with count >= min_count, plus one out-of-vocabulary row per field).
     """
 
-    def __init__(self, schema: Schema, tokens: list[np.ndarray], counts: list[np.ndarray],
-                 n_rows: int, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        schema: Schema,
+        tokens: list[np.ndarray],
+        counts: list[np.ndarray],
+        n_rows: int,
+        meta: dict[str, Any] | None = None,
+    ):
         if len(tokens) != len(schema.categorical) or len(counts) != len(tokens):
             raise ValueError("feature map: one token/count array per categorical field expected")
         self.schema = schema
@@ -158,24 +395,38 @@ class FeatureMap:
         self.meta = dict(meta or {})
 
     @classmethod
-    def build(cls, schema: Schema, chunks) -> FeatureMap:
-        """Count tokens per field over an iterable of :class:`Encoded` chunks (constant memory in rows)."""
-        slot_fields = np.array(schema.slot_fields())
-        acc: list[dict[str, np.ndarray]] = [
-            {"t": np.zeros(0, np.int64), "c": np.zeros(0, np.int64)} for _ in schema.categorical
-        ]
+    def build(cls, schema: Schema, chunks: Iterable[Encoded]) -> FeatureMap:
+        """Count tokens per field over an iterable of :class:`Encoded` chunks (constant memory in rows).
+
+        Per-chunk counts are buffered and merged into the running totals once the buffer is as
+        large as the totals, so the cost stays O(total log total) rather than O(vocab x chunks).
+        """
+        slots = np.array(schema.slot_fields())
+        cols = [np.flatnonzero(slots == f) for f in range(len(schema.categorical))]
+        acc_t = [np.zeros(0, np.int64) for _ in schema.categorical]
+        acc_c = [np.zeros(0, np.int64) for _ in schema.categorical]
+        pend_t: list[list[np.ndarray]] = [[] for _ in schema.categorical]
+        pend_c: list[list[np.ndarray]] = [[] for _ in schema.categorical]
+        pend_n = [0] * len(schema.categorical)
         n_rows = 0
         for enc in chunks:
             n_rows += len(enc)
-            for f in range(len(schema.categorical)):
-                vals = enc.tokens[:, slot_fields == f].ravel()
+            for f, c in enumerate(cols):
+                vals = enc.tokens[:, c[0]] if len(c) == 1 else enc.tokens[:, c].ravel()
                 vals = vals[vals != PAD_TOKEN]
-                u, c = np.unique(vals, return_counts=True)
-                t_all = np.concatenate([acc[f]["t"], u])
-                c_all = np.concatenate([acc[f]["c"], c])
-                u2, inv = np.unique(t_all, return_inverse=True)
-                acc[f] = {"t": u2, "c": np.bincount(inv, weights=c_all).astype(np.int64)}
-        return cls(schema, [a["t"] for a in acc], [a["c"] for a in acc], n_rows)
+                u, k = np.unique(vals, return_counts=True)
+                pend_t[f].append(u)
+                pend_c[f].append(k.astype(np.int64))
+                pend_n[f] += len(u)
+                if pend_n[f] >= max(len(acc_t[f]), 1 << 16):
+                    acc_t[f], acc_c[f] = _merge_counts(
+                        [acc_t[f], *pend_t[f]], [acc_c[f], *pend_c[f]]
+                    )
+                    pend_t[f], pend_c[f], pend_n[f] = [], [], 0
+        for f in range(len(cols)):
+            if pend_t[f]:
+                acc_t[f], acc_c[f] = _merge_counts([acc_t[f], *pend_t[f]], [acc_c[f], *pend_c[f]])
+        return cls(schema, acc_t, acc_c, n_rows)
 
     def vocab(self, min_count: int = 1) -> list[np.ndarray]:
         """Sorted token hashes with at least ``min_count`` occurrences, per field."""
@@ -202,7 +453,10 @@ class FeatureMap:
                     "version": FEATURE_MAP_VERSION,
                     "schema": self.schema.to_dict(),
                     "n_rows": self.n_rows,
-                    "field_sizes": {f.name: len(t) for f, t in zip(self.schema.categorical, self.tokens, strict=True)},
+                    "field_sizes": {
+                        f.name: len(t)
+                        for f, t in zip(self.schema.categorical, self.tokens, strict=True)
+                    },
                     "meta": self.meta,
                 },
                 indent=2,

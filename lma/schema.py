@@ -24,6 +24,19 @@ class DenseField:
     clip_min: float | None = None
     clip_max: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.transform not in ("identity", "log1p"):
+            raise ValueError(
+                f"dense field '{self.name}': transform must be 'identity' or 'log1p', "
+                f"got {self.transform!r}"
+            )
+        if (
+            self.clip_min is not None
+            and self.clip_max is not None
+            and self.clip_min > self.clip_max
+        ):
+            raise ValueError(f"dense field '{self.name}': clip_min > clip_max")
+
 
 @dataclass(frozen=True)
 class CategoricalField:
@@ -32,6 +45,12 @@ class CategoricalField:
     # ``max_values`` are kept (the rest are counted as truncated) and the model mean-pools them.
     separator: str | None = None
     max_values: int = 1
+
+    def __post_init__(self) -> None:
+        if self.separator == "":
+            raise ValueError(f"categorical field '{self.name}': separator must not be empty")
+        if int(self.max_values) < 1:
+            raise ValueError(f"categorical field '{self.name}': max_values must be >= 1")
 
     @property
     def width(self) -> int:
@@ -52,6 +71,39 @@ class Schema:
     drop: tuple[str, ...] = ()
     time_column: str | None = None  # enables time-ordered splits
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from user code) but store tuples, so schemas stay hashable/immutable.
+        for name in ("dense", "categorical", "drop"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.column_names is not None:
+            object.__setattr__(self, "column_names", tuple(self.column_names))
+        if self.format not in ("csv", "parquet"):
+            raise ValueError(
+                f"schema '{self.name}': format must be 'csv' or 'parquet', got {self.format!r}"
+            )
+        if len(self.delimiter) != 1:
+            raise ValueError(
+                f"schema '{self.name}': delimiter must be one character, got {self.delimiter!r}"
+            )
+        names = [self.label] if self.label else []
+        names += [f.name for f in self.dense] + [f.name for f in self.categorical]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"schema '{self.name}': column(s) {dup} used more than once (label/dense/categorical)"
+            )
+        if self.column_names is not None:
+            derived = (
+                {"hour_of_day", "weekday"}
+                if "avazu_hour" in self.extra.get("derive", ())
+                else set()
+            )
+            missing = [n for n in names if n not in self.column_names and n not in derived]
+            if missing:
+                raise ValueError(
+                    f"schema '{self.name}': column(s) {missing} are not in column_names"
+                )
 
     @property
     def dense_names(self) -> list[str]:
@@ -82,14 +134,8 @@ class Schema:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Schema:
         d = dict(d)
-        dense = tuple(
-            DenseField(**f) if isinstance(f, dict) else DenseField(name=str(f))
-            for f in d.pop("dense", [])
-        )
-        cats = tuple(
-            CategoricalField(**f) if isinstance(f, dict) else CategoricalField(name=str(f))
-            for f in d.pop("categorical", [])
-        )
+        dense = tuple(_field(DenseField, f) for f in d.pop("dense", []) or [])
+        cats = tuple(_field(CategoricalField, f) for f in d.pop("categorical", []) or [])
         if not cats:
             raise ValueError("schema: 'categorical' must list at least one field")
         names = d.pop("column_names", None)
@@ -121,22 +167,53 @@ class Schema:
     @classmethod
     def load(cls, path: str | Path) -> Schema:
         p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"schema file not found: {p}")
         text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml  # optional: only needed for YAML schema files
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml  # optional: only needed for YAML schema files
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+            raise ValueError(f"schema file {p}: cannot parse: {e}") from None
+        except Exception as e:  # yaml.YAMLError does not derive from ValueError
+            raise ValueError(f"schema file {p}: cannot parse: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"schema file {p}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"schema file {p}: {e}") from None
+
+
+def _field(kind: type, spec: Any) -> Any:
+    """A DenseField/CategoricalField from a name or a dict, with a clear error for bad keys."""
+    if isinstance(spec, str):
+        return kind(name=spec)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(
+            f"schema: each field must be a name or a mapping with 'name', got {spec!r}"
+        )
+    allowed = set(kind.__dataclass_fields__)
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(
+            f"schema: field '{spec['name']}': unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
+    return kind(**spec)
 
 
 def criteo_schema(labelled: bool = True) -> Schema:
     """Criteo Kaggle: label, I1..I13 (counts, may be negative or empty), C1..C26 (hex strings)."""
     dense = tuple(DenseField(f"I{i}", transform="log1p", clip_min=0.0) for i in range(1, 14))
     cats = tuple(CategoricalField(f"C{i}") for i in range(1, 27))
-    names = (("label",) if labelled else ()) + tuple(f.name for f in dense) + tuple(
-        f.name for f in cats
+    names = (
+        (("label",) if labelled else ())
+        + tuple(f.name for f in dense)
+        + tuple(f.name for f in cats)
     )
     return Schema(
         name="criteo",
@@ -150,10 +227,29 @@ def criteo_schema(labelled: bool = True) -> Schema:
     )
 
 
-AVAZU_CATEGORICAL = (
-    "C1 banner_pos site_id site_domain site_category app_id app_domain app_category device_id "
-    "device_ip device_model device_type device_conn_type C14 C15 C16 C17 C18 C19 C20 C21"
-).split()
+AVAZU_CATEGORICAL = [
+    "C1",
+    "banner_pos",
+    "site_id",
+    "site_domain",
+    "site_category",
+    "app_id",
+    "app_domain",
+    "app_category",
+    "device_id",
+    "device_ip",
+    "device_model",
+    "device_type",
+    "device_conn_type",
+    "C14",
+    "C15",
+    "C16",
+    "C17",
+    "C18",
+    "C19",
+    "C20",
+    "C21",
+]
 
 
 def avazu_schema() -> Schema:
