@@ -68,6 +68,18 @@ class Embedding(nn.Module, ABC):
             "options": dict(self.spec.options),
         }
 
+    def extra_state_arrays(self) -> dict[str, Any]:
+        """Per-token state (numpy arrays) that ``build(spec, feature_map, **arrays)`` needs to rebuild
+        this module exactly; saved beside the weights in checkpoints and bundles."""
+        return {}
+
+    @classmethod
+    def prepare(cls, spec: EmbeddingSpec, feature_map: FeatureMap, train_tokens: Any,
+                progress: bool = False) -> dict[str, Any]:
+        """Compute per-token state from the training tokens ((N, S) int64 numpy) before ``build``;
+        e.g. LMA's minhash signatures. Returns keyword arguments for ``build``."""
+        return {}
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are sparse (trained with a sparse-capable optimizer)."""
         return []

@@ -1,0 +1,107 @@
+"""Self-describing training checkpoints: model config, feature map, weights, metrics, versions.
+
+Layout of a checkpoint folder:
+    checkpoint.pt          torch.save of {"format", "model_config", "embedding_config",
+                           "state_dict", "versions", "train_config", "history"}
+    feature_map.json/.npz  the schema and per-field token counts (lma.features.FeatureMap)
+    embedding_state.npz    per-token state of the embedding (e.g. LMA signatures), maybe empty
+    metrics.json           evaluation results of the run
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import lma
+from lma.embeddings import EmbeddingSpec, build_embedding
+from lma.features import FeatureMap
+from lma.model import DLRM, DLRMConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    model: DLRM
+    feature_map: FeatureMap
+    config: dict[str, Any]  # the whole checkpoint.pt payload minus the state dict
+    metrics: dict[str, Any]
+    path: Path
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "lma": lma.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dict[str, Any],
+                    train_config: dict[str, Any] | None = None,
+                    history: list[dict[str, float]] | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fmap.save(out)
+    np.savez(out / "embedding_state.npz", **model.embedding.extra_state_arrays())
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": model.config.to_dict(),
+            "embedding_config": model.embedding.config(),
+            "state_dict": model.state_dict(),
+            "versions": library_versions(),
+            "train_config": train_config or {},
+            "history": history or [],
+        },
+        out / "checkpoint.pt",
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Rebuild the model from the checkpoint's own config and load its weights (eval mode)."""
+    path = Path(path)
+    ck = path / "checkpoint.pt"
+    if not ck.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder: {ck.name} is missing")
+    payload = torch.load(ck, map_location="cpu", weights_only=False)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{ck}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}; "
+            "retrain with this version of lma"
+        )
+    fmap = FeatureMap.load(path)
+    ec = payload["embedding_config"]
+    spec = EmbeddingSpec(kind=ec["kind"], dim=ec["dim"], n_params=ec["n_params"], seed=ec["seed"],
+                         min_count=ec["min_count"], options=ec.get("options", {}))
+    state_file = path / "embedding_state.npz"
+    arrays: dict[str, Any] = {}
+    if state_file.exists():
+        with np.load(state_file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    emb = build_embedding(spec, fmap, **arrays)
+    model = DLRM(DLRMConfig(**payload["model_config"]), emb)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    config = {k: v for k, v in payload.items() if k != "state_dict"}
+    return Checkpoint(model=model, feature_map=fmap, config=config, metrics=metrics, path=path)

@@ -1,0 +1,216 @@
+"""The ``lma`` command line.
+
+Core subcommands live here (data, train, evaluate, sweep); packages outside the core add theirs
+(export, verify, predict, bench) through the ``lma.commands`` entry-point group: each entry point
+is a function ``register(subparsers)``. The core never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+DATA_HELP = (
+    "data source: criteo:PATH | criteo-test:PATH | avazu:PATH | synth:ROWS[:SEED] | "
+    "table:PATH (with --schema FILE)"
+)
+
+
+def _json_safe(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(_json_safe(obj), indent=2, default=str) + "\n")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help=DATA_HELP)
+    p.add_argument("--schema", default=None, help="schema file (JSON/YAML) for table:PATH data")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="malformed lines: stop with the line number (fail) or count and skip them")
+
+
+def _kv_options(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+# ---------------------------------------------------------------- data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from lma.data.synthetic import SynthConfig, write_tsv
+
+    cfg = SynthConfig(rows=args.rows, seed=args.seed, preset=args.preset)
+    n = write_tsv(cfg, args.out, progress=not args.quiet)
+    print_json({"rows": n, "out": args.out, "note": "synthetic data (Criteo schema)"})
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from lma.data import open_source
+    from lma.data.stats import dataset_stats
+
+    src = open_source(args.data, args.schema, on_error=args.on_error, progress=not args.quiet)
+    print_json(dataset_stats(src))
+    return 0
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_data_args(p)
+    p.add_argument("--embedding", default="full",
+                   help="embedding kind: full | hash | robez | lma | qr")
+    p.add_argument("--compression", type=float, default=1.0,
+                   help="embedding params = full-table params / X (1 = full size)")
+    p.add_argument("--budget-bytes", type=int, default=None,
+                   help="embedding memory in fp32 bytes (instead of --compression)")
+    p.add_argument("--dim", type=int, default=16, help="embedding dimension d")
+    p.add_argument("--bottom-mlp", type=_ints, default=[64, 32], help="hidden sizes, e.g. 64,32")
+    p.add_argument("--top-mlp", type=_ints, default=[64, 32], help="hidden sizes, e.g. 64,32")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop after this many epochs without a better validation AUC")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--split", choices=["random", "time"], default="random")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="full-table vocabulary threshold (tokens seen fewer times share the OOV row)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="embedding option, e.g. z=16, aligned=true, t=8 (repeatable)")
+    p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from lma.train import TrainConfig
+
+    return TrainConfig(
+        data=args.data, schema=args.schema, embedding=args.embedding,
+        compression=args.compression, budget_bytes=args.budget_bytes, dim=args.dim,
+        bottom_mlp=args.bottom_mlp, top_mlp=args.top_mlp, dropout=args.dropout,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, seed=args.seed,
+        threads=args.threads, split=args.split, min_count=args.min_count,
+        options=_kv_options(args.option), on_error=args.on_error, out=args.out,
+        progress=not args.quiet,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lma.train import train_model
+
+    result = train_model(train_config_from_args(args))
+    print_json(result.metrics)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lma.checkpoint import load_checkpoint
+    from lma.data import open_source, random_split, take
+    from lma.train import evaluate
+
+    ck = load_checkpoint(args.checkpoint)
+    src = open_source(args.data, args.schema, on_error=args.on_error, progress=not args.quiet)
+    data = src.read_all()
+    if args.split != "all":
+        seed = ck.config.get("train_config", {}).get("seed", 0) if args.seed is None else args.seed
+        parts = dict(zip(("train", "val", "test"), random_split(len(data), seed), strict=True))
+        data = take(data, parts[args.split])
+    res = evaluate(ck.model, data)
+    print_json({"auc": res["auc"], "logloss": res["logloss"], "rows": res["rows"],
+                "split": args.split, "checkpoint": str(args.checkpoint)})
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lma", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("synth", help="write synthetic Criteo-schema rows as a Criteo TSV")
+    p.add_argument("--rows", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="small", help="cardinalities preset: small | kaggle")
+    p.add_argument("--out", required=True, help="output .tsv path")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("stats", help="rows, label rate, per-field cardinality and missing rates")
+    add_data_args(p)
+    p.set_defaults(func=cmd_data_stats)
+
+    p = sub.add_parser("train", help="train a DLRM model and write a checkpoint + metrics.json")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="AUC and logloss of a checkpoint on a data source")
+    p.add_argument("checkpoint", help="checkpoint folder written by `lma train --out`")
+    add_data_args(p)
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                   help="evaluate on this part of the seeded 80/10/10 split (default: all rows)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the training seed)")
+    p.set_defaults(func=cmd_evaluate)
+
+    try:
+        from lma.sweep import register_cli as register_sweep
+    except ImportError:
+        register_sweep = None
+    if register_sweep is not None:
+        register_sweep(sub)
+
+    for ep in entry_points(group="lma.commands"):
+        try:
+            ep.load()(sub)
+        except Exception as e:  # a broken plugin must not take the core commands down
+            logging.getLogger(__name__).warning("could not load lma command %r: %s", ep.name, e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"lma {args.command}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Baseline kinds: full per-field tables and the hashing trick."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lma.embeddings.base import Embedding, EmbeddingSpec, register
+from lma.features import FeatureMap
+
+# Tables above this many floats train with sparse gradients (dense Adam state would dominate).
+SPARSE_THRESHOLD = 4_000_000
+
+
+def _init_rows(weight: torch.Tensor, generator: torch.Generator) -> None:
+    # U(+-1/sqrt(d)) keeps the dot-product interaction O(1) at the start of training.
+    bound = 1.0 / weight.shape[1] ** 0.5
+    with torch.no_grad():
+        weight.uniform_(-bound, bound, generator=generator)
+
+
+@register
+class FullTables(Embedding):
+    """One row per vocabulary token of each field (count >= min_count) plus an OOV row per field.
+
+    Rows of all fields live in one ``nn.Embedding``; a token's row is its position in the sorted
+    array of all vocabulary tokens (token hashes embed the field, so they are globally unique),
+    and a token outside the vocabulary reads its field's OOV row.
+    """
+
+    kind = "full"
+
+    def __init__(self, spec: EmbeddingSpec, vocab: np.ndarray, slot_fields: list[int], n_fields: int):
+        super().__init__(spec)
+        order = np.argsort(vocab, kind="stable")
+        self.register_buffer("vocab", torch.from_numpy(np.ascontiguousarray(vocab[order])))
+        self.register_buffer("slot_fields", torch.tensor(slot_fields, dtype=torch.int64))
+        self.n_vocab = len(vocab)
+        rows = self.n_vocab + n_fields
+        self.sparse = rows * spec.dim > SPARSE_THRESHOLD
+        self.table = nn.Embedding(rows, spec.dim, sparse=self.sparse)
+        g = torch.Generator().manual_seed(spec.seed)
+        _init_rows(self.table.weight, g)
+
+    @classmethod
+    def build(cls, spec: EmbeddingSpec, feature_map: FeatureMap, **state: Any) -> FullTables:
+        vocab = np.concatenate(feature_map.vocab(spec.min_count)) if feature_map.tokens else np.zeros(0, np.int64)
+        return cls(spec, vocab, feature_map.schema.slot_fields(), len(feature_map.schema.categorical))
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) tokens -> (B, S) row indices (OOV row of the slot's field when absent)."""
+        if self.n_vocab == 0:
+            return (self.n_vocab + self.slot_fields).expand_as(tokens)
+        pos = torch.searchsorted(self.vocab, tokens).clamp_(max=self.n_vocab - 1)
+        found = self.vocab[pos] == tokens
+        return torch.where(found, pos, self.n_vocab + self.slot_fields)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table(self.rows(tokens))
+
+    def parameter_count(self) -> int:
+        return self.table.weight.numel()
+
+    def state_bytes(self) -> int:
+        return 8 * self.n_vocab  # the sorted vocabulary (int64 token hashes)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.table.weight] if self.sparse else []
+
+
+@register
+class HashingTrick(Embedding):
+    """Token -> one of R = n_params / d rows (row = token hash mod R); whole rows collide."""
+
+    kind = "hash"
+
+    def __init__(self, spec: EmbeddingSpec):
+        super().__init__(spec)
+        self.n_rows = max(1, spec.n_params // spec.dim)
+        self.sparse = self.n_rows * spec.dim > SPARSE_THRESHOLD
+        self.table = nn.Embedding(self.n_rows, spec.dim, sparse=self.sparse)
+        g = torch.Generator().manual_seed(spec.seed)
+        _init_rows(self.table.weight, g)
+
+    @classmethod
+    def build(cls, spec: EmbeddingSpec, feature_map: FeatureMap, **state: Any) -> HashingTrick:
+        return cls(spec)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Token hashes are fmix64-mixed, so a plain remainder spreads them evenly.
+        return self.table(torch.remainder(tokens, self.n_rows))
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.table.weight] if self.sparse else []
