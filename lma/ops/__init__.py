@@ -1,5 +1,15 @@
 """Custom operators of the core: the hashed gather that reads LMA / ROBE-Z embeddings."""
 
+from lma.ops._op import backend_for, slot_indices
 from lma.ops.hashed_gather import HashedGatherConfig, hashed_gather, slot_indices_torch
+from lma.ops.reference import hashed_gather_backward_reference, hashed_gather_reference
 
-__all__ = ["HashedGatherConfig", "hashed_gather", "slot_indices_torch"]
+__all__ = [
+    "HashedGatherConfig",
+    "backend_for",
+    "hashed_gather",
+    "hashed_gather_backward_reference",
+    "hashed_gather_reference",
+    "slot_indices",
+    "slot_indices_torch",
+]

@@ -1,77 +1,20 @@
 """Hashed gather: (memory (M,), keys (B, S) int64) -> (B, S, d), slots from hash spec v1.
 
-This file holds the pure-torch reference, which every faster implementation (C++ CPU kernel,
-GPU kernel, ONNX function) must match bit for bit in its indices.
+:func:`hashed_gather` is the entry point the embedding modules call. It runs the custom operator
+``torch.ops.lma.hashed_gather`` (see ``_op.py``), which picks the fastest implementation for the
+tensors' device (C++ on CPU, Triton on CUDA, pure torch otherwise) and is differentiable in
+``memory``, traceable by ``torch.compile`` / ``torch.export``, and exported to ONNX as one
+``ai.lma::HashedGather`` node. The pure-torch reference lives in ``reference.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from lma import hashspec
+from lma.ops._op import hashed_gather_op
+from lma.ops.reference import HashedGatherConfig, slot_indices_torch
 
-
-@dataclass(frozen=True)
-class HashedGatherConfig:
-    dim: int
-    z: int
-    mode: str  # "lma" | "robez"
-    aligned: bool
-    m: int
-    n_subkeys: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.dim % self.z:
-            raise ValueError(f"Z={self.z} must divide the embedding dimension d={self.dim}")
-        if self.mode not in ("lma", "robez"):
-            raise ValueError(f"mode must be 'lma' or 'robez', got {self.mode!r}")
-        hashspec.n_starts(self.m, self.z, self.aligned)  # validates Z <= M
-
-    @property
-    def n_blocks(self) -> int:
-        return self.dim // self.z
-
-    def params(self) -> hashspec.HashParams:
-        return hashspec.make_params(self.seed, self.n_blocks, self.n_subkeys)
-
-    def param_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A (nb, 2, 4), B (nb, 2), W (16, nb)) int64 tensors of the spec constants."""
-        p = self.params()
-        return (torch.from_numpy(p.A), torch.from_numpy(p.B), torch.from_numpy(p.nibble_weights))
-
-
-def slot_indices_torch(
-    keys: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    nibble_w: torch.Tensor,
-    m: int,
-    z: int,
-    mode: str,
-    aligned: bool,
-) -> torch.Tensor:
-    """(N,) int64 keys -> (N, nb * Z) int64 memory indices, exactly as ``hashspec.slot_indices``."""
-    nb = coef_a.shape[0]
-    if mode == "lma":
-        shifts = torch.arange(hashspec.NIBBLES, device=keys.device, dtype=torch.int64) * 4
-        nib = (keys[:, None] >> shifts) & 0xF  # (N, 16)
-        bkeys = nib @ nibble_w  # (N, nb) < 2^32
-        u = (bkeys[:, :, None] >> torch.tensor([0, 16, 32, 48], device=keys.device)) & 0xFFFF
-        x = torch.einsum("nci,cji->ncj", u, coef_a)  # (N, nb, 2) < 2^50
-    else:
-        u = (keys[:, None] >> torch.tensor([0, 16, 32, 48], device=keys.device)) & 0xFFFF
-        x = torch.einsum("ni,cji->ncj", u, coef_a)
-    h = torch.remainder(x + coef_b[None], hashspec.P)
-    hh = h[..., 0] * hashspec.P + h[..., 1]  # (N, nb) < 2^62
-    n = hashspec.n_starts(m, z, aligned)
-    starts = torch.remainder(hh, n)
-    if aligned:
-        starts = starts * z
-    idx = starts[:, :, None] + torch.arange(z, device=keys.device, dtype=torch.int64)
-    return idx.reshape(keys.shape[0], nb * z)
+__all__ = ["HashedGatherConfig", "hashed_gather", "slot_indices_torch"]
 
 
 def hashed_gather(
@@ -85,7 +28,10 @@ def hashed_gather(
     mode: str,
     aligned: bool,
 ) -> torch.Tensor:
-    """(M,) float memory, (B, S) int64 keys -> (B, S, dim). Differentiable in ``memory``."""
-    flat = keys.reshape(-1)
-    idx = slot_indices_torch(flat, coef_a, coef_b, nibble_w, memory.shape[0], z, mode, aligned)
-    return memory[idx].reshape(*keys.shape, dim)
+    """(M,) float memory, (B, S) int64 keys -> (B, S, dim). Differentiable in ``memory``.
+
+    coef_a (nb, 2, 4), coef_b (nb, 2), nibble_w (16, nb) are the int64 spec-v1 constants
+    (``HashedGatherConfig.param_tensors``); nb = dim / z. ``mode`` is "lma" (keys are 64-bit
+    minhash signatures) or "robez" (keys are token ids); ``aligned`` puts blocks at multiples of z.
+    """
+    return hashed_gather_op(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned)

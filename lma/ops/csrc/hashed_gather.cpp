@@ -1,0 +1,264 @@
+// Hashed gather (hash spec v1, lma/hashspec.py) on the CPU: forward gather, backward scatter-add,
+// and the slot indices alone.
+//
+// Layout of the work: keys are processed in chunks; for each chunk the block starts of all its
+// (key, block) pairs are computed first (integer hashing only), then the chunk's memory blocks are
+// copied (gather). Chunks are spread over threads with at::parallel_for.
+//
+// Spec recap (all exact in int64; see hashspec.py):
+//   robez: u_i = (key >> 16 i) & 0xFFFF
+//   lma:   bkey_c = sum_p ((sig >> 4 p) & 15) * W[p, c];  u_i = (bkey_c >> 16 i) & 0xFFFF
+//   h_j = (B[c, j] + sum_i A[c, j, i] u_i) mod P,  H = h_0 P + h_1
+//   start = H mod (M - Z + 1)   or   Z * (H mod floor(M / Z))  (aligned)
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kP = 2147483647LL;  // 2^31 - 1
+constexpr int64_t kChunk = 256;       // keys whose starts are computed before their gather
+
+// x mod P for 0 <= x < 2^62 by Mersenne folding (2^31 = 1 mod P); exact, no division.
+inline uint64_t mod_p(uint64_t x) {
+  x = (x & kP) + (x >> 31);  // < 2^31 + 2^31
+  x = (x & kP) + (x >> 31);  // <= P + 1
+  return x >= static_cast<uint64_t>(kP) ? x - kP : x;
+}
+
+struct Hasher {
+  int64_t nb;
+  int64_t z;
+  bool lma;
+  bool aligned;
+  uint64_t n_starts;
+  std::vector<int64_t> a;  // (nb, 2, 4)
+  std::vector<int64_t> b;  // (nb, 2)
+  std::vector<int64_t> w;  // (16, nb)
+
+  Hasher(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& nibble_w,
+         int64_t m, int64_t z_, bool lma_, bool aligned_)
+      : nb(coef_a.size(0)), z(z_), lma(lma_), aligned(aligned_) {
+    TORCH_CHECK(coef_a.dim() == 3 && coef_a.size(1) == 2 && coef_a.size(2) == 4,
+                "coef_a must be (n_blocks, 2, 4)");
+    TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == nb && coef_b.size(1) == 2,
+                "coef_b must be (n_blocks, 2)");
+    TORCH_CHECK(z >= 1 && m >= z, "need 1 <= Z <= M");
+    n_starts = static_cast<uint64_t>(aligned ? m / z : m - z + 1);
+    auto ca = coef_a.to(at::kCPU, at::kLong).contiguous();
+    auto cb = coef_b.to(at::kCPU, at::kLong).contiguous();
+    a.assign(ca.data_ptr<int64_t>(), ca.data_ptr<int64_t>() + nb * 8);
+    b.assign(cb.data_ptr<int64_t>(), cb.data_ptr<int64_t>() + nb * 2);
+    if (lma) {
+      TORCH_CHECK(nibble_w.dim() == 2 && nibble_w.size(0) == 16 && nibble_w.size(1) == nb,
+                  "nibble_w must be (16, n_blocks)");
+      auto cw = nibble_w.to(at::kCPU, at::kLong).contiguous();
+      w.assign(cw.data_ptr<int64_t>(), cw.data_ptr<int64_t>() + 16 * nb);
+    }
+  }
+
+  inline int64_t start_of(const int64_t* u, int64_t c) const {
+    const int64_t* a0 = &a[c * 8];
+    const int64_t* a1 = a0 + 4;
+    const uint64_t x0 = static_cast<uint64_t>(b[c * 2] + a0[0] * u[0] + a0[1] * u[1] +
+                                              a0[2] * u[2] + a0[3] * u[3]);
+    const uint64_t x1 = static_cast<uint64_t>(b[c * 2 + 1] + a1[0] * u[0] + a1[1] * u[1] +
+                                              a1[2] * u[2] + a1[3] * u[3]);
+    const uint64_t h = mod_p(x0) * static_cast<uint64_t>(kP) + mod_p(x1);  // < 2^62
+    const uint64_t s = h % n_starts;
+    return static_cast<int64_t>(aligned ? s * static_cast<uint64_t>(z) : s);
+  }
+
+  // starts[(n - begin) * nb + c] for keys[begin:end].
+  void starts(const int64_t* keys, int64_t begin, int64_t end, int64_t* out) const {
+    int64_t u[4];
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t k = keys[n];
+      int64_t* row = out + (n - begin) * nb;
+      if (!lma) {
+        for (int i = 0; i < 4; ++i) u[i] = (k >> (16 * i)) & 0xFFFF;
+        for (int64_t c = 0; c < nb; ++c) row[c] = start_of(u, c);
+      } else {
+        int64_t nib[16];
+        for (int p = 0; p < 16; ++p) nib[p] = (k >> (4 * p)) & 0xF;
+        for (int64_t c = 0; c < nb; ++c) {
+          int64_t bkey = 0;
+          for (int p = 0; p < 16; ++p) bkey += nib[p] * w[p * nb + c];
+          for (int i = 0; i < 4; ++i) u[i] = (bkey >> (16 * i)) & 0xFFFF;
+          row[c] = start_of(u, c);
+        }
+      }
+    }
+  }
+};
+
+int64_t grain_for(int64_t dim) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)); }
+
+at::Tensor flat_keys(const at::Tensor& keys) {
+  TORCH_CHECK(keys.scalar_type() == at::kLong, "keys must be int64");
+  TORCH_CHECK(keys.device().is_cpu(), "keys must be a CPU tensor");
+  return keys.reshape({-1}).contiguous();
+}
+
+}  // namespace
+
+// (N,) int64 keys -> (N, nb * Z) int64 memory indices.
+at::Tensor slot_indices(const at::Tensor& keys, const at::Tensor& coef_a, const at::Tensor& coef_b,
+                        const at::Tensor& nibble_w, int64_t m, int64_t z, bool lma, bool aligned) {
+  const Hasher hs(coef_a, coef_b, nibble_w, m, z, lma, aligned);
+  const at::Tensor k = flat_keys(keys);
+  const int64_t n = k.numel();
+  const int64_t nb = hs.nb;
+  at::Tensor out = at::empty({n, nb * z}, k.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, grain_for(nb * z), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> st(kChunk * nb);
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t c1 = std::min(end, c0 + kChunk);
+      hs.starts(kp, c0, c1, st.data());
+      for (int64_t i = c0; i < c1; ++i)
+        for (int64_t c = 0; c < nb; ++c)
+          for (int64_t j = 0; j < z; ++j)
+            op[(i * nb + c) * z + j] = st[(i - c0) * nb + c] + j;
+    }
+  });
+  return out;
+}
+
+// memory (M,), keys (...) int64 -> (..., dim).
+at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::Tensor& coef_a,
+                   const at::Tensor& coef_b, const at::Tensor& nibble_w, int64_t dim, int64_t z,
+                   bool lma, bool aligned) {
+  TORCH_CHECK(memory.dim() == 1 && memory.device().is_cpu(), "memory must be a 1-d CPU tensor");
+  TORCH_CHECK(dim % z == 0 && coef_a.size(0) == dim / z, "need n_blocks = dim / Z");
+  const at::Tensor mem = memory.contiguous();
+  const Hasher hs(coef_a, coef_b, nibble_w, mem.numel(), z, lma, aligned);
+  const at::Tensor k = flat_keys(keys);
+  const int64_t n = k.numel();
+  const int64_t nb = hs.nb;
+  std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
+  shape.push_back(dim);
+  at::Tensor out = at::empty(shape, mem.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hashed_gather", [&] {
+    const scalar_t* mp = mem.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain_for(dim), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> st(kChunk * nb);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t c1 = std::min(end, c0 + kChunk);
+        hs.starts(kp, c0, c1, st.data());  // a block of indices ...
+        const int64_t* s = st.data();
+        scalar_t* dst = op + c0 * dim;
+        if (z == 1) {  // ... then the gather
+          const int64_t cnt = (c1 - c0) * nb;
+          for (int64_t i = 0; i < cnt; ++i) dst[i] = mp[s[i]];
+        } else {
+          const int64_t cnt = (c1 - c0) * nb;
+          for (int64_t i = 0; i < cnt; ++i) std::memcpy(dst + i * z, mp + s[i], z * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// grad (..., dim), keys (...) -> dense (M,) gradient of memory (scatter-add).
+//
+// Thread safety without atomics: the starts of all (key, block) pairs are computed in parallel
+// first. Then, with "owner" partitioning, each thread owns a contiguous range of memory and scans
+// all starts, adding the elements that fall into its range (deterministic; costs one extra scan
+// of the starts per thread). With "partials", each thread scatters its keys into a private dense
+// (M,) buffer and the buffers are summed (cheap only when M is small). "auto" picks partials when
+// threads * M is small compared with the number of gradient elements, else owner.
+at::Tensor backward(const at::Tensor& grad, const at::Tensor& keys, const at::Tensor& coef_a,
+                    const at::Tensor& coef_b, const at::Tensor& nibble_w, int64_t m, int64_t dim,
+                    int64_t z, bool lma, bool aligned, const std::string& strategy) {
+  TORCH_CHECK(grad.device().is_cpu(), "grad must be a CPU tensor");
+  TORCH_CHECK(dim % z == 0 && coef_a.size(0) == dim / z, "need n_blocks = dim / Z");
+  const Hasher hs(coef_a, coef_b, nibble_w, m, z, lma, aligned);
+  const at::Tensor k = flat_keys(keys);
+  const int64_t n = k.numel();
+  const int64_t nb = hs.nb;
+  TORCH_CHECK(grad.numel() == n * dim, "grad must have keys.numel() * dim elements");
+  const at::Tensor g = grad.reshape({-1}).contiguous();
+  at::Tensor out = at::zeros({m}, g.options());
+  if (n == 0) return out;
+  at::Tensor starts = at::empty({n * nb}, k.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  int64_t* sp = starts.data_ptr<int64_t>();
+  at::parallel_for(0, n, grain_for(dim), [&](int64_t begin, int64_t end) {
+    hs.starts(kp, begin, end, sp + begin * nb);
+  });
+  const int64_t threads = at::get_num_threads();
+  const int64_t pairs = n * nb;
+  std::string mode = strategy;
+  if (mode == "auto") {
+    if (threads <= 1 || pairs * z < 16384) mode = "serial";
+    else mode = (threads * m <= 2 * pairs * z) ? "partials" : "owner";
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "lma_hashed_gather_bwd", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    if (mode == "serial") {
+      for (int64_t i = 0; i < pairs; ++i) {
+        scalar_t* dst = outp + sp[i];
+        const scalar_t* src = gp + i * z;
+        for (int64_t j = 0; j < z; ++j) dst[j] += src[j];
+      }
+    } else if (mode == "owner") {
+      at::parallel_for(0, m, std::max<int64_t>(4096, m / (4 * threads)), [&](int64_t lo, int64_t hi) {
+        for (int64_t i = 0; i < pairs; ++i) {
+          const int64_t s = sp[i];
+          if (s + z <= lo || s >= hi) continue;
+          const int64_t j0 = std::max<int64_t>(0, lo - s);
+          const int64_t j1 = std::min<int64_t>(z, hi - s);
+          const scalar_t* src = gp + i * z;
+          for (int64_t j = j0; j < j1; ++j) outp[s + j] += src[j];
+        }
+      });
+    } else if (mode == "partials") {
+      const int64_t parts = std::min<int64_t>(threads, (pairs + 1023) / 1024);
+      std::vector<at::Tensor> bufs(parts);
+      for (int64_t t = 1; t < parts; ++t) bufs[t] = at::zeros({m}, g.options());
+      bufs[0] = out;
+      at::parallel_for(0, parts, 1, [&](int64_t tb, int64_t te) {
+        for (int64_t t = tb; t < te; ++t) {
+          scalar_t* dst = bufs[t].data_ptr<scalar_t>();
+          const int64_t i0 = pairs * t / parts;
+          const int64_t i1 = pairs * (t + 1) / parts;
+          for (int64_t i = i0; i < i1; ++i) {
+            const scalar_t* src = gp + i * z;
+            scalar_t* d = dst + sp[i];
+            for (int64_t j = 0; j < z; ++j) d[j] += src[j];
+          }
+        }
+      });
+      if (parts > 1) {
+        at::parallel_for(0, m, 16384, [&](int64_t lo, int64_t hi) {
+          for (int64_t t = 1; t < parts; ++t) {
+            const scalar_t* src = bufs[t].data_ptr<scalar_t>();
+            for (int64_t i = lo; i < hi; ++i) outp[i] += src[i];
+          }
+        });
+      }
+    } else {
+      TORCH_CHECK(false, "unknown backward strategy ", strategy);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "LMA hashed gather (hash spec v1) CPU kernels";
+  mod.def("slot_indices", &slot_indices, "(N,) keys -> (N, dim) slot indices");
+  mod.def("forward", &forward, "hashed gather forward");
+  mod.def("backward", &backward, "hashed gather backward (dense scatter-add)");
+  mod.attr("SPEC_VERSION") = 1;
+}
