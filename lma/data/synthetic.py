@@ -1,0 +1,321 @@
+"""Synthetic CTR data with the Criteo schema: learnable, heavy-tailed, deterministic, fast.
+
+Generative model (all constants derive from ``SynthConfig.seed``):
+
+* each row draws a latent cluster ``z`` (``n_clusters``, mildly skewed weights);
+* categorical field ``f`` (cardinality ``V_f``): with probability ``affinity`` the value's rank
+  comes from a cluster-specific Zipf(``zipf``) distribution (the rank is shifted by a per
+  (field, cluster) offset), otherwise from the field's global one; the value id is rendered as
+  an 8-hex-digit string through a per-field bijection of 32-bit integers, so each field has
+  exactly ``V_f`` possible values. Cells are empty with a per-field missing rate like Criteo's;
+* dense ``I1..I13`` are non-negative counts, log-normal with a cluster-dependent mean (``I2``
+  is sometimes -1, as in Criteo), missing at Criteo-like rates;
+* ``label ~ Bernoulli(sigmoid(b + cluster effect + token effects of a few fields + dense
+  effect))``, with ``b`` calibrated so the click rate is about ``ctr``.
+
+Rows are made in fixed blocks of ``BLOCK_ROWS``; block ``k`` depends only on (seed, k), so row
+``i`` is the same whatever the total row count or the reader's ``chunk_rows``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+from tqdm import tqdm
+
+from lma.data.base import DataSource, RawChunk
+from lma.schema import criteo_schema
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 4096
+N_DENSE = 13
+N_CAT = 26
+
+# Distinct values per field of the full Criteo Kaggle training set (45,840,617 rows), C1..C26;
+# they sum to 33,762,577.
+KAGGLE_CARDINALITIES: tuple[int, ...] = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+)  # fmt: skip
+# A quick-demo preset with the same shape: small fields as in Criteo, large ones capped.
+SMALL_CARDINALITIES: tuple[int, ...] = (
+    1460, 583, 50000, 20000, 305, 24, 5000, 633, 3, 10000, 3000, 40000, 3194,
+    27, 5000, 30000, 10, 3000, 2173, 4, 30000, 18, 15, 10000, 105, 10000,
+)  # fmt: skip
+PRESETS: dict[str, tuple[int, ...]] = {"small": SMALL_CARDINALITIES, "kaggle": KAGGLE_CARDINALITIES}
+
+# Missing rates of the real Criteo sample (I1..I13, C1..C26).
+CRITEO_DENSE_MISSING = (0.45, 0.0, 0.2, 0.2, 0.05, 0.25, 0.05, 0.0, 0.05, 0.45, 0.05, 0.77, 0.2)
+CRITEO_CAT_MISSING = (
+    0.0, 0.0, 0.04, 0.04, 0.0, 0.13, 0.0, 0.0, 0.0, 0.0, 0.0, 0.04, 0.0,
+    0.0, 0.0, 0.04, 0.0, 0.0, 0.45, 0.45, 0.04, 0.82, 0.0, 0.04, 0.45, 0.45,
+)  # fmt: skip
+# Mean and spread of log1p(I_j) in the real sample.
+_DENSE_MU = (0.8, 2.1, 2.25, 1.73, 7.2, 3.6, 1.5, 2.1, 3.6, 0.4, 0.85, 0.3, 1.9)
+_DENSE_SD = (1.0, 2.1, 1.3, 1.0, 2.9, 1.8, 1.4, 1.2, 1.7, 0.4, 0.75, 0.6, 1.05)
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic data settings. ``cardinalities`` (26 ints) overrides ``preset``."""
+
+    rows: int = 100_000
+    seed: int = 0
+    preset: str = "small"
+    cardinalities: tuple[int, ...] | None = None
+    zipf: float = 1.1  # exponent of the value-frequency power law
+    n_clusters: int = 16
+    affinity: float = 0.7  # probability that a value follows the row's cluster
+    ctr: float = 0.22  # target click rate
+    cluster_scale: float = 1.0  # std of the per-cluster logit effect
+    token_scale: float = 0.8  # std of the per-value logit effects of the effect fields
+    n_effect_fields: int = 6
+    missing: bool = True  # Criteo-like missing cells
+
+    def __post_init__(self) -> None:
+        if self.rows < 0:
+            raise ValueError(f"SynthConfig.rows must be >= 0, got {self.rows}")
+        if self.seed < 0:
+            raise ValueError(f"SynthConfig.seed must be >= 0, got {self.seed}")
+        if self.cardinalities is None and self.preset not in PRESETS:
+            raise ValueError(
+                f"SynthConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}"
+            )
+        cards = self.field_cardinalities
+        if len(cards) != N_CAT or min(cards) < 1 or max(cards) >= 2**32:
+            raise ValueError(f"SynthConfig.cardinalities: {N_CAT} values in [1, 2^32) expected")
+        if self.zipf <= 0:
+            raise ValueError("SynthConfig.zipf must be > 0")
+        if self.n_clusters < 1:
+            raise ValueError("SynthConfig.n_clusters must be >= 1")
+        if not 0.0 < self.ctr < 1.0:
+            raise ValueError("SynthConfig.ctr must be in (0, 1)")
+        if not 0.0 <= self.affinity <= 1.0:
+            raise ValueError("SynthConfig.affinity must be in [0, 1]")
+
+    @property
+    def field_cardinalities(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in (self.cardinalities or PRESETS[self.preset]))
+
+
+def _mix32(x: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """A bijection of 32-bit integers (per key): distinct ids stay distinct."""
+    x = (x + key) & _MASK32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & _MASK32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & _MASK32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def _uniform_hash(x: np.ndarray, key: int) -> np.ndarray:
+    """Deterministic pseudo-uniform values in [-sqrt(3), sqrt(3)) (unit variance) from ids."""
+    h = _mix32(x.astype(np.uint64), np.uint64(key & 0xFFFFFFFF))
+    h = _mix32(h, np.uint64((key >> 32) & 0xFFFFFFFF))
+    return (h.astype(np.float64) / 2**32 - 0.5) * (2 * math.sqrt(3.0))
+
+
+def _hex_columns(values: np.ndarray, present: np.ndarray) -> list[pa.Array]:
+    """One string array per column of ``values`` (n, F) uint32: 8 lowercase hex digits, null
+    where not ``present``. Each array is built from buffers (no Python loop over values)."""
+    n, nf = values.shape
+    # Big-endian bytes of each value, then two ASCII hex digits per byte.
+    by = np.ascontiguousarray(values.T).astype(">u4").view(np.uint8).reshape(nf, n, 4)
+    digits = np.empty((nf, n, 8), np.uint8)
+    digits[:, :, 0::2] = by >> 4
+    digits[:, :, 1::2] = by & 15
+    digits += ord("0")
+    digits += (digits > ord("9")) * np.uint8(ord("a") - ord("9") - 1)
+    offsets = pa.py_buffer(np.arange(0, 8 * n + 1, 8, dtype=np.int32))
+    out = []
+    for f in range(nf):
+        valid = present[:, f]
+        nulls = n - int(valid.sum())
+        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+        out.append(pa.StringArray.from_buffers(n, offsets, pa.py_buffer(digits[f]), bitmap, nulls))
+    return out
+
+
+@dataclass
+class _Block:
+    cluster: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n, 26) int64 value ids, -1 = missing
+    dense: np.ndarray  # (n, 13) float64 raw counts, NaN = missing
+    u_label: np.ndarray  # (n,) uniform for the Bernoulli draw
+
+
+class SyntheticGenerator:
+    """Makes rows of a :class:`SynthConfig` as raw pyarrow tables (Criteo column layout)."""
+
+    def __init__(self, config: SynthConfig):
+        self.config = config
+        c = config
+        rng = np.random.default_rng([c.seed, 0])
+        self.cards = np.array(c.field_cardinalities, dtype=np.int64)
+        k = c.n_clusters
+        w = 1.0 / np.sqrt(np.arange(1, k + 1))
+        self.cluster_cdf = np.cumsum(rng.permutation(w / w.sum()))
+        self.cluster_cdf[-1] = 1.0
+        # Rank offsets: one per (cluster, field), and one for the global (cluster-free) draw.
+        self.shift = (rng.random((k + 1, N_CAT)) * self.cards).astype(np.int64)
+        self.keys = rng.integers(0, 2**32, N_CAT, dtype=np.uint64)
+        self.cluster_effect = rng.normal(0.0, c.cluster_scale, k)
+        # Token effects on the fields with enough values to matter.
+        eligible = np.flatnonzero(self.cards >= 10)
+        n_eff = min(c.n_effect_fields, len(eligible))
+        self.effect_fields = np.sort(rng.choice(eligible, n_eff, replace=False))
+        self.effect_keys = [int(x) for x in rng.integers(0, 2**62, n_eff, dtype=np.int64)]
+        self.dense_shift = rng.normal(0.0, 0.5, (k, N_DENSE)) * np.array(_DENSE_SD)
+        self.dense_weight = rng.normal(0.0, 0.25, N_DENSE) / np.array(_DENSE_SD)
+        self.cat_missing = np.array(CRITEO_CAT_MISSING if c.missing else (0.0,) * N_CAT)
+        self.dense_missing = np.array(CRITEO_DENSE_MISSING if c.missing else (0.0,) * N_DENSE)
+        s = c.zipf
+        vmax = (self.cards + 1).astype(np.float64)
+        self._pow_hi = np.log(vmax) if abs(s - 1.0) < 1e-9 else vmax ** (1.0 - s) - 1.0
+        self.schema = criteo_schema(labelled=True)
+
+    # -- one block ----------------------------------------------------------------------------
+
+    def _draw(self, rng: np.random.Generator, n: int) -> _Block:
+        c = self.config
+        cluster = np.searchsorted(self.cluster_cdf, rng.random(n), side="right")
+        cluster = np.minimum(cluster, c.n_clusters - 1)
+        u = rng.random((n, N_CAT))
+        s = c.zipf
+        if abs(s - 1.0) < 1e-9:
+            x = np.exp(u * self._pow_hi)
+        else:
+            x = (u * self._pow_hi + 1.0) ** (1.0 / (1.0 - s))
+        rank = np.minimum(x.astype(np.int64) - 1, self.cards - 1)
+        follow = rng.random((n, N_CAT)) < c.affinity
+        row_shift = np.where(follow, self.shift[cluster], self.shift[c.n_clusters])
+        ids = (rank + row_shift) % self.cards
+        ids[rng.random((n, N_CAT)) < self.cat_missing] = -1
+        z = rng.standard_normal((n, N_DENSE))
+        logv = np.array(_DENSE_MU) + self.dense_shift[cluster] + z * np.array(_DENSE_SD)
+        dense = np.round(np.expm1(np.maximum(logv, 0.0)))
+        dense[:, 1] = np.where(rng.random(n) < 0.1, -1.0, dense[:, 1])  # I2 has -1s in Criteo
+        dense[rng.random((n, N_DENSE)) < self.dense_missing] = np.nan
+        return _Block(cluster, ids, dense, rng.random(n))
+
+    def _logit_without_bias(self, b: _Block) -> np.ndarray:
+        out = self.cluster_effect[b.cluster].copy()
+        scale = self.config.token_scale
+        for f, key in zip(self.effect_fields, self.effect_keys, strict=True):
+            ids = b.ids[:, f]
+            eff = _uniform_hash(np.maximum(ids, 0), key) * scale
+            out += np.where(ids >= 0, eff, 0.0)
+        logd = np.log1p(np.maximum(np.nan_to_num(b.dense, nan=0.0), 0.0))
+        out += (logd - np.array(_DENSE_MU)) @ self.dense_weight
+        return out
+
+    @cached_property
+    def bias(self) -> float:
+        """Intercept giving a click rate of about ``config.ctr`` (bisection on a fixed sample)."""
+        b = self._draw(np.random.default_rng([self.config.seed, 2]), 32768)
+        z = self._logit_without_bias(b)
+        lo, hi = -20.0, 20.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if np.mean(1.0 / (1.0 + np.exp(-(z + mid)))) < self.config.ctr:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    def block(self, k: int) -> pa.Table:
+        """Rows ``[k * BLOCK_ROWS, (k + 1) * BLOCK_ROWS)`` as a raw table."""
+        b = self._draw(np.random.default_rng([self.config.seed, 1, k]), BLOCK_ROWS)
+        p = 1.0 / (1.0 + np.exp(-(self.bias + self._logit_without_bias(b))))
+        label = (b.u_label < p).astype(np.int64)
+        cols: dict[str, pa.Array] = {"label": pa.array(label)}
+        for j in range(N_DENSE):
+            v = b.dense[:, j]
+            miss = np.isnan(v)
+            cols[f"I{j + 1}"] = pa.array(np.nan_to_num(v).astype(np.int64), mask=miss)
+        vals = _mix32(np.maximum(b.ids, 0).astype(np.uint64), self.keys[None, :])
+        for f, arr in enumerate(_hex_columns(vals, b.ids >= 0)):
+            cols[f"C{f + 1}"] = arr
+        return pa.table(cols)
+
+    def tables(self, rows: int, start: int = 0) -> Iterator[tuple[pa.Table, int]]:
+        """Raw tables covering rows ``[start, start + rows)``, with the first row index of each."""
+        end = start + rows
+        pos = start
+        while pos < end:
+            k = pos // BLOCK_ROWS
+            t = self.block(k)
+            lo = pos - k * BLOCK_ROWS
+            hi = min(BLOCK_ROWS, end - k * BLOCK_ROWS)
+            yield t.slice(lo, hi - lo), pos
+            pos += hi - lo
+
+
+class SyntheticSource(DataSource):
+    """``synth:ROWS[:SEED]``: synthetic rows with the Criteo schema (numbers are 1-based rows)."""
+
+    unit = "row"
+
+    def __init__(self, config: SynthConfig, name: str | None = None, **kwargs: object):
+        self.config = config
+        self.generator = SyntheticGenerator(config)
+        super().__init__(
+            self.generator.schema, name or f"synth:{config.rows}:{config.seed}", **kwargs
+        )  # type: ignore[arg-type]
+
+    def _iter_raw(self) -> Iterator[RawChunk]:
+        with tqdm(
+            total=self.config.rows,
+            unit="rows",
+            desc=self.name[-40:],
+            disable=not self.progress,
+            leave=False,
+        ) as bar:
+            for table, start in self.generator.tables(self.config.rows):
+                n = table.num_rows
+                yield RawChunk(table, np.arange(start + 1, start + 1 + n, dtype=np.int64))
+                bar.update(n)
+
+
+def synth_table(config: SynthConfig) -> pa.Table:
+    """All ``config.rows`` raw rows in one table (for small sizes)."""
+    parts = [t for t, _ in SyntheticGenerator(config).tables(config.rows)]
+    if not parts:
+        return SyntheticGenerator(config).block(0).slice(0, 0)
+    return pa.concat_tables(parts)
+
+
+def write_tsv(config: SynthConfig, out: str | Path, *, progress: bool = False) -> int:
+    """Write ``config.rows`` rows as a Criteo Kaggle train TSV (readable as ``criteo:OUT``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = SyntheticGenerator(config)
+    n = 0
+    opts = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    with (
+        pa.OSFile(str(out), "wb") as sink,
+        tqdm(total=config.rows, unit="rows", desc=str(out)[-40:], disable=not progress) as bar,
+    ):
+        writer = None
+        for table, _ in gen.tables(config.rows):
+            if writer is None:
+                writer = pcsv.CSVWriter(sink, table.schema, write_options=opts)
+            writer.write_table(table)
+            n += table.num_rows
+            bar.update(table.num_rows)
+        if writer is not None:
+            writer.close()
+    log.info("wrote %d synthetic rows to %s", n, out)
+    return n
