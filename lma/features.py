@@ -152,6 +152,14 @@ def _parse_float(name: str, arr: pa.Array, what: str) -> tuple[np.ndarray, Encod
     return values, err
 
 
+def raw_dense(schema: Schema, table: pa.Table) -> np.ndarray:
+    """Dense columns before the transform: (N, n_dense) float64, NaN where missing or bad."""
+    out = np.full((table.num_rows, len(schema.dense)), np.nan)
+    for j, f in enumerate(schema.dense):
+        out[:, j] = _parse_float(f.name, _column(table, f.name), "dense")[0]
+    return out
+
+
 def _derive(schema: Schema, table: pa.Table) -> tuple[pa.Table, list[EncodeError]]:
     errors: list[EncodeError] = []
     derive = schema.extra.get("derive", ())
