@@ -1,0 +1,429 @@
+"""ONNX form of ``lma::hashed_gather``: one ``ai.lma::HashedGather`` node per lookup, implemented by
+a model-local ONNX function made of standard ops, so plain onnxruntime runs it.
+
+Node:  out = ai.lma.HashedGather(memory (M,) float, keys (...) int64, A (nb,2,4) int64,
+                                 B (nb,2) int64, W (16,nb) int64)        -> (..., dim) float
+Attributes: dim, z, t (sub-keys per LMA block key; 0 if unknown), b (sub-key bits, 4),
+            mode ("lma" | "robez"), aligned (0 | 1), spec_version (1).
+
+Function body (hash spec v1, ``lma/hashspec.py``), written so that both modes are one integer
+MatMul: every 16-bit limb the spec hashes is a linear function of the key's 16 nibbles. For robez
+``u_i = sum_q nib[4i+q] 16^q``; for lma the block key's limbs are ``u_0 = sum_p nib[p] (W[p,c] mod
+2^16)`` and ``u_1 = sum_p nib[p] (W[p,c] div 2^16)`` (W holds one power of 16 per chosen position,
+so no carries). Hence ``x[n, j, c] = B[c, j] + sum_p nib[n, p] G[p, j, c]`` with
+``G[p, j, c] = sum_i L[p, c, i] A[c, j, i]``; G depends on the constants only (ORT folds it).
+Every product is < 2^53 and every sum < 2^57: exact in int64. Then ``h = x mod P``,
+``H = h_0 P + h_1``, ``start = H mod n`` (times Z when aligned), indices ``start + 0..Z-1``, and a
+``GatherElements`` on the flat index (faster in ORT than ``Gather`` of scalars). Nibbles come from
+``BitShift`` on the keys cast to uint64 (``BitShift`` is unsigned-only).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from lma import hashspec
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = "ai.lma"
+OP_TYPE = "HashedGather"
+INDICES_OP_TYPE = "HashedGatherIndices"
+OP_VERSION = 1
+OPSET = 20  # accepted by onnxruntime >= 1.17 (incl. 1.20) and the newest
+IR_VERSION = 10
+ATTRIBUTES = ("dim", "z", "t", "b", "mode", "aligned", "spec_version")
+
+
+def _const_i64(
+    name: str, values: Sequence[int] | int, shape: Sequence[int] | None = None
+) -> onnx.NodeProto:
+    arr = np.asarray(values, dtype=np.int64)
+    if shape is not None:
+        arr = arr.reshape(shape)
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
+
+
+def _robez_lift() -> np.ndarray:
+    """(16, 1, 4) int64: limb i of a 64-bit key = sum_p nib[p] R[p, 0, i]."""
+    r = np.zeros((16, 1, 4), dtype=np.int64)
+    for p in range(16):
+        r[p, 0, p // 4] = 16 ** (p % 4)
+    return r
+
+
+def _body(with_values: bool) -> list[onnx.NodeProto]:
+    """Nodes of the function; inputs memory, keys, A, B, W; output ``out`` or ``idx``."""
+    n = helper.make_node
+    ref = helper.make_attribute_ref
+    nodes: list[onnx.NodeProto] = []
+
+    def const_attr(out: str, attr: str, kind: int) -> onnx.NodeProto:
+        field = {
+            onnx.AttributeProto.INT: "value_int",
+            onnx.AttributeProto.STRING: "value_string",
+        }[kind]
+        node = n("Constant", [], [out])
+        node.attribute.append(ref(field, kind))
+        node.attribute[-1].ref_attr_name = attr
+        return node
+
+    nodes += [
+        const_attr("z_c", "z", onnx.AttributeProto.INT),
+        const_attr("al_c", "aligned", onnx.AttributeProto.INT),
+        const_attr("dim_c", "dim", onnx.AttributeProto.INT),
+        const_attr("mode_c", "mode", onnx.AttributeProto.STRING),
+        n(
+            "Constant",
+            [],
+            ["lma_s"],
+            value=helper.make_tensor("lma_s", TensorProto.STRING, [], [b"lma"]),
+        ),
+        n("Equal", ["mode_c", "lma_s"], ["is_lma"]),
+        # ---- constants G (16, 2 nb) and B2 (2 nb,), folded by the runtime ----
+        _const_i64("c65536", 65536),
+        _const_i64("c0", 0),
+        _const_i64("c1", 1),
+        _const_i64("cm1", [-1]),
+        _const_i64("ax_last", [-1]),
+        _const_i64("ax_2", [2]),
+        _const_i64("ax_0", [0]),
+        _const_i64("ax_1", [1]),
+        n("Mod", ["W", "c65536"], ["w_lo"]),
+        n("Div", ["W", "c65536"], ["w_hi"]),
+        n("Mul", ["W", "c0"], ["w_zero"]),
+        n("Unsqueeze", ["w_lo", "ax_last"], ["w_lo3"]),
+        n("Unsqueeze", ["w_hi", "ax_last"], ["w_hi3"]),
+        n("Unsqueeze", ["w_zero", "ax_last"], ["w_zero3"]),
+        n("Concat", ["w_lo3", "w_hi3", "w_zero3", "w_zero3"], ["lift_lma"], axis=-1),  # (16,nb,4)
+        n(
+            "Constant",
+            [],
+            ["lift_robez"],
+            value=numpy_helper.from_array(_robez_lift(), "lift_robez"),
+        ),
+        n("Where", ["is_lma", "lift_lma", "lift_robez"], ["lift"]),  # (16, nb, 4)
+        n("Unsqueeze", ["lift", "ax_2"], ["lift4"]),  # (16, nb, 1, 4)
+        n("Unsqueeze", ["A", "ax_0"], ["a4"]),  # (1, nb, 2, 4)
+        n("Mul", ["lift4", "a4"], ["la"]),
+        n("ReduceSum", ["la", "ax_last"], ["g3"], keepdims=0),  # (16, nb, 2)
+        n("Transpose", ["g3"], ["g3t"], perm=[0, 2, 1]),  # (16, 2, nb)
+        _const_i64("shape_16m1", [16, -1]),
+        n("Reshape", ["g3t", "shape_16m1"], ["G"]),  # (16, 2 nb): column j * nb + c
+        n("Transpose", ["B"], ["bt"], perm=[1, 0]),  # (2, nb)
+        n("Reshape", ["bt", "cm1"], ["B2"]),  # (2 nb,)
+        # ---- per key ----
+        n("Reshape", ["keys", "cm1"], ["kf"]),  # (N,)
+        n("Cast", ["kf"], ["ku"], to=TensorProto.UINT64),
+        n("Unsqueeze", ["ku", "ax_1"], ["ku2"]),  # (N, 1)
+        n(
+            "Constant",
+            [],
+            ["shifts"],
+            value=numpy_helper.from_array(np.arange(16, dtype=np.uint64) * np.uint64(4), "shifts"),
+        ),
+        n("BitShift", ["ku2", "shifts"], ["ksh"], direction="RIGHT"),  # (N, 16)
+        n(
+            "Constant",
+            [],
+            ["c15u"],
+            value=numpy_helper.from_array(np.array(15, dtype=np.uint64), "c15u"),
+        ),
+        n("BitwiseAnd", ["ksh", "c15u"], ["nibu"]),
+        n("Cast", ["nibu"], ["nib"], to=TensorProto.INT64),  # (N, 16)
+        n("MatMul", ["nib", "G"], ["xm"]),  # (N, 2 nb) < 2^57
+        n("Add", ["xm", "B2"], ["x"]),
+        _const_i64("cP", hashspec.P),
+        n("Mod", ["x", "cP"], ["h"]),
+        n("Split", ["h"], ["h0", "h1"], axis=1, num_outputs=2),  # (N, nb) each
+        n("Mul", ["h0", "cP"], ["h0p"]),
+        n("Add", ["h0p", "h1"], ["H"]),  # < 2^62
+        # ---- number of starts and stride ----
+        n("Shape", ["memory"], ["m_shape"]),
+        n("Squeeze", ["m_shape"], ["m_c"]),
+        n("Div", ["m_c", "z_c"], ["n_al"]),
+        n("Sub", ["m_c", "z_c"], ["m_mz"]),
+        n("Add", ["m_mz", "c1"], ["n_un"]),
+        n("Cast", ["al_c"], ["al_b"], to=TensorProto.BOOL),
+        n("Where", ["al_b", "n_al", "n_un"], ["n_starts"]),
+        n("Where", ["al_b", "z_c", "c1"], ["stride"]),
+        n("Mod", ["H", "n_starts"], ["s0"]),
+        n("Mul", ["s0", "stride"], ["starts"]),  # (N, nb)
+        n("Unsqueeze", ["starts", "ax_last"], ["starts3"]),
+        n("Range", ["c0", "z_c", "c1"], ["iota"]),  # (Z,)
+        n("Add", ["starts3", "iota"], ["idx3"]),  # (N, nb, Z)
+    ]
+    if with_values:
+        nodes += [
+            n("Reshape", ["idx3", "cm1"], ["idx_flat"]),
+            n("GatherElements", ["memory", "idx_flat"], ["vals"], axis=0),
+            n("Shape", ["keys"], ["k_shape"]),
+            n("Unsqueeze", ["dim_c", "ax_0"], ["dim_1"]),
+            n("Concat", ["k_shape", "dim_1"], ["out_shape"], axis=0),
+            n("Reshape", ["vals", "out_shape"], ["out"]),
+        ]
+    else:
+        nodes += [
+            n("Unsqueeze", ["dim_c", "ax_0"], ["dim_1"]),
+            n("Concat", ["cm1", "dim_1"], ["idx_shape"], axis=0),
+            n("Reshape", ["idx3", "idx_shape"], ["idx"]),  # (N, dim)
+        ]
+    return nodes
+
+
+def function_proto(indices_only: bool = False) -> onnx.FunctionProto:
+    """The model-local function implementing ``ai.lma::HashedGather`` (or the indices probe)."""
+    return helper.make_function(
+        DOMAIN,
+        INDICES_OP_TYPE if indices_only else OP_TYPE,
+        inputs=["memory", "keys", "A", "B", "W"],
+        outputs=["idx" if indices_only else "out"],
+        nodes=_body(with_values=not indices_only),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        attributes=list(ATTRIBUTES),
+        doc_string=__doc__,
+    )
+
+
+def node_attributes(dim: int, z: int, mode: str, aligned: bool, t: int = 0) -> dict[str, Any]:
+    """Attribute values of one ``HashedGather`` node."""
+    return {
+        "dim": int(dim),
+        "z": int(z),
+        "t": int(t),
+        "b": hashspec.SUBKEY_BITS,
+        "mode": str(mode),
+        "aligned": int(bool(aligned)),
+        "spec_version": hashspec.SPEC_VERSION,
+    }
+
+
+def subkeys_from_w(w: np.ndarray) -> int:
+    """T recovered from W: each column of W sums to sum_{t<T} 16^t; 0 if not of that form."""
+    w = np.asarray(w, dtype=np.int64)
+    if w.ndim != 2 or w.shape[0] != hashspec.NIBBLES or w.shape[1] == 0:
+        return 0
+    sums = set(w.sum(axis=0).tolist())
+    for t in range(1, 9):
+        if sums == {sum(16**i for i in range(t))}:
+            return t
+    return 0
+
+
+# ---------------------------------------------------------------- standalone models (tests, bench)
+
+
+def standalone_model(
+    config: Any,
+    memory: np.ndarray | None = None,
+    indices_only: bool = False,
+    memory_as_input: bool = False,
+) -> onnx.ModelProto:
+    """A model with one HashedGather node: keys (batch, S) int64 -> (batch, S, dim) (or the
+    (N, dim) slot indices). ``config`` is a :class:`lma.ops.HashedGatherConfig`; the memory and
+    the constants are initializers (or ``memory`` is a graph input with ``memory_as_input``)."""
+    p = config.params()
+    inits = [
+        numpy_helper.from_array(p.A, "A"),
+        numpy_helper.from_array(p.B, "B"),
+        numpy_helper.from_array(p.nibble_weights, "W"),
+    ]
+    inputs = [helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots"])]
+    if memory_as_input:
+        inputs.insert(0, helper.make_tensor_value_info("memory", TensorProto.FLOAT, [config.m]))
+    else:
+        mem = np.zeros(config.m, np.float32) if memory is None else np.asarray(memory, np.float32)
+        inits.insert(0, numpy_helper.from_array(mem, "memory"))
+    op = INDICES_OP_TYPE if indices_only else OP_TYPE
+    attrs = node_attributes(config.dim, config.z, config.mode, config.aligned, config.n_subkeys)
+    node = helper.make_node(op, ["memory", "keys", "A", "B", "W"], ["y"], domain=DOMAIN, **attrs)
+    if indices_only:
+        out = helper.make_tensor_value_info("y", TensorProto.INT64, ["n", config.dim])
+    else:
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "slots", config.dim])
+    graph = helper.make_graph([node], "hashed_gather", inputs, [out], initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        functions=[function_proto(indices_only)],
+        producer_name="lma-ctr",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
+# ---------------------------------------------------------------- torch.onnx.export (dynamo)
+
+_schema_registered = False
+
+
+def register_schema() -> None:
+    """Register the ``ai.lma::HashedGather`` schema with onnx, so onnxscript can record the node."""
+    global _schema_registered
+    if _schema_registered:
+        return
+    try:
+        onnx.defs.get_schema(OP_TYPE, OP_VERSION, DOMAIN)
+        _schema_registered = True
+        return
+    except onnx.defs.SchemaError:
+        pass
+    fp = onnx.defs.OpSchema.FormalParameter
+    attr = onnx.defs.OpSchema.Attribute
+    at = onnx.defs.OpSchema.AttrType
+    schema = onnx.defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        OP_VERSION,
+        "Hashed gather of LMA / ROBE-Z embeddings (hash spec v1); see model_export/onnx_op.py",
+        inputs=[
+            fp("memory", "T"),
+            fp("keys", "tensor(int64)"),
+            fp("A", "tensor(int64)"),
+            fp("B", "tensor(int64)"),
+            fp("W", "tensor(int64)"),
+        ],
+        outputs=[fp("out", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)"], "float")],
+        attributes=[
+            attr("dim", at.INT, "embedding dimension"),
+            attr("z", at.INT, "block size Z"),
+            attr("t", at.INT, "sub-keys per LMA block key (0: unknown)"),
+            attr("b", at.INT, "bits per sub-key"),
+            attr("mode", at.STRING, "lma | robez"),
+            attr("aligned", at.INT, "blocks at multiples of Z"),
+            attr("spec_version", at.INT, "hash spec version"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+    _schema_registered = True
+
+
+def _translate_hashed_gather(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned):  # noqa: ANN001, ANN202
+    """Translation of ``lma::hashed_gather`` for the dynamo exporter: one custom-domain node."""
+    from onnxscript import values
+
+    t = 0
+    const = getattr(nibble_w, "const_value", None)
+    if const is not None:
+        try:
+            t = subkeys_from_w(const.numpy())
+        except Exception:  # noqa: BLE001 - t is informative only
+            t = 0
+    opset = values.Opset(DOMAIN, OP_VERSION)
+    return opset.HashedGather(
+        memory, keys, coef_a, coef_b, nibble_w, **node_attributes(dim, z, mode, aligned, t)
+    )
+
+
+def _translate_searchsorted(
+    sorted_sequence, self, out_int32=False, right=False, side=None, sorter=None
+):  # noqa: ANN001, ANN202
+    """``aten::searchsorted`` (1-d sorted sequence) as an unrolled binary search.
+
+    onnxscript's torch_lib has no searchsorted; the vocabularies (full tables) and signature
+    tables (lma) look tokens up with it. ceil(log2(n + 1)) steps of Gather + Less + Where over the
+    queries; exact (left: first i with seq[i] >= x; right: first i with seq[i] > x).
+    """
+    from onnxscript import opset20 as op
+
+    if sorter is not None:
+        raise NotImplementedError("searchsorted with a sorter has no ONNX translation here")
+    right = bool(right) or side == "right"
+    shape = sorted_sequence.shape
+    if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+        raise NotImplementedError(
+            "searchsorted export needs a 1-d sorted sequence of static length"
+        )
+    n = int(shape[0])
+    zero = op.Constant(value=numpy_helper.from_array(np.array(0, np.int64)))
+    lo = op.Mul(op.CastLike(self, zero), zero)  # zeros like the queries, int64
+    if n > 0:
+        one = op.Constant(value=numpy_helper.from_array(np.array(1, np.int64)))
+        hi = op.Add(lo, op.Constant(value=numpy_helper.from_array(np.array(n, np.int64))))
+        last = op.Constant(value=numpy_helper.from_array(np.array(n - 1, np.int64)))
+        for _ in range(int(np.ceil(np.log2(n + 1)))):
+            mid = op.Div(
+                op.Add(lo, hi), op.Constant(value=numpy_helper.from_array(np.array(2, np.int64)))
+            )
+            v = op.Gather(sorted_sequence, op.Min(mid, last))
+            go = op.LessOrEqual(v, self) if right else op.Less(v, self)
+            go = op.And(go, op.Less(lo, hi))
+            lo = op.Where(go, op.Add(mid, one), lo)
+            hi = op.Where(go, hi, mid)
+    if out_int32:
+        return op.Cast(lo, to=TensorProto.INT32)
+    return lo
+
+
+def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
+    import lma.ops  # noqa: F401  (registers torch.ops.lma.*)
+
+    register_schema()
+    return {
+        torch.ops.lma.hashed_gather.default: _translate_hashed_gather,
+        torch.ops.aten.searchsorted.Tensor: _translate_searchsorted,
+    }
+
+
+def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Attach the model-local function, fix opset imports and the IR version; check the model."""
+    used = {(nd.domain, nd.op_type) for nd in model.graph.node}
+    have = {(f.domain, f.name) for f in model.functions}
+    if (DOMAIN, OP_TYPE) in used and (DOMAIN, OP_TYPE) not in have:
+        model.functions.append(function_proto())
+    if (DOMAIN, OP_TYPE) in used:
+        imports = {o.domain: o for o in model.opset_import}
+        if DOMAIN not in imports:
+            model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+    inits = {i.name: i for i in model.graph.initializer}
+    for nd in model.graph.node:
+        if (nd.domain, nd.op_type) != (DOMAIN, OP_TYPE) or len(nd.input) < 5:
+            continue
+        t_attr = next((a for a in nd.attribute if a.name == "t"), None)
+        if t_attr is not None and t_attr.i == 0 and nd.input[4] in inits:
+            t_attr.i = subkeys_from_w(numpy_helper.to_array(inits[nd.input[4]]))
+    if model.ir_version > IR_VERSION:
+        model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    path: str | Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: Any = None,
+) -> onnx.ModelProto:
+    """Export ``module`` with the dynamo exporter, lma ops as ``ai.lma::HashedGather`` nodes;
+    writes a single self-contained file (no external data) at ``path``."""
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_shapes=dynamic_shapes,
+        custom_translation_table=translation_table(),
+        opset_version=OPSET,
+        optimize=True,
+        verify=False,
+        report=False,
+        verbose=False,
+    )
+    model = finalize(program.model_proto)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return model
