@@ -143,6 +143,7 @@ def _parse_float(name: str, arr: pa.Array, what: str) -> tuple[np.ndarray, Encod
         bad = np.union1d(bad, inf)
     if len(bad) == 0:
         return values, None
+    values = values.copy()  # to_numpy may hand back read-only memory
     values[bad] = np.nan
     raw = _bad_values(arr, bad)
     problem = f"non-numeric {what} value"
