@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from lma.embeddings import EmbeddingSpec, build_embedding
+from lma.features import Encoded, FeatureMap
+from lma.model import DLRM, DLRMConfig
+from lma.schema import CategoricalField, DenseField, Schema
+
+
+def _schema(multi: bool = False) -> Schema:
+    cats = [CategoricalField("a"), CategoricalField("b")]
+    if multi:
+        cats.append(CategoricalField("tags", separator="|", max_values=3))
+    return Schema(name="t", label="y", dense=(DenseField("x"),), categorical=tuple(cats))
+
+
+def _fmap(schema: Schema, n: int = 200) -> tuple[FeatureMap, Encoded]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 50, size=(n, schema.n_token_slots)).astype(np.int64)
+    enc = Encoded(dense=rng.normal(size=(n, 1)).astype(np.float32), tokens=tokens,
+                  labels=rng.integers(0, 2, n).astype(np.float32))
+    return FeatureMap.build(schema, [enc]), enc
+
+
+@pytest.mark.parametrize("kind", ["full", "hash"])
+@pytest.mark.parametrize("interaction", ["dot", "dot-cat"])
+def test_forward_backward_shapes(kind, interaction):
+    schema = _schema()
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind=kind, dim=8, n_params=400), fmap)
+    cfg = DLRMConfig(n_dense=1, slot_fields=schema.slot_fields(), dim=8, interaction=interaction)
+    model = DLRM(cfg, emb)
+    dense = torch.from_numpy(enc.dense[:32])
+    tokens = torch.from_numpy(enc.tokens[:32])
+    logits = model(dense, tokens)
+    assert logits.shape == (32,)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones(32))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    assert emb.table.weight.grad.abs().sum() > 0
+
+
+def test_full_table_vocab_and_oov():
+    schema = _schema()
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="full", dim=4, n_params=0, min_count=1), fmap)
+    n_vocab = sum(fmap.vocab_sizes(1))
+    assert emb.parameter_count() == (n_vocab + 2) * 4
+    rows = emb.rows(torch.from_numpy(enc.tokens[:5]))
+    assert (rows < n_vocab).all()
+    unseen = torch.tensor([[10**12, 10**12 + 1]])
+    assert emb.rows(unseen).tolist() == [[n_vocab, n_vocab + 1]]  # each field's OOV row
+
+
+def test_hash_rows_budget():
+    schema = _schema()
+    fmap, _ = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="hash", dim=8, n_params=800), fmap)
+    assert emb.parameter_count() == 800
+    out = emb(torch.tensor([[-5, 7]]))
+    assert out.shape == (1, 2, 8)
+
+
+def test_multivalued_field_mean_pools_and_ignores_padding():
+    schema = _schema(multi=True)
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="hash", dim=4, n_params=4000), fmap)
+    model = DLRM(DLRMConfig(n_dense=1, slot_fields=schema.slot_fields(), dim=4), emb)
+    toks = torch.tensor([[3, 4, 11, 12, 0]])  # tags = {11, 12}, third slot padded
+    vec = model.field_vectors(toks)
+    assert vec.shape == (1, 3, 4)
+    expected = (emb(torch.tensor([[11]])) + emb(torch.tensor([[12]]))) / 2
+    assert torch.allclose(vec[0, 2], expected[0, 0], atol=1e-6)
+
+
+def test_no_dense_features():
+    schema = Schema(name="t", label="y", dense=(), categorical=(CategoricalField("a"), CategoricalField("b")))
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="hash", dim=4, n_params=400), fmap)
+    model = DLRM(DLRMConfig(n_dense=0, slot_fields=schema.slot_fields(), dim=4), emb)
+    out = model(torch.zeros(3, 0), torch.from_numpy(enc.tokens[:3]))
+    assert out.shape == (3,)

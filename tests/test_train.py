@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from lma.checkpoint import load_checkpoint
+from lma.cli import main as cli_main
+from lma.data import open_source
+from lma.train import TrainConfig, evaluate, train_model
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(data="synth:3000:1", epochs=2, batch_size=256, progress=False, threads=1,
+                out=str(tmp_path / "ck"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_smoke_learns_and_checkpoints(tmp_path):
+    res = train_model(_cfg(tmp_path, epochs=4, lr=3e-3, patience=4))
+    m = res.metrics
+    for key in ("test_auc", "test_logloss", "val_auc", "train_rows_per_s", "embedding_params",
+                "serving_bytes"):
+        assert key in m
+    assert m["test_auc"] > 0.6  # the synthetic data has a learnable signal
+    assert m["rows"] == {"train": 2400, "val": 300, "test": 300}
+    saved = json.loads((tmp_path / "ck" / "metrics.json").read_text())
+    assert saved["test_auc"] == pytest.approx(m["test_auc"])
+    # The checkpoint rebuilds the same model from its own config.
+    ck = load_checkpoint(tmp_path / "ck")
+    data = open_source("synth:3000:1").read_all()
+    a = evaluate(ck.model, data)
+    b = evaluate(res.model, data)
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-12)
+
+
+def test_training_is_deterministic(tmp_path):
+    m1 = train_model(_cfg(tmp_path, out=None, epochs=1)).metrics
+    m2 = train_model(_cfg(tmp_path, out=None, epochs=1)).metrics
+    assert m1["test_auc"] == m2["test_auc"]
+    assert m1["test_logloss"] == m2["test_logloss"]
+
+
+def test_compression_sets_the_budget(tmp_path):
+    full = train_model(_cfg(tmp_path, out=None, epochs=1)).metrics
+    hashed = train_model(_cfg(tmp_path, out=None, epochs=1, embedding="hash", compression=8)).metrics
+    assert hashed["embedding_params"] == pytest.approx(full["embedding_params"] / 8, rel=0.01)
+    assert hashed["serving_bytes"] < full["serving_bytes"]
+
+
+def test_bad_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compression 1"):
+        train_model(_cfg(tmp_path, compression=4))
+    with pytest.raises(ValueError, match="--embedding"):
+        train_model(_cfg(tmp_path, embedding="nope"))
+
+
+def test_cli_train_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["-q", "train", "--data", "synth:2000:3", "--embedding", "hash",
+                   "--compression", "4", "--epochs", "1", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.0 <= metrics["test_auc"] <= 1.0
+    rc = cli_main(["-q", "evaluate", str(out), "--data", "synth:2000:3", "--split", "test"])
+    assert rc == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["rows"] == 200
+    assert ev["auc"] == pytest.approx(metrics["test_auc"], abs=1e-9)
+
+
+def test_cli_reports_bad_data_spec(capsys):
+    rc = cli_main(["-q", "train", "--data", "nosuch:thing", "--epochs", "1"])
+    assert rc == 2
+    assert "nosuch" in capsys.readouterr().err
+
+
+def test_real_criteo_sample_trains(shared_data, tmp_path):
+    m = train_model(_cfg(tmp_path, data=f"criteo:{shared_data / 'criteo' / 'train_10k.tsv'}",
+                         out=None, epochs=1)).metrics
+    assert np.isfinite(m["test_auc"]) and m["rows"]["train"] == 8000
