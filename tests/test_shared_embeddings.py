@@ -208,3 +208,13 @@ def test_option_errors() -> None:
     spec = EmbeddingSpec(kind="lma", dim=DIM, n_params=4, seed=0, options={"z": 8})
     with pytest.raises(ValueError, match="budget"):
         build_embedding(spec, fmap)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_export(kind: str) -> None:
+    """Every kind (LMA's searchsorted key lookup included) exports with torch.export."""
+    fmap = _fmap()
+    emb = _build(kind, fmap, 4).eval()
+    x = _batch(fmap, 16, oov=0.3)
+    ep = torch.export.export(emb, (x,))
+    torch.testing.assert_close(ep.module()(x), emb(x), rtol=0, atol=0)
