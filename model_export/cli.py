@@ -1,0 +1,191 @@
+"""``lma`` subcommands of the export package: export, verify, predict, bench.
+
+Wired into the ``lma`` console script through the entry point group ``lma.commands``::
+
+    [project.entry-points."lma.commands"]
+    export = "model_export.cli:register"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DATA_HELP = (
+    "rows: criteo:PATH | criteo-test:PATH | avazu:PATH | synth:ROWS[:SEED] | table:PATH "
+    "(with --schema FILE)"
+)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model_export.bundle import export_bundle, load_bundle
+
+    out = export_bundle(
+        args.checkpoint,
+        args.out,
+        name=args.name,
+        version=args.version,
+        data=args.data,
+        schema=args.schema,
+        sample_rows=args.sample_rows,
+    )
+    b = load_bundle(out)
+    m = b.manifest
+    sys.stdout.write(
+        f"exported {m['model']['name']} v{m['model']['version']} ({m['embedding']['kind']}) to {out}\n"
+    )
+    for name, info in m["files"].items():
+        sys.stdout.write(f"  {name:22s} {info['bytes']:>12,d} B  sha256 {info['sha256'][:16]}\n")
+    return 0
+
+
+def _read_rows(
+    spec: str, schema: str | None, on_error: str = "fail"
+) -> tuple[np.ndarray, np.ndarray]:
+    from lma.data import open_source
+
+    data = open_source(spec, schema, on_error=on_error).read_all()
+    return np.ascontiguousarray(data.dense, np.float32), np.ascontiguousarray(data.tokens, np.int64)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from model_export.bundle import load_bundle
+    from model_export.verify import verify_bundle
+
+    b = load_bundle(args.bundle)
+    dense = tokens = None
+    if args.data:
+        dense, tokens = _read_rows(args.data, args.schema)
+        if args.rows:
+            dense, tokens = dense[: args.rows], tokens[: args.rows]
+    report = verify_bundle(b, dense, tokens)
+    sys.stdout.write(report.table() + "\n")
+    return 0 if report.ok else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lma.data import open_source
+    from model_export.predict import Predictor
+
+    pred = Predictor.open(args.bundle, engine=args.engine)
+    src = open_source(args.data, args.schema, on_error=args.on_error)
+    pred.check_schema(src.schema)
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+    n = 0
+    try:
+        for enc in src.iter_chunks():
+            probs = pred.predict(enc.dense, enc.tokens)
+            out.write("".join(f"{p:.8g}\n" for p in probs))
+            n += len(probs)
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        logger.info("wrote %d probabilities to %s", n, args.out)
+    return 0
+
+
+def cmd_bench_op(args: argparse.Namespace) -> int:
+    from model_export.bench import main_bench_op
+
+    return main_bench_op(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``export``, ``verify``, ``predict`` and ``bench`` to the ``lma`` command line."""
+    p = subparsers.add_parser(
+        "export", help="write a serving bundle (ONNX + torch program + manifest)"
+    )
+    p.add_argument("checkpoint", help="checkpoint folder written by `lma train --out`")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--name", default=None, help="model name (default: the checkpoint folder's name)"
+    )
+    p.add_argument("--version", default="1", help="model version recorded in the manifest")
+    p.add_argument(
+        "--data", default=None, help="rows to save as the verification sample; " + DATA_HELP
+    )
+    p.add_argument("--schema", default=None, help="schema file for table:PATH data")
+    p.add_argument("--sample-rows", type=int, default=256, help="rows in the saved sample")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser(
+        "verify", help="check torch eager, torch program and onnxruntime agree"
+    )
+    p.add_argument("bundle", help="bundle folder written by `lma export`")
+    p.add_argument(
+        "--data", default=None, help="rows to check (default: the bundle's sample); " + DATA_HELP
+    )
+    p.add_argument("--schema", default=None, help="schema file for table:PATH data")
+    p.add_argument("--rows", type=int, default=None, help="use only the first ROWS rows of --data")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("predict", help="offline batch scoring: one probability per line")
+    p.add_argument("bundle", help="bundle folder written by `lma export`")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--schema", default=None, help="schema file for table:PATH data")
+    p.add_argument("--out", default=None, help="output file (default: stdout)")
+    p.add_argument(
+        "--engine",
+        choices=["onnx", "program", "eager"],
+        default="onnx",
+        help="which of the bundle's models scores (default: onnxruntime)",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=["fail", "skip"],
+        default="fail",
+        help="malformed lines: stop (fail) or skip them (their rows get no output line)",
+    )
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    b = bsub.add_parser("op", help="latency of the hashed-gather lookup per implementation")
+    b.add_argument("--quick", action="store_true", help="a few sizes only (about a minute)")
+    b.add_argument(
+        "--batches", default=None, help="comma-separated batch sizes (default 1,64,512,4096)"
+    )
+    b.add_argument("--zs", default=None, help="comma-separated Z values (default 1,4,16)")
+    b.add_argument("--log2m", default=None, help="comma-separated log2(M) (default 16,18,...,26)")
+    b.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated subset of torch,cpp,compile,onnx,full (default all)",
+    )
+    b.add_argument(
+        "--no-full-table", action="store_true", help="skip the 2.16 GB full-table baseline"
+    )
+    b.add_argument(
+        "--full-rows", type=int, default=33_762_577, help="rows of the full-table baseline"
+    )
+    b.add_argument(
+        "--repeats", type=int, default=0, help="timed runs per point (default: adaptive)"
+    )
+    b.add_argument("--threads", type=int, default=0, help="torch / ORT threads (default: all)")
+    b.add_argument("--out", default="docs/bench", help="folder for the markdown table and the PNG")
+    b.set_defaults(func=cmd_bench_op)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m model_export.cli``) with the same subcommands."""
+    parser = argparse.ArgumentParser(prog="lma-export")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"lma {args.command}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

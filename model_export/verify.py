@@ -1,0 +1,271 @@
+"""Check that a bundle's three engines agree: torch eager, the torch program, onnxruntime.
+
+On the bundle's own sample rows (or any ``--data`` rows) it compares the logits of every engine
+with torch eager (tolerance 1e-5, relative above 1), and for lma / robez models the slot indices
+of every lookup as computed by the numpy hash spec, the pure-torch reference, the op's native
+backend, and the ONNX function stored in ``model.onnx`` itself (run on a memory that holds each
+slot's own index, split in two float32-exact halves).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from lma import hashspec
+from model_export.bundle import ONNX_FILE, Bundle
+
+TOLERANCE = 1e-5
+_SPLIT = 1 << 12
+
+
+@dataclass
+class VerifyReport:
+    rows: int
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    index_checks: list[dict[str, Any]] = field(default_factory=list)
+    ok: bool = True
+
+    def table(self) -> str:
+        out = [
+            f"rows: {self.rows}",
+            "",
+            "| engine | max abs diff logit vs eager | max abs diff prob | ms | ok |",
+            "|---|---|---|---|---|",
+        ]
+        for ln in self.lines:
+            out.append(
+                f"| {ln['engine']} | {ln['max_logit_diff']:.3g} | {ln['max_prob_diff']:.3g} | "
+                f"{ln['ms']:.1f} | {'yes' if ln['ok'] else 'NO'} |"
+            )
+        if self.index_checks:
+            out += [
+                "",
+                "| lookup | mode | Z | slots compared | implementations | identical |",
+                "|---|---|---|---|---|---|",
+            ]
+            for c in self.index_checks:
+                out.append(
+                    f"| {c['lookup']} | {c['mode']} | {c['z']} | {c['count']} | "
+                    f"{', '.join(c['implementations'])} | {'yes' if c['ok'] else 'NO: ' + c['detail']} |"
+                )
+        out += ["", "result: " + ("OK" if self.ok else "MISMATCH")]
+        return "\n".join(out)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def _compare(engine: str, got: np.ndarray, ref: np.ndarray, ms: float) -> dict[str, Any]:
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    ref = np.asarray(ref, dtype=np.float64).reshape(-1)
+    if got.shape != ref.shape:
+        return {
+            "engine": engine,
+            "max_logit_diff": float("inf"),
+            "max_prob_diff": float("inf"),
+            "ms": ms,
+            "ok": False,
+        }
+    d = np.abs(got - ref)
+    ok = bool(np.all(np.isfinite(got)) and np.all(d <= TOLERANCE * np.maximum(1.0, np.abs(ref))))
+    return {
+        "engine": engine,
+        "max_logit_diff": float(d.max(initial=0.0)),
+        "max_prob_diff": float(np.abs(_sigmoid(got) - _sigmoid(ref)).max(initial=0.0)),
+        "ms": ms,
+        "ok": ok,
+    }
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    """(result, ms of the second call): the first call warms caches and lazy loads up."""
+    fn()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def _lookup_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    from model_export import onnx_op
+
+    return [
+        n for n in model.graph.node if (n.domain, n.op_type) == (onnx_op.DOMAIN, onnx_op.OP_TYPE)
+    ]
+
+
+def _onnx_lookup_inputs(
+    bundle: Bundle, dense: np.ndarray, tokens: np.ndarray
+) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """Run model.onnx exposing the inputs of every HashedGather node (keys, A, B, W, memory)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(bundle.file(ONNX_FILE)))
+    nodes = _lookup_nodes(model)
+    names: list[str] = []
+    for n in nodes:
+        for name in n.input:
+            if name not in names:
+                names.append(name)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(
+        zip(
+            [o.name for o in sess.get_outputs()],
+            sess.run(None, {"dense": dense, "tokens": tokens}),
+            strict=True,
+        )
+    )
+    found = []
+    for n in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        found.append(
+            {
+                "node": n,
+                "attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()},
+                "memory": values[n.input[0]],
+                "keys": values[n.input[1]],
+                "A": values[n.input[2]],
+                "B": values[n.input[3]],
+                "W": values[n.input[4]],
+            }
+        )
+    return onnx.load(str(bundle.file(ONNX_FILE))), found
+
+
+def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) -> np.ndarray:
+    """Slot indices (N, dim) computed by the file's own HashedGather function."""
+    import onnxruntime as ort
+
+    node = lookup["node"]
+    m = int(lookup["memory"].shape[0])
+    dim = int(lookup["attrs"]["dim"])
+    inputs = [
+        helper.make_tensor_value_info("memory", TensorProto.FLOAT, [m]),
+        helper.make_tensor_value_info("keys", TensorProto.INT64, None),
+        helper.make_tensor_value_info("A", TensorProto.INT64, None),
+        helper.make_tensor_value_info("B", TensorProto.INT64, None),
+        helper.make_tensor_value_info("W", TensorProto.INT64, None),
+    ]
+    probe = helper.make_node(
+        node.op_type, ["memory", "keys", "A", "B", "W"], ["y"], domain=node.domain
+    )
+    probe.attribute.extend(node.attribute)
+    graph = helper.make_graph([probe], "probe", inputs, [helper.make_empty_tensor_value_info("y")])
+    model = helper.make_model(
+        graph, opset_imports=list(file_model.opset_import), functions=list(file_model.functions)
+    )
+    model.ir_version = file_model.ir_version
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    slot = np.arange(m, dtype=np.int64)
+    feed = {"keys": lookup["keys"], "A": lookup["A"], "B": lookup["B"], "W": lookup["W"]}
+    (hi,) = sess.run(None, {**feed, "memory": (slot // _SPLIT).astype(np.float32)})
+    (lo,) = sess.run(None, {**feed, "memory": (slot % _SPLIT).astype(np.float32)})
+    idx = hi.astype(np.int64) * _SPLIT + lo.astype(np.int64)
+    return idx.reshape(-1, dim)
+
+
+def verify_bundle(
+    bundle: Bundle, dense: np.ndarray | None = None, tokens: np.ndarray | None = None
+) -> VerifyReport:
+    """Compare the engines on ``dense``/``tokens`` (default: the bundle's sample rows)."""
+    from lma.ops import slot_indices, slot_indices_torch
+
+    sample = bundle.sample()
+    export_logits = None
+    if dense is None or tokens is None:
+        dense, tokens, export_logits = sample["dense"], sample["tokens"], sample["logits"]
+    dense = np.ascontiguousarray(dense, dtype=np.float32)
+    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+    n_dense = sample["dense"].shape[1]
+    n_slots = sample["tokens"].shape[1]
+    if dense.shape[1] != n_dense or tokens.shape[1] != n_slots:
+        raise ValueError(
+            f"rows have {dense.shape[1]} dense / {tokens.shape[1]} token columns; "
+            f"the model expects {n_dense} / {n_slots}"
+        )
+    report = VerifyReport(rows=len(tokens))
+    td, tt = torch.from_numpy(dense), torch.from_numpy(tokens)
+    eager = bundle.eager_model()
+    with torch.no_grad():
+        ref, ms = _timed(lambda: eager(td, tt).numpy())
+    report.lines.append(_compare("torch eager", ref, ref, ms))
+    if export_logits is not None:
+        report.lines.append(_compare("eager at export (sample.npz)", export_logits, ref, 0.0))
+    prog = bundle.program().module()
+    with torch.no_grad():
+        got, ms = _timed(lambda: prog(td, tt).numpy())
+    report.lines.append(_compare("torch program (model.pt2)", got, ref, ms))
+    sess = bundle.onnx_session()
+    (got,), ms = _timed(lambda: sess.run(None, {"dense": dense, "tokens": tokens}))
+    report.lines.append(_compare("onnxruntime (model.onnx)", got, ref, ms))
+
+    emb = eager.embedding
+    if hasattr(emb, "gather_config"):
+        cfg = emb.gather_config
+        with torch.no_grad():
+            keys = emb.resolve_keys(tt) if hasattr(emb, "resolve_keys") else tt
+        flat = keys.reshape(-1)
+        a, b, w = emb.coef_a, emb.coef_b, emb.nibble_w
+        impls = {
+            "numpy spec": hashspec.slot_indices(
+                flat.numpy(), cfg.params(), cfg.m, cfg.z, cfg.mode, cfg.aligned
+            ),
+            "torch reference": slot_indices_torch(
+                flat, a, b, w, cfg.m, cfg.z, cfg.mode, cfg.aligned
+            ).numpy(),
+        }
+        try:
+            impls["C++ op"] = slot_indices(
+                flat, a, b, w, cfg.m, cfg.z, cfg.mode, cfg.aligned, backend="cpp"
+            ).numpy()
+        except RuntimeError:
+            pass  # no native kernels here: the other implementations are still compared
+        file_model, lookups = _onnx_lookup_inputs(bundle, dense, tokens)
+        for i, lk in enumerate(lookups):
+            checks = dict(impls)
+            detail = ""
+            keys_same = np.array_equal(lk["keys"].reshape(-1), flat.numpy())
+            if not keys_same:
+                detail = "ONNX keys (after signature lookup) differ from torch's; "
+            checks["ONNX function"] = _onnx_function_indices(file_model, lk)
+            want = checks["numpy spec"]
+            bad = [
+                k for k, v in checks.items() if v.shape != want.shape or not np.array_equal(v, want)
+            ]
+            ok = keys_same and not bad
+            report.index_checks.append(
+                {
+                    "lookup": i,
+                    "mode": lk["attrs"].get("mode"),
+                    "z": lk["attrs"].get("z"),
+                    "count": int(want.size),
+                    "implementations": list(checks),
+                    "ok": ok,
+                    "detail": detail + (f"differs: {', '.join(bad)}" if bad else ""),
+                }
+            )
+        if not lookups:
+            report.index_checks.append(
+                {
+                    "lookup": "-",
+                    "mode": cfg.mode,
+                    "z": cfg.z,
+                    "count": 0,
+                    "implementations": [],
+                    "ok": False,
+                    "detail": "model.onnx has no HashedGather node",
+                }
+            )
+    report.ok = all(ln["ok"] for ln in report.lines) and all(c["ok"] for c in report.index_checks)
+    return report
