@@ -5,7 +5,9 @@ Generative model (all constants derive from ``SynthConfig.seed``):
 * each row draws a latent cluster ``z`` (``n_clusters``, mildly skewed weights);
 * categorical field ``f`` (cardinality ``V_f``): with probability ``affinity`` the value's rank
   comes from a cluster-specific Zipf(``zipf``) distribution (the rank is shifted by a per
-  (field, cluster) offset), otherwise from the field's global one; the value id is rendered as
+  (field, cluster) offset), otherwise from the field's global one. Fields of a
+  ``linked_groups`` entry (like Criteo's C3/C12/C16/C21) share their rank draw with probability
+  ``link``, so their values co-occur almost one to one. The value id is rendered as
   an 8-hex-digit string through a per-field bijection of 32-bit integers, so each field has
   exactly ``V_f`` possible values. Cells are empty with a per-field missing rate like Criteo's;
 * dense ``I1..I13`` are non-negative counts, log-normal with a cluster-dependent mean (``I2``
@@ -82,6 +84,10 @@ class SynthConfig:
     token_scale: float = 0.8  # std of the per-value logit effects of the effect fields
     n_effect_fields: int = 6
     missing: bool = True  # Criteo-like missing cells
+    # Groups of fields (0-based) describing one entity, like Criteo's C3/C12/C16/C21: with
+    # probability ``link`` a field takes the value rank drawn for the group's first field.
+    linked_groups: tuple[tuple[int, ...], ...] = ((2, 11, 15, 20), (3, 9, 23, 25), (6, 10, 14, 17))
+    link: float = 0.8
 
     def __post_init__(self) -> None:
         if self.rows < 0:
@@ -103,6 +109,10 @@ class SynthConfig:
             raise ValueError("SynthConfig.ctr must be in (0, 1)")
         if not 0.0 <= self.affinity <= 1.0:
             raise ValueError("SynthConfig.affinity must be in [0, 1]")
+        if not 0.0 <= self.link <= 1.0:
+            raise ValueError("SynthConfig.link must be in [0, 1]")
+        if any(not 0 <= f < N_CAT for g in self.linked_groups for f in g):
+            raise ValueError(f"SynthConfig.linked_groups: field indices must be in [0, {N_CAT})")
 
     @property
     def field_cardinalities(self) -> tuple[int, ...]:
@@ -193,13 +203,18 @@ class SyntheticGenerator:
         cluster = np.searchsorted(self.cluster_cdf, rng.random(n), side="right")
         cluster = np.minimum(cluster, c.n_clusters - 1)
         u = rng.random((n, N_CAT))
+        follow = rng.random((n, N_CAT)) < c.affinity
+        for group in c.linked_groups:
+            g = list(group)
+            linked = rng.random((n, len(g))) < c.link
+            u[:, g] = np.where(linked, u[:, g[:1]], u[:, g])
+            follow[:, g] = np.where(linked, follow[:, g[:1]], follow[:, g])
         s = c.zipf
         if abs(s - 1.0) < 1e-9:
             x = np.exp(u * self._pow_hi)
         else:
             x = (u * self._pow_hi + 1.0) ** (1.0 / (1.0 - s))
         rank = np.minimum(x.astype(np.int64) - 1, self.cards - 1)
-        follow = rng.random((n, N_CAT)) < c.affinity
         row_shift = np.where(follow, self.shift[cluster], self.shift[c.n_clusters])
         ids = (rank + row_shift) % self.cards
         ids[rng.random((n, N_CAT)) < self.cat_missing] = -1
