@@ -413,3 +413,43 @@ def test_time_split_stable_order() -> None:
     assert tr.tolist() == [1, 5, 4, 9, 2, 3]  # ties keep file order
     assert va.tolist() == [8, 6] and te.tolist() == [0, 7]
     assert times[tr].max() <= times[va].min() and times[va].max() <= times[te].min()
+
+
+def test_header_csv_bad_lines_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text(
+        "id,click,hour,C1\n"
+        "1,0,14102100,a\n"  # line 2
+        "2,1,14102100\n"  # line 3: 3 columns
+        "\n"  # line 4: blank, ignored
+        "3,1,14102101,b\n"  # line 5
+        "4,x,14102102,c\n"  # line 6: bad label
+        "5,0,14102103,d,e\n"  # line 7: 5 columns
+        "6,1,14102104,f\n"  # line 8
+    )
+    schema = tmp_path / "h.json"
+    schema.write_text(json.dumps({
+        "name": "h", "label": "click", "categorical": ["C1", "hour_of_day", "weekday"],
+        "time_column": "hour", "extra": {"derive": ["avazu_hour"]},
+    }))  # fmt: skip
+    for chunk_rows in (1, 2, 100):
+        src = open_source(f"table:{path}", str(schema), on_error="skip", chunk_rows=chunk_rows)
+        enc = src.read_all()
+        assert enc.line_numbers.tolist() == [2, 5, 8]
+        assert enc.times.tolist() == [14102100, 14102101, 14102104]
+        assert enc.tokens[:, 0].tolist() == [token_hash("C1", v) for v in "abf"]
+        assert [ln for ln, _ in src.errors.examples] == [3, 6, 7]
+    with pytest.raises(BadDataError, match="line 3: expected 4 columns, found 3"):
+        open_source(f"table:{path}", str(schema)).read_all()
+
+
+def test_stats_multi_valued_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    pcsv.write_csv(pa.table(USER_ROWS), path)
+    st = dataset_stats(open_source(f"table:{path}", str(_user_schema_file(tmp_path))))
+    assert st["rows"] == 5 and st["label_rate"] == pytest.approx(0.4)
+    assert st["categorical"]["tags"] == {
+        "distinct": 3, "missing_rate": 0.2, "max_values": 2, "rows_truncated": 1,
+    }  # fmt: skip
+    assert st["categorical"]["user"] == {"distinct": 3, "missing_rate": 0.2}
+    assert st["dense"]["price"] == {"min": -1.0, "max": 10.0, "missing_rate": 0.2}
