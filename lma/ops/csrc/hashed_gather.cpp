@@ -31,15 +31,38 @@ inline uint64_t mod_p(uint64_t x) {
   return x >= static_cast<uint64_t>(kP) ? x - kP : x;
 }
 
+// Exact H mod n for H < 2^63 with a precomputed reciprocal (no division in the hot loop):
+// q = floor(H * floor(2^64 / n) / 2^64) is floor(H / n) or one less, so one correction suffices.
+struct FastMod {
+  uint64_t n = 1;
+  uint64_t inv = 0;
+  explicit FastMod(uint64_t n_) : n(n_), inv(n_ > 1 ? ~uint64_t{0} / n_ : 0) {
+    // ~0 / n = floor((2^64 - 1) / n) = floor(2^64 / n) unless n divides 2^64 (a power of two),
+    // where it is one less; the estimate is then still within one of floor(H / n) for H < 2^63.
+  }
+  inline uint64_t operator()(uint64_t h) const {
+    if (n == 1) return 0;
+    const uint64_t q = static_cast<uint64_t>((static_cast<unsigned __int128>(h) * inv) >> 64);
+    uint64_t r = h - q * n;
+    while (r >= n) r -= n;
+    return r;
+  }
+};
+
 struct Hasher {
   int64_t nb;
   int64_t z;
   bool lma;
   bool aligned;
   uint64_t n_starts;
+  FastMod fmod{1};
   std::vector<int64_t> a;  // (nb, 2, 4)
   std::vector<int64_t> b;  // (nb, 2)
   std::vector<int64_t> w;  // (16, nb)
+  // Non-zero entries of W per block (LMA): at most T (<= 8) of 16 positions are used.
+  std::vector<int32_t> wpos;   // (nb, 16) positions, wcount[c] of them valid
+  std::vector<int64_t> wval;   // (nb, 16) weights
+  std::vector<int32_t> wcount; // (nb,)
 
   Hasher(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& nibble_w,
          int64_t m, int64_t z_, bool lma_, bool aligned_)
@@ -50,6 +73,7 @@ struct Hasher {
                 "coef_b must be (n_blocks, 2)");
     TORCH_CHECK(z >= 1 && m >= z, "need 1 <= Z <= M");
     n_starts = static_cast<uint64_t>(aligned ? m / z : m - z + 1);
+    fmod = FastMod(n_starts);
     auto ca = coef_a.to(at::kCPU, at::kLong).contiguous();
     auto cb = coef_b.to(at::kCPU, at::kLong).contiguous();
     a.assign(ca.data_ptr<int64_t>(), ca.data_ptr<int64_t>() + nb * 8);
@@ -59,6 +83,16 @@ struct Hasher {
                   "nibble_w must be (16, n_blocks)");
       auto cw = nibble_w.to(at::kCPU, at::kLong).contiguous();
       w.assign(cw.data_ptr<int64_t>(), cw.data_ptr<int64_t>() + 16 * nb);
+      wpos.assign(nb * 16, 0);
+      wval.assign(nb * 16, 0);
+      wcount.assign(nb, 0);
+      for (int64_t c = 0; c < nb; ++c)
+        for (int p = 0; p < 16; ++p)
+          if (w[p * nb + c] != 0) {
+            const int32_t k = wcount[c]++;
+            wpos[c * 16 + k] = p;
+            wval[c * 16 + k] = w[p * nb + c];
+          }
     }
   }
 
@@ -70,7 +104,7 @@ struct Hasher {
     const uint64_t x1 = static_cast<uint64_t>(b[c * 2 + 1] + a1[0] * u[0] + a1[1] * u[1] +
                                               a1[2] * u[2] + a1[3] * u[3]);
     const uint64_t h = mod_p(x0) * static_cast<uint64_t>(kP) + mod_p(x1);  // < 2^62
-    const uint64_t s = h % n_starts;
+    const uint64_t s = fmod(h);
     return static_cast<int64_t>(aligned ? s * static_cast<uint64_t>(z) : s);
   }
 
@@ -88,7 +122,9 @@ struct Hasher {
         for (int p = 0; p < 16; ++p) nib[p] = (k >> (4 * p)) & 0xF;
         for (int64_t c = 0; c < nb; ++c) {
           int64_t bkey = 0;
-          for (int p = 0; p < 16; ++p) bkey += nib[p] * w[p * nb + c];
+          const int32_t* pos = &wpos[c * 16];
+          const int64_t* val = &wval[c * 16];
+          for (int32_t k = 0; k < wcount[c]; ++k) bkey += nib[pos[k]] * val[k];
           for (int i = 0; i < 4; ++i) u[i] = (bkey >> (16 * i)) & 0xFFFF;
           row[c] = start_of(u, c);
         }
@@ -97,7 +133,9 @@ struct Hasher {
   }
 };
 
-int64_t grain_for(int64_t dim) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)); }
+// Keys per task: enough work (tens of microseconds) that spreading small batches over threads
+// does not cost more in wake-ups than it saves.
+int64_t grain_for(int64_t nb) { return std::max<int64_t>(256, 8192 / std::max<int64_t>(nb, 1)); }
 
 at::Tensor flat_keys(const at::Tensor& keys) {
   TORCH_CHECK(keys.scalar_type() == at::kLong, "keys must be int64");
@@ -117,7 +155,7 @@ at::Tensor slot_indices(const at::Tensor& keys, const at::Tensor& coef_a, const 
   at::Tensor out = at::empty({n, nb * z}, k.options());
   const int64_t* kp = k.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, n, grain_for(nb * z), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_for(nb), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> st(kChunk * nb);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t c1 = std::min(end, c0 + kChunk);
@@ -149,7 +187,7 @@ at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hashed_gather", [&] {
     const scalar_t* mp = mem.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, grain_for(dim), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain_for(nb), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> st(kChunk * nb);
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t c1 = std::min(end, c0 + kChunk);
@@ -193,7 +231,7 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& keys, const at::Te
   at::Tensor starts = at::empty({n * nb}, k.options());
   const int64_t* kp = k.data_ptr<int64_t>();
   int64_t* sp = starts.data_ptr<int64_t>();
-  at::parallel_for(0, n, grain_for(dim), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_for(nb), [&](int64_t begin, int64_t end) {
     hs.starts(kp, begin, end, sp + begin * nb);
   });
   const int64_t threads = at::get_num_threads();
