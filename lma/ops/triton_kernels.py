@@ -150,8 +150,9 @@ def _launch(
     b = coef_b.to(dev, torch.int64).contiguous()
     w = nibble_w.to(dev, torch.int64).contiguous()
     n_starts = hashspec.n_starts(m, z, aligned)
-    nbp = triton.next_power_of_2(nb)
-    zp = triton.next_power_of_2(z)
+    # Tile dims >= 2: a size-1 arange is avoided (masks drop the padding lanes).
+    nbp = max(2, triton.next_power_of_2(nb))
+    zp = max(2, triton.next_power_of_2(z))
     bn = max(1, min(256, 2048 // (nbp * zp)))
     if what == 0:
         assert memory is not None
