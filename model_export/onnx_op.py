@@ -398,16 +398,41 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to ``<file>.data`` (protobuf caps at 2 GB)
+
+
+def _finalize_ir(model: Any) -> None:
+    """:func:`finalize` on an ``onnx_ir`` model (used for models too large for one protobuf)."""
+    import onnx_ir as ir
+
+    nodes = [n for n in model.graph if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
+    if nodes:
+        fn = ir.serde.deserialize_function(function_proto())
+        model.functions[fn.identifier()] = fn
+        model.opset_imports[DOMAIN] = OP_VERSION
+        for node in nodes:
+            w = node.inputs[4] if len(node.inputs) > 4 else None
+            t = node.attributes.get("t")
+            if w is not None and w.const_value is not None and (t is None or t.value == 0):
+                node.attributes["t"] = ir.AttrInt64("t", subkeys_from_w(w.const_value.numpy()))
+    model.ir_version = min(model.ir_version, IR_VERSION)
+
+
 def export_onnx(
-    module: torch.nn.Module,
+    module: torch.nn.Module | torch.export.ExportedProgram,
     args: tuple[Any, ...],
     path: str | Path,
     input_names: Sequence[str],
     output_names: Sequence[str],
     dynamic_shapes: Any = None,
+    external_data: bool | None = None,
 ) -> onnx.ModelProto:
-    """Export ``module`` with the dynamo exporter, lma ops as ``ai.lma::HashedGather`` nodes;
-    writes a single self-contained file (no external data) at ``path``."""
+    """Export ``module`` with the dynamo exporter, lma ops as ``ai.lma::HashedGather`` nodes.
+
+    Writes one self-contained file at ``path``; when the weights exceed ``EXTERNAL_DATA_BYTES``
+    (or ``external_data=True``) they go to ``<path>.data`` next to it. Returns the model proto
+    (without the external weights in that case).
+    """
     program = torch.onnx.export(
         module,
         args,
@@ -422,8 +447,20 @@ def export_onnx(
         report=False,
         verbose=False,
     )
-    model = finalize(program.model_proto)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return model
+    if external_data is None:
+        weights = sum(
+            v.const_value.nbytes
+            for v in program.model.graph.initializers.values()
+            if v.const_value is not None
+        )
+        external_data = weights > EXTERNAL_DATA_BYTES
+    if not external_data:
+        model = finalize(program.model_proto)
+        onnx.save_model(model, str(path))
+        return model
+    _finalize_ir(program.model)
+    program.save(str(path), external_data=True)
+    onnx.checker.check_model(str(path))
+    return onnx.load(str(path), load_external_data=False)

@@ -155,3 +155,33 @@ def test_searchsorted_translation(tmp_path: Path, n: int, right: bool) -> None:
     )
     (pos,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(pos, np.searchsorted(seq, x, side="right" if right else "left"))
+
+
+def test_external_data_export(tmp_path: Path) -> None:
+    """Large models keep their weights in ``<file>.data``; the node, function and t survive."""
+    model = _TwoLookups().eval()
+    keys = torch.from_numpy(_keys((4, 26), seed=3))
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    path = tmp_path / "big.onnx"
+    proto = onnx_op.export_onnx(
+        model,
+        (keys,),
+        path,
+        ["tokens"],
+        ["logits"],
+        dynamic_shapes=({0: batch},),
+        external_data=True,
+    )
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert proto.ir_version <= 10
+    custom = [n for n in proto.graph.node if n.domain == onnx_op.DOMAIN]
+    assert len(custom) == 2
+    ts = sorted(
+        onnx.helper.get_attribute_value(a) for n in custom for a in n.attribute if a.name == "t"
+    )
+    assert ts == [8, 8]
+    assert [(f.domain, f.name) for f in proto.functions] == [(onnx_op.DOMAIN, "HashedGather")]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    k = torch.from_numpy(_keys((5, 26), seed=8))
+    (y,) = sess.run(None, {"tokens": k.numpy()})
+    np.testing.assert_allclose(y, model(k).detach().numpy(), atol=1e-5, rtol=1e-5)
