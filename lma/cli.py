@@ -95,6 +95,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bottom-mlp", type=_ints, default=[64, 32], help="hidden sizes, e.g. 64,32")
     p.add_argument("--top-mlp", type=_ints, default=[64, 32], help="hidden sizes, e.g. 64,32")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot",
+                   help="dot: DLRM's pairwise dots; dot-cat: the top MLP also sees the field vectors")
     p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -119,6 +121,7 @@ def train_config_from_args(args: argparse.Namespace):
         data=args.data, schema=args.schema, embedding=args.embedding,
         compression=args.compression, budget_bytes=args.budget_bytes, dim=args.dim,
         bottom_mlp=args.bottom_mlp, top_mlp=args.top_mlp, dropout=args.dropout,
+        interaction=args.interaction,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, seed=args.seed,
         threads=args.threads, split=args.split, min_count=args.min_count,

@@ -26,6 +26,7 @@ class DLRMConfig:
     # "dot": the top MLP sees the bottom output and pairwise dots (original DLRM).
     # "dot-cat": it also sees the field vectors themselves, a first-order path that helps
     # small data (a token's own effect need not go through a dot product).
+    # "dot-wide": DLRM plus a linear logit over dense features and field vectors.
     interaction: str = "dot"
 
     @property
@@ -62,9 +63,17 @@ class DLRM(nn.Module):
         iu = torch.triu_indices(n_vec, n_vec, offset=1)
         self.register_buffer("pair_i", iu[0], persistent=False)
         self.register_buffer("pair_j", iu[1], persistent=False)
-        if config.interaction not in ("dot", "dot-cat"):
-            raise ValueError(f"interaction must be 'dot' or 'dot-cat', got {config.interaction!r}")
+        if config.interaction not in ("dot", "dot-cat", "dot-wide"):
+            raise ValueError(
+                f"interaction must be 'dot', 'dot-cat' or 'dot-wide', got {config.interaction!r}"
+            )
         self.cat_fields = config.interaction == "dot-cat"
+        # "dot-wide": a linear (wide) logit over the raw dense features and the field vectors is
+        # added to the top MLP's logit, like a logistic regression beside the deep part.
+        self.wide = (
+            nn.Linear(config.n_dense + config.n_fields * config.dim, 1)
+            if config.interaction == "dot-wide" else None
+        )
         top_in = self.n_pairs + (config.dim if self.has_dense else 0)
         top_in += config.n_fields * config.dim if self.cat_fields else 0
         self.top = mlp([top_in, *config.top_mlp, 1], last_activation=False, dropout=config.dropout)
@@ -97,4 +106,8 @@ class DLRM(nn.Module):
         if self.cat_fields:
             parts.append(vecs[:, int(self.has_dense):].flatten(1))  # (B, F * d)
         top_in = torch.cat(parts, dim=1) if len(parts) > 1 else pairs
-        return self.top(top_in).squeeze(1)
+        logit = self.top(top_in).squeeze(1)
+        if self.wide is not None:
+            fields = vecs[:, int(self.has_dense):].flatten(1)  # (B, F * d)
+            logit = logit + self.wide(torch.cat([dense, fields], dim=1)).squeeze(1)
+        return logit

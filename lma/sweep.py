@@ -428,7 +428,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {
         "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "threads": args.threads, "min_count": args.min_count,
-        "on_error": args.on_error,
+        "on_error": args.on_error, "weight_decay": args.weight_decay,
+        "interaction": args.interaction, "patience": args.patience, "dropout": args.dropout,
     }
     variants = [] if args.no_variants else default_variants(args.dim, args.variant_compression)
     paths = run_sweep(
@@ -469,5 +470,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--min-count", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot")
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.0)
     p.set_defaults(func=cmd_sweep)
     return p
