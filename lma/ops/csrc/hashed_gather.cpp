@@ -99,6 +99,12 @@ struct Hasher {
   inline int64_t start_of(const int64_t* u, int64_t c) const {
     const int64_t* a0 = &a[c * 8];
     const int64_t* a1 = a0 + 4;
+    if (u[2] == 0 && u[3] == 0) {  // LMA block keys are < 2^32: two limbs
+      const uint64_t y0 = static_cast<uint64_t>(b[c * 2] + a0[0] * u[0] + a0[1] * u[1]);
+      const uint64_t y1 = static_cast<uint64_t>(b[c * 2 + 1] + a1[0] * u[0] + a1[1] * u[1]);
+      const uint64_t s = fmod(mod_p(y0) * static_cast<uint64_t>(kP) + mod_p(y1));
+      return static_cast<int64_t>(aligned ? s * static_cast<uint64_t>(z) : s);
+    }
     const uint64_t x0 = static_cast<uint64_t>(b[c * 2] + a0[0] * u[0] + a0[1] * u[1] +
                                               a0[2] * u[2] + a0[3] * u[3]);
     const uint64_t x1 = static_cast<uint64_t>(b[c * 2 + 1] + a1[0] * u[0] + a1[1] * u[1] +
@@ -108,8 +114,11 @@ struct Hasher {
     return static_cast<int64_t>(aligned ? s * static_cast<uint64_t>(z) : s);
   }
 
-  // starts[(n - begin) * nb + c] for keys[begin:end].
-  void starts(const int64_t* keys, int64_t begin, int64_t end, int64_t* out) const {
+  // starts[(n - begin) * nb + c] for keys[begin:end]. With ``pf`` (the memory, ``pf_elem`` bytes
+  // per element) each block is prefetched as soon as its start is known, so the hashing of the
+  // following keys hides the memory latency of the gather that comes after.
+  void starts(const int64_t* keys, int64_t begin, int64_t end, int64_t* out,
+              const char* pf = nullptr, int64_t pf_elem = 0) const {
     int64_t u[4];
     for (int64_t n = begin; n < end; ++n) {
       const int64_t k = keys[n];
@@ -117,21 +126,66 @@ struct Hasher {
       if (!lma) {
         for (int i = 0; i < 4; ++i) u[i] = (k >> (16 * i)) & 0xFFFF;
         for (int64_t c = 0; c < nb; ++c) row[c] = start_of(u, c);
-      } else {
+      } else if (nb > 2) {  // many blocks: extract the 16 nibbles once
         int64_t nib[16];
         for (int p = 0; p < 16; ++p) nib[p] = (k >> (4 * p)) & 0xF;
         for (int64_t c = 0; c < nb; ++c) {
           int64_t bkey = 0;
           const int32_t* pos = &wpos[c * 16];
           const int64_t* val = &wval[c * 16];
-          for (int32_t k = 0; k < wcount[c]; ++k) bkey += nib[pos[k]] * val[k];
+          for (int32_t j = 0; j < wcount[c]; ++j) bkey += nib[pos[j]] * val[j];
           for (int i = 0; i < 4; ++i) u[i] = (bkey >> (16 * i)) & 0xFFFF;
           row[c] = start_of(u, c);
+        }
+      } else {  // one or two blocks: only the T nibbles in use
+        for (int64_t c = 0; c < nb; ++c) {
+          int64_t bkey = 0;
+          const int32_t* pos = &wpos[c * 16];
+          const int64_t* val = &wval[c * 16];
+          for (int32_t j = 0; j < wcount[c]; ++j) bkey += ((k >> (4 * pos[j])) & 0xF) * val[j];
+          for (int i = 0; i < 4; ++i) u[i] = (bkey >> (16 * i)) & 0xFFFF;
+          row[c] = start_of(u, c);
+        }
+      }
+      if (pf != nullptr) {
+        for (int64_t c = 0; c < nb; ++c) {
+          const char* first = pf + row[c] * pf_elem;
+          const char* last = first + (z * pf_elem - 1);
+          __builtin_prefetch(first);
+          if (((reinterpret_cast<uintptr_t>(first) ^ reinterpret_cast<uintptr_t>(last)) >> 6) != 0)
+            __builtin_prefetch(last);
         }
       }
     }
   }
 };
+
+// Copy of blocks of Z elements; fixed sizes compile to a few vector moves instead of a call.
+template <typename T>
+inline void gather_blocks(T* dst, const T* mem, const int64_t* starts, int64_t count, int64_t z) {
+  if (z == 1) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = mem[starts[i]];
+    return;
+  }
+  switch (z) {
+#define LMA_CASE(ZZ)                                                                   \
+  case ZZ:                                                                             \
+    for (int64_t i = 0; i < count; ++i) {                                              \
+      const T* src = mem + starts[i];                                                  \
+      T* d = dst + i * ZZ;                                                             \
+      for (int j = 0; j < ZZ; ++j) d[j] = src[j];                                      \
+    }                                                                                  \
+    return;
+    LMA_CASE(2)
+    LMA_CASE(4)
+    LMA_CASE(8)
+    LMA_CASE(16)
+    LMA_CASE(32)
+#undef LMA_CASE
+    default:
+      for (int64_t i = 0; i < count; ++i) std::memcpy(dst + i * z, mem + starts[i], z * sizeof(T));
+  }
+}
 
 // Keys per task: enough work (tens of microseconds) that spreading small batches over threads
 // does not cost more in wake-ups than it saves.
@@ -191,16 +245,13 @@ at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::T
       std::vector<int64_t> st(kChunk * nb);
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t c1 = std::min(end, c0 + kChunk);
-        hs.starts(kp, c0, c1, st.data());  // a block of indices ...
-        const int64_t* s = st.data();
-        scalar_t* dst = op + c0 * dim;
-        if (z == 1) {  // ... then the gather
-          const int64_t cnt = (c1 - c0) * nb;
-          for (int64_t i = 0; i < cnt; ++i) dst[i] = mp[s[i]];
-        } else {
-          const int64_t cnt = (c1 - c0) * nb;
-          for (int64_t i = 0; i < cnt; ++i) std::memcpy(dst + i * z, mp + s[i], z * sizeof(scalar_t));
-        }
+        // A block of indices (prefetching the memory they point at) ...
+        // (Prefetching pays for blocks of 4+ elements; for single elements it costs more than
+        // the latency it hides.)
+        hs.starts(kp, c0, c1, st.data(), z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr,
+                  sizeof(scalar_t));
+        // ... then the gather.
+        gather_blocks(op + c0 * dim, mp, st.data(), (c1 - c0) * nb, z);
       }
     });
   });
