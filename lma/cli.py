@@ -1,4 +1,4 @@
-"""The ``lma`` command line.
+"""The lma command line: train, evaluate, sweep, export and serve CTR models with LMA embeddings.
 
 Core subcommands live here (data, train, evaluate, sweep); packages outside the core add theirs
 (export, verify, predict, bench) through the ``lma.commands`` entry-point group: each entry point
