@@ -14,6 +14,7 @@ and ``op_bench.png`` (latency vs memory size, L2 / L3 marked) under ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,15 @@ ROW_ORDER = [*IMPLS, "cpp-aligned", "full+vocab"]
 
 def _ints(text: str | None, default: list[int]) -> list[int]:
     return [int(x) for x in text.split(",") if x] if text else list(default)
+
+
+POOL = 8  # distinct batches cycled through, so that small batches do not stay cache-hot
+
+
+def cycling(fns: list[Callable[[], Any]]) -> Callable[[], Any]:
+    """One callable that runs the next of ``fns`` on each call."""
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
 
 
 def time_it(fn: Callable[[], Any], repeats: int = 0, budget_s: float = 0.25) -> float:
@@ -97,7 +107,7 @@ def run_bench(
     if "cpp" in impls and _native.native_module() is None:
         logger.warning("C++ kernels unavailable (%s): skipping 'cpp'", _native.native_error())
         impls = [i for i in impls if i != "cpp"]
-    keys = {b: _keys(b, b) for b in batches}
+    keys = {b: [_keys(b, 1000 * b + i) for i in range(POOL)] for b in batches}
     compiled = torch.compile(hashed_gather_reference, dynamic=True) if "compile" in impls else None
     for z in zs:
         for lm in log2ms:
@@ -109,17 +119,25 @@ def run_bench(
             if "onnx" in impls:
                 sess = _ort_session(cfg, mem.numpy())
             for b in batches:
-                k = keys[b]
-                args = (mem, k, a, b_, w, D, z, "lma", False)
+                ks = keys[b]
+                cfg_args = (D, z, "lma", False)
                 fns: dict[str, Callable[[], Any]] = {}
                 if "torch" in impls:
-                    fns["torch"] = partial(hashed_gather_reference, *args)
+                    fns["torch"] = cycling(
+                        [partial(hashed_gather_reference, mem, k, a, b_, w, *cfg_args) for k in ks]
+                    )
                 if "cpp" in impls:
-                    fns["cpp"] = partial(hashed_gather, *args)
+                    fns["cpp"] = cycling(
+                        [partial(hashed_gather, mem, k, a, b_, w, *cfg_args) for k in ks]
+                    )
                 if compiled is not None:
-                    fns["compile"] = partial(compiled, *args)
+                    fns["compile"] = cycling(
+                        [partial(compiled, mem, k, a, b_, w, *cfg_args) for k in ks]
+                    )
                 if sess is not None:
-                    fns["onnx"] = partial(sess.run, None, {"keys": k.numpy()})
+                    fns["onnx"] = cycling(
+                        [partial(sess.run, None, {"keys": k.numpy()}) for k in ks]
+                    )
                 with torch.no_grad():
                     for impl, fn in fns.items():
                         rows.append(_row(impl, b, z, m, time_it(fn, repeats), 4 * m))
@@ -155,21 +173,21 @@ def _bench_full(batches: list[int], full_rows: int, repeats: int) -> list[dict[s
         table.weight.uniform_(-0.25, 0.25)
         for b in batches:
             g = torch.Generator().manual_seed(b)
-            idx = torch.randint(0, full_rows, (b, F), generator=g)
-            ms = time_it(partial(table, idx), repeats)
+            idxs = [torch.randint(0, full_rows, (b, F), generator=g) for _ in range(POOL)]
+            ms = time_it(cycling([partial(table, i) for i in idxs]), repeats)
             rows.append(_row("full", b, None, full_rows * D, ms, full_rows * D * 4))
         # What a full-table model really does per lookup: token hash -> row (binary search in the
         # sorted vocabulary, as lma.embeddings.tables does), then the row gather.
         g = torch.Generator().manual_seed(7)
         vocab = torch.randint(-(1 << 62), 1 << 62, (full_rows,), generator=g).sort().values
         for b in batches:
-            tok = vocab[torch.randint(0, full_rows, (b, F), generator=g)]
+            toks = [vocab[torch.randint(0, full_rows, (b, F), generator=g)] for _ in range(POOL)]
 
-            def lookup(tok: torch.Tensor = tok) -> torch.Tensor:
+            def lookup(tok: torch.Tensor) -> torch.Tensor:
                 return table(torch.searchsorted(vocab, tok))
 
-            ms = time_it(lookup, repeats)
-            rows.append(_row("full+vocab", b, None, full_rows * D, ms, full_rows * D * 12))
+            ms = time_it(cycling([partial(lookup, t) for t in toks]), repeats)
+            rows.append(_row("full+vocab", b, None, full_rows * D, ms, full_rows * (D * 4 + 8)))
     return rows
 
 
@@ -184,8 +202,8 @@ def _bench_target(batches: list[int], repeats: int) -> list[dict[str, Any]]:
     rows = []
     with torch.no_grad():
         for b in batches:
-            k = _keys(b, b)
-            fn = partial(hashed_gather, mem, k, a, b_, w, D, 16, "lma", True)
+            ks = [_keys(b, 1000 * b + i) for i in range(POOL)]
+            fn = cycling([partial(hashed_gather, mem, k, a, b_, w, D, 16, "lma", True) for k in ks])
             rows.append(_row("cpp-aligned", b, 16, m, time_it(fn, repeats), 4 * m))
     return rows
 
@@ -241,7 +259,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
         "",
         f"Machine: {meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, "
         f"onnxruntime {meta['onnxruntime']}. F = {F} fields, d = {D}, lma mode, unaligned blocks. "
-        "Median latency of one lookup call; lookups/s counts token lookups (B x F); GB/s is an "
+        f"Median latency of one lookup call (cycling through {POOL} different batches, so small "
+        "batches are not served from a hot cache); lookups/s counts token lookups (B x F); GB/s is an "
         "estimate of bytes moved (gathered + written floats, keys read) over the latency.",
         f"Mode: {'quick' if meta['quick'] else 'full'} sweep. Created {meta['created']}; "
         f"1-minute load average {meta['load_avg_1m_before']:.1f} before, "
@@ -286,7 +305,11 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
     for r in sorted(
         rows, key=lambda r: (r["Z"] or 0, r["M"] or 0, r["B"], ROW_ORDER.index(r["impl"]))
     ):
-        m = f"2^{int(np.log2(r['M']))}" if r["impl"] != "full" else f"{r['M'] // D:,} rows"
+        m = (
+            f"2^{int(np.log2(r['M']))}"
+            if not r["impl"].startswith("full")
+            else f"{r['M'] // D:,} rows"
+        )
         lines.append(
             f"| {r['impl']} | {r['B']} | {r['Z'] or '-'} | {m} | {r['memory_MB']:.1f} | "
             f"{_fmt_ms(r['ms'])} | {r['lookups_per_s']:.3g} | {r['GB_per_s']:.2f} |"
