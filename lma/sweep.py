@@ -476,3 +476,38 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0)
     p.set_defaults(func=cmd_sweep)
     return p
+
+
+def merge_sweeps(dirs: Sequence[str | Path], out_dir: str | Path, title: str = "Sweep") -> Path:
+    """Combine the runs.csv of sweeps run in parallel (e.g. one process per seed) into one
+    folder with a merged runs.csv, summary and plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    for d in dirs:
+        for r in read_runs(Path(d) / CSV_NAME):
+            if r["key"] not in seen:
+                seen.add(r["key"])
+                rows.append(r)
+    csv_path = out / CSV_NAME
+    csv_path.unlink(missing_ok=True)
+    for r in rows:
+        _append_row(csv_path, r)
+    (out / SUMMARY_NAME).write_text(summary_markdown(rows, title=title))
+    plot_auc_vs_bytes(rows, out / PLOT_NAME, title=title)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m lma.sweep", description="sweep utilities")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mp = sub.add_parser("merge", help="merge sweep folders run in parallel")
+    mp.add_argument("dirs", nargs="+")
+    mp.add_argument("--out", required=True)
+    mp.add_argument("--title", default="Sweep")
+    a = ap.parse_args()
+    merge_sweeps(a.dirs, a.out, a.title)
+    sys.exit(0)

@@ -11,6 +11,7 @@ import pytest
 from lma.sweep import (
     group_stats,
     make_run,
+    merge_sweeps,
     paired_interval,
     plan_runs,
     read_runs,
@@ -116,3 +117,17 @@ def test_plan_and_helpers() -> None:
     assert abs(t975(1000) - 1.9623) < 1e-3 and t975(31) < 2.042
     m, lo, hi = paired_interval([0.01, 0.02, 0.03])
     assert m == pytest.approx(0.02) and hi - m == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+
+
+def test_merge_parallel_sweeps(tmp_path) -> None:
+    aucs = {"full": [0.70, 0.71], "lma": [0.71, 0.73]}
+    calls: list[str] = []
+    for seed in (0, 1):
+        run_sweep("synth:10", tmp_path / f"s{seed}", kinds=("full", "lma"), compressions=(4,),
+                  seeds=[seed], variants=[], trainer=_stub(aucs, calls), progress=False)
+    out = merge_sweeps([tmp_path / "s0", tmp_path / "s1", tmp_path / "s1"], tmp_path / "all")
+    rows = read_runs(out / "runs.csv")
+    assert sorted((r["kind"], r["seed"]) for r in rows) == [("full", 0), ("full", 1), ("lma", 0), ("lma", 1)]
+    stats = {s.variant: s for s in group_stats(rows)}
+    assert stats["lma"].diff_mean == pytest.approx(0.015)
+    assert (out / "summary.md").read_text().count("| lma | 4x | 2 |") == 1
