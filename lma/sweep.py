@@ -374,34 +374,38 @@ def summary_markdown(rows: list[dict[str, Any]], title: str = "Sweep") -> str:
 
 
 def plot_auc_vs_bytes(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """PNG: mean test AUC (error bars: seed std; dots: single runs) vs serving bytes, log x."""
+    """PNG: mean test AUC (error bars: seed std; dots: single runs), log x, against the
+    embedding's bytes (parameters + per-token state; left) and the whole model's (right)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     stats = [s for s in group_stats(rows) if s.n > 0]
     if not stats:
         return None
-    fig = Figure(figsize=(8, 5), dpi=120)
+    fig = Figure(figsize=(13, 5.5), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    axes = fig.subplots(1, 2, sharey=True)
     ok = [r for r in rows if r["status"] == "ok" and np.isfinite(r["test_auc"])]
-    for variant in dict.fromkeys(s.variant for s in stats):
-        ss = sorted((s for s in stats if s.variant == variant), key=lambda s: s.serving_bytes)
-        x = [s.serving_bytes for s in ss]
-        y = [s.auc_mean for s in ss]
-        err = [0.0 if not np.isfinite(s.auc_std) else s.auc_std for s in ss]
-        marker = "*" if variant == "full" else "o"
-        line = ax.errorbar(x, y, yerr=err, marker=marker, markersize=9 if marker == "*" else 5,
-                           capsize=3, label=variant)
-        pts = [r for r in ok if r["variant"] == variant]
-        ax.scatter([r["serving_bytes"] for r in pts], [r["test_auc"] for r in pts], s=8,
-                   alpha=0.35, color=line[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("serving bytes (log)")
-    ax.set_ylabel("test AUC")
-    ax.set_title(title or "test AUC vs serving bytes")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    panels = (("embedding_serving_bytes", "embedding bytes: parameters + per-token state (log)"),
+              ("serving_bytes", "serving bytes: whole model (log)"))
+    for ax, (field_name, label) in zip(axes, panels, strict=True):
+        for variant in dict.fromkeys(s.variant for s in stats):
+            ss = sorted((s for s in stats if s.variant == variant), key=lambda s: getattr(s, field_name))
+            x = [getattr(s, field_name) for s in ss]
+            y = [s.auc_mean for s in ss]
+            err = [0.0 if not np.isfinite(s.auc_std) else s.auc_std for s in ss]
+            marker = "*" if variant == "full" else "o"
+            line = ax.errorbar(x, y, yerr=err, marker=marker, markersize=10 if marker == "*" else 5,
+                               capsize=3, label=variant, linestyle="-" if " " not in variant else "none")
+            pts = [r for r in ok if r["variant"] == variant]
+            ax.scatter([r[field_name] for r in pts], [r["test_auc"] for r in pts], s=8,
+                       alpha=0.3, color=line[0].get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test AUC (mean ± std over seeds)")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(title or "test AUC vs memory")
     fig.tight_layout()
     p = Path(path)
     fig.savefig(p)
