@@ -461,7 +461,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated kinds")
     p.add_argument("--compressions", default=",".join(str(c) for c in DEFAULT_COMPRESSIONS),
                    help="comma-separated compression factors (full runs only at 1)")
-    p.add_argument("--seeds", default="3", help="number of seeds (N: 0..N-1) or a list 0,1,2")
+    p.add_argument("--seeds", default="3", help="number of seeds (N: 0..N-1) or a list: 0,1,2 (one seed: 3,)")
     p.add_argument("--no-variants", action="store_true",
                    help="skip the extra LMA / ROBE-Z variants (block size, alignment, set kind)")
     p.add_argument("--variant-compression", type=float, default=16.0,
