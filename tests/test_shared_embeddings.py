@@ -11,7 +11,7 @@ from lma.embeddings import EMBEDDINGS, EmbeddingSpec, build_embedding
 from lma.embeddings.lma import LMAEmbedding
 from lma.embeddings.qr import _candidates, choose_radices
 from lma.features import FeatureMap
-from lma.schema import CategoricalField, Schema
+from lma.schema import CategoricalField, Schema, criteo_schema
 from lma.signatures import SignatureTable
 
 DIM = 8
@@ -218,3 +218,28 @@ def test_torch_export(kind: str) -> None:
     x = _batch(fmap, 16, oov=0.3)
     ep = torch.export.export(emb, (x,))
     torch.testing.assert_close(ep.module()(x), emb(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["robez", "lma"])
+def test_sparse_gradient_path_matches_dense(kind):
+    """Large memories train with sparse gradients; they must equal the dense scatter-add."""
+
+    empty = [np.zeros(0, np.int64)] * 26
+    fm = FeatureMap(criteo_schema(), empty, empty, 0)
+    torch.manual_seed(0)
+    toks = torch.randint(-(2**62), 2**62, (64, 26))
+    toks[:, 1] = toks[:, 0]  # repeated keys: the sparse gradient must add their contributions
+    opts = {"z": 4}
+    dense = build_embedding(EmbeddingSpec(kind=kind, dim=16, n_params=5000,
+                                          options={**opts, "sparse": False}), fm)
+    sparse = build_embedding(EmbeddingSpec(kind=kind, dim=16, n_params=5000,
+                                           options={**opts, "sparse": True}), fm)
+    sparse.load_state_dict(dense.state_dict())
+    assert sparse.sparse_parameters() == [sparse.memory] and dense.sparse_parameters() == []
+    w = torch.randn(64, 26, 16)
+    (dense(toks) * w).sum().backward()
+    (sparse(toks) * w).sum().backward()
+    assert sparse.memory.grad.is_sparse
+    torch.testing.assert_close(sparse.memory.grad.to_dense(), dense.memory.grad, atol=1e-5, rtol=1e-5)
+    sparse.eval()
+    assert torch.equal(sparse(toks), dense(toks))

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from lma.embeddings.base import Embedding, EmbeddingSpec, register
+from lma.embeddings.tables import SPARSE_THRESHOLD
 from lma.features import FeatureMap
-from lma.ops import HashedGatherConfig, hashed_gather
+from lma.ops import HashedGatherConfig, hashed_gather, slot_indices
 
 # Default block size: Z = 1 is HashedNet, the baseline of the LMA paper and the finest sharing.
 DEFAULT_Z = 1
@@ -73,9 +74,17 @@ class SharedMemoryEmbedding(Embedding):
         self.register_buffer("nibble_w", w, persistent=False)  # (16, nb) int64
         self.memory = nn.Parameter(torch.empty(m))  # (M,)
         init_memory(self.memory, spec.dim, spec.seed)
+        # Large memories train with sparse gradients: a dense (M,) gradient and optimizer step
+        # per batch would cost more than the lookups themselves (option sparse: true/false).
+        sparse_opt = opts.get("sparse", "auto")
+        self.sparse = m > SPARSE_THRESHOLD if sparse_opt in ("auto", None) else bool(sparse_opt)
 
     def gather(self, keys: torch.Tensor) -> torch.Tensor:
         """(B, S) int64 keys -> (B, S, d) blocks of the memory."""
+        if self.sparse and self.training and torch.is_grad_enabled():
+            idx = slot_indices(keys.reshape(-1), self.coef_a, self.coef_b, self.nibble_w,
+                               self.memory.shape[0], self.z, self.mode, self.aligned)  # (N, d)
+            return _SparseGather.apply(self.memory, idx).reshape(*keys.shape, self.dim)
         return hashed_gather(
             self.memory, keys, self.coef_a, self.coef_b, self.nibble_w,
             self.dim, self.z, self.mode, self.aligned,
@@ -91,6 +100,27 @@ class SharedMemoryEmbedding(Embedding):
 
     def extra_state_arrays(self) -> dict[str, np.ndarray]:
         return {}
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.memory] if self.sparse else []
+
+
+class _SparseGather(torch.autograd.Function):
+    """memory[idx] whose gradient w.r.t. the (M,) memory is a sparse COO tensor (nnz = idx.numel()),
+    for optimizers that update only the touched slots (SparseAdam, Adagrad, SGD)."""
+
+    @staticmethod
+    def forward(ctx: Any, memory: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.m = memory.shape[0]
+        return memory.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        g = torch.sparse_coo_tensor(idx.reshape(1, -1), grad.reshape(-1), (ctx.m,),
+                                    check_invariants=False)
+        return g, None
 
 
 @register
