@@ -106,6 +106,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this many epochs without a better validation AUC")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda[:N] | auto: where the model and its embedding memory live")
     p.add_argument("--split", choices=["random", "time"], default="random")
     p.add_argument("--min-count", type=int, default=1,
                    help="full-table vocabulary threshold (tokens seen fewer times share the OOV row)")
@@ -125,7 +127,8 @@ def train_config_from_args(args: argparse.Namespace):
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, seed=args.seed,
         threads=args.threads, split=args.split, min_count=args.min_count,
-        options=_kv_options(args.option), on_error=args.on_error, out=args.out,
+        options=_kv_options(args.option), on_error=args.on_error, device=args.device,
+        out=args.out,
         progress=not args.quiet,
     )
 

@@ -53,6 +53,7 @@ class TrainConfig:
     min_count: int = 1  # vocabulary threshold of full tables (and of the budget's reference)
     options: dict[str, Any] = field(default_factory=dict)  # embedding-kind options
     on_error: str = "fail"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
     out: str | None = None
     progress: bool = True
 
@@ -65,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"--compression must be > 0, got {self.compression}")
         if self.embedding == "full" and (self.compression != 1 or self.budget_bytes):
             raise ValueError("full tables have a fixed size: use --compression 1 (or another kind)")
+        if not (self.device in ("cpu", "auto") or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be cpu, cuda[:N] or auto, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available here")
         if self.split not in ("random", "time"):
             raise ValueError(f"--split must be 'random' or 'time', got {self.split!r}")
 
@@ -152,12 +157,13 @@ def make_optimizers(cfg: TrainConfig, model: DLRM) -> list[torch.optim.Optimizer
 def predict_proba(model: nn.Module, data: Encoded, batch_size: int = 8192) -> np.ndarray:
     """Click probabilities (N,) float64 of every row."""
     model.eval()
+    device = next(model.parameters()).device
     out = np.empty(len(data), dtype=np.float64)
     dense = torch.from_numpy(np.ascontiguousarray(data.dense))
     tokens = torch.from_numpy(np.ascontiguousarray(data.tokens))
     for s in range(0, len(data), batch_size):
-        logits = model(dense[s : s + batch_size], tokens[s : s + batch_size])
-        out[s : s + batch_size] = torch.sigmoid(logits).double().numpy()
+        logits = model(dense[s : s + batch_size].to(device), tokens[s : s + batch_size].to(device))
+        out[s : s + batch_size] = torch.sigmoid(logits).double().cpu().numpy()
     return out
 
 
@@ -182,14 +188,20 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
 
     fmap = FeatureMap.build(splits.schema, [splits.train])
     model = build_model(cfg, fmap, splits.train.tokens)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    # The whole model, shared embedding memory included, stays resident on the device; the
+    # hashed-gather op picks its GPU kernel for CUDA tensors.
+    model.to(device)
     full_params, n_params = embedding_budget(cfg, fmap)
     opts = make_optimizers(cfg, model)
     loss_fn = nn.BCEWithLogitsLoss()
 
     train = splits.train
-    dense = torch.from_numpy(np.ascontiguousarray(train.dense))
-    tokens = torch.from_numpy(np.ascontiguousarray(train.tokens))
-    labels = torch.from_numpy(np.ascontiguousarray(train.labels))
+    dense = torch.from_numpy(np.ascontiguousarray(train.dense)).to(device)
+    tokens = torch.from_numpy(np.ascontiguousarray(train.tokens)).to(device)
+    labels = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
     rng = np.random.default_rng(cfg.seed)
     n = len(train)
     n_batches = math.ceil(n / cfg.batch_size)
@@ -199,7 +211,7 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
     train_time, rows_seen = 0.0, 0
     for epoch in range(cfg.epochs):
         model.train()
-        perm = torch.from_numpy(rng.permutation(n))
+        perm = torch.from_numpy(rng.permutation(n)).to(device)
         bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="row",
                    disable=not cfg.progress, leave=False)
         t0 = time.perf_counter()
@@ -238,6 +250,7 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.cpu()  # evaluation and checkpoints on the host; the checkpoint loads anywhere
     test = evaluate(model, splits.test)
     val = evaluate(model, splits.val)
     emb = model.embedding
@@ -264,6 +277,7 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
         "seed": cfg.seed,
         "data": cfg.data,
         "threads": torch.get_num_threads(),
+        "device": str(device),
     }
     if source is not None and getattr(source, "errors", None) is not None:
         metrics["bad_lines"] = source.errors.count

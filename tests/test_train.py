@@ -95,3 +95,15 @@ def test_cli_data_synth_and_stats(tmp_path, capsys):
     b = open_source("synth:500:2").read_all()
     assert np.array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.dense, b.dense, rtol=1e-6)
+
+
+def test_device_option(tmp_path):
+    import torch
+
+    m = train_model(_cfg(tmp_path, out=None, epochs=1, device="auto")).metrics
+    assert m["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train_model(_cfg(tmp_path, device="cuda"))
+    with pytest.raises(ValueError, match="--device"):
+        train_model(_cfg(tmp_path, device="tpu"))
