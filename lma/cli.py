@@ -97,6 +97,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot",
                    help="dot: DLRM's pairwise dots; dot-cat: the top MLP also sees the field vectors")
+    p.add_argument("--standardize-dense", action="store_true",
+                   help="standardise dense features with the training rows' mean/std (in the model)")
     p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -123,7 +125,7 @@ def train_config_from_args(args: argparse.Namespace):
         data=args.data, schema=args.schema, embedding=args.embedding,
         compression=args.compression, budget_bytes=args.budget_bytes, dim=args.dim,
         bottom_mlp=args.bottom_mlp, top_mlp=args.top_mlp, dropout=args.dropout,
-        interaction=args.interaction,
+        interaction=args.interaction, standardize=args.standardize_dense,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, seed=args.seed,
         threads=args.threads, split=args.split, min_count=args.min_count,

@@ -56,6 +56,10 @@ class DLRM(nn.Module):
         self.config = config
         self.embedding = embedding
         self.has_dense = config.n_dense > 0
+        # Dense inputs are standardised with the training rows' statistics (set by the trainer,
+        # saved with the weights); identity until then.
+        self.register_buffer("dense_mean", torch.zeros(config.n_dense))
+        self.register_buffer("dense_std", torch.ones(config.n_dense))
         if self.has_dense:
             self.bottom = mlp([config.n_dense, *config.bottom_mlp, config.dim], last_activation=True)
         n_vec = config.n_fields + int(self.has_dense)
@@ -98,6 +102,7 @@ class DLRM(nn.Module):
         """dense (B, n_dense) float32, tokens (B, S) int64 -> logits (B,)."""
         vecs = self.field_vectors(tokens)  # (B, F, d)
         if self.has_dense:
+            dense = (dense - self.dense_mean) / self.dense_std
             x = self.bottom(dense)  # (B, d)
             vecs = torch.cat([x[:, None, :], vecs], dim=1)  # (B, F + 1, d)
         inter = torch.bmm(vecs, vecs.transpose(1, 2))  # (B, n, n)

@@ -40,6 +40,7 @@ class TrainConfig:
     top_mlp: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
     interaction: str = "dot"
+    standardize: bool = False  # standardise dense features with the training rows' mean/std
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -188,6 +189,9 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
 
     fmap = FeatureMap.build(splits.schema, [splits.train])
     model = build_model(cfg, fmap, splits.train.tokens)
+    if cfg.standardize and splits.train.dense.shape[1]:
+        model.dense_mean.copy_(torch.from_numpy(splits.train.dense.mean(0)))
+        model.dense_std.copy_(torch.from_numpy(splits.train.dense.std(0) + 1e-6))
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )

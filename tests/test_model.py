@@ -82,3 +82,17 @@ def test_no_dense_features():
     model = DLRM(DLRMConfig(n_dense=0, slot_fields=schema.slot_fields(), dim=4), emb)
     out = model(torch.zeros(3, 0), torch.from_numpy(enc.tokens[:3]))
     assert out.shape == (3,)
+
+
+def test_dense_standardisation_buffers():
+    schema = _schema()
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="hash", dim=4, n_params=400), fmap)
+    model = DLRM(DLRMConfig(n_dense=1, slot_fields=schema.slot_fields(), dim=4), emb).eval()
+    dense = torch.from_numpy(enc.dense[:8])
+    tokens = torch.from_numpy(enc.tokens[:8])
+    plain = model((dense - 2.0) / 3.0, tokens)
+    model.dense_mean.fill_(2.0)
+    model.dense_std.fill_(3.0)
+    assert torch.allclose(model(dense, tokens), plain)
+    assert "dense_mean" in model.state_dict()  # saved with the weights, so serving applies it
