@@ -64,15 +64,18 @@ def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dic
         },
         out / "checkpoint.pt",
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
     return out
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars, paths and tuples in metrics and manifests."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, Path):
         return str(o)
+    if isinstance(o, tuple):
+        return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 

@@ -38,6 +38,7 @@ import torch
 
 import lma
 from lma import hashspec
+from lma.checkpoint import json_default
 
 logger = logging.getLogger(__name__)
 
@@ -329,19 +330,11 @@ def export_bundle(
         "metrics": ck.metrics,
         "files": files,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
     logger.info("bundle written to %s (%d files)", out, len(files) + 1)
     return out
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------- load
