@@ -24,7 +24,7 @@ from lma.embeddings import EmbeddingSpec, build_embedding
 from lma.features import FeatureMap
 from lma.model import DLRM, DLRMConfig
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: DLRM carries dense standardisation buffers
 
 
 @dataclass
@@ -102,7 +102,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             arrays = {k: z[k] for k in z.files}
     emb = build_embedding(spec, fmap, **arrays)
     model = DLRM(DLRMConfig(**payload["model_config"]), emb)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{ck}: the weights do not fit the model its config describes ({e}); "
+                         "the checkpoint is damaged or from another build: retrain it") from None
     model.eval()
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}

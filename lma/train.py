@@ -170,7 +170,8 @@ def predict_proba(model: nn.Module, data: Encoded, batch_size: int = 8192) -> np
 
 def evaluate(model: nn.Module, data: Encoded) -> dict[str, float]:
     if data.labels is None:
-        raise ValueError("evaluation needs labelled rows")
+        raise ValueError("evaluation needs labelled rows; this data has no label column "
+                         "(score unlabelled rows with `lma predict`)")
     p = predict_proba(model, data)
     return {"auc": roc_auc(data.labels, p), "logloss": log_loss(data.labels, p), "rows": len(data)}
 

@@ -107,3 +107,27 @@ def test_device_option(tmp_path):
             train_model(_cfg(tmp_path, device="cuda"))
     with pytest.raises(ValueError, match="--device"):
         train_model(_cfg(tmp_path, device="tpu"))
+
+
+def test_damaged_or_old_checkpoint_is_refused_clearly(tmp_path):
+    import torch
+
+    train_model(_cfg(tmp_path, epochs=1))
+    ck = tmp_path / "ck" / "checkpoint.pt"
+    payload = torch.load(ck, weights_only=False)
+    payload["state_dict"].pop("dense_mean")
+    torch.save(payload, ck)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_checkpoint(tmp_path / "ck")
+    payload["format"] = 1
+    torch.save(payload, ck)
+    with pytest.raises(ValueError, match="checkpoint format 1"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_evaluate_refuses_unlabelled_rows(tmp_path, capsys):
+    train_model(_cfg(tmp_path, epochs=1))
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("\t".join(["1"] * 13 + ["abc"] * 26) + "\n")
+    rc = cli_main(["-q", "evaluate", str(tmp_path / "ck"), "--data", f"criteo-test:{tsv}"])
+    assert rc == 2 and "labelled" in capsys.readouterr().err
