@@ -220,7 +220,8 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
         bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="row",
                    disable=not cfg.progress, leave=False)
         t0 = time.perf_counter()
-        running = 0.0
+        # Running loss kept on the device: reading it back every step would stall a GPU.
+        running_t = torch.zeros((), device=device)
         for b in range(n_batches):
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             logits = model(dense[idx], tokens[idx])
@@ -230,12 +231,13 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
             loss.backward()
             for o in opts:
                 o.step()
-            running = 0.98 * running + 0.02 * loss.item() if b else loss.item()
+            running_t = 0.98 * running_t + 0.02 * loss.detach() if b else loss.detach()
             bar.update(len(idx))
-            if b % 20 == 0:
+            if b % 20 == 0 and cfg.progress:
                 el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{running:.4f}", rows_s=f"{bar.n / max(el, 1e-9):,.0f}")
+                bar.set_postfix(loss=f"{running_t.item():.4f}", rows_s=f"{bar.n / max(el, 1e-9):,.0f}")
         bar.close()
+        running = float(running_t)
         train_time += time.perf_counter() - t0
         rows_seen += n
         val = evaluate(model, splits.val)
