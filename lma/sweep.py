@@ -23,8 +23,10 @@ import csv
 import json
 import logging
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,33 @@ def _default_trainer() -> TrainFn:
     return run
 
 
+def _execute(run: Run, cfg: Any, train: TrainFn) -> dict[str, Any]:
+    """Train one planned run; a failure becomes a ``failed`` row instead of stopping the sweep."""
+    row: dict[str, Any] = {
+        "key": run.key, "variant": run.variant, "kind": run.kind,
+        "compression": f"{run.compression:g}", "seed": run.seed, "options": run.options_json,
+    }
+    t0 = time.perf_counter()
+    try:
+        metrics = train(cfg).metrics
+        row.update({m: metrics.get(m, "") for m in METRICS}, status="ok", error="")
+    except Exception as e:  # one failed run (e.g. a budget a kind cannot meet) must not stop a sweep
+        log.warning("sweep: %s failed: %s", run.variant, e, exc_info=not isinstance(e, ValueError))
+        row.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+    row["wall_s"] = f"{time.perf_counter() - t0:.3f}"
+    return row
+
+
+_WORKER_TRAINER: TrainFn | None = None
+
+
+def _run_in_worker(run: Run, cfg: Any) -> dict[str, Any]:
+    global _WORKER_TRAINER
+    if _WORKER_TRAINER is None:
+        _WORKER_TRAINER = _default_trainer()
+    return _execute(run, cfg, _WORKER_TRAINER)
+
+
 def run_sweep(
     data: str,
     out_dir: str | Path,
@@ -196,6 +225,7 @@ def run_sweep(
     trainer: TrainFn | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    jobs: int = 1,
 ) -> SweepPaths:
     """Train every planned run not yet in ``out_dir/runs.csv``, then write the summary and plot.
 
@@ -204,6 +234,7 @@ def run_sweep(
     train_kwargs:  other :class:`lma.train.TrainConfig` fields (dim, epochs, lr, batch_size, ...)
     trainer:       TrainConfig -> result with ``.metrics``; default ``lma.train.train_model``
     retry_failed:  run again the runs recorded as failed (e.g. after a fix)
+    jobs:          worker processes (default trainer only); give each one thread
     """
     from lma.train import TrainConfig
 
@@ -222,26 +253,31 @@ def run_sweep(
                        skipped=[r.key for r in runs if r.key not in todo_keys])
     if paths.skipped:
         log.info("sweep: %d of %d runs already in %s", len(paths.skipped), len(runs), csv_path)
-    train = trainer or _default_trainer()
-    for run in tqdm(todo, desc="sweep", unit="run", disable=not progress):
-        cfg = TrainConfig(
-            data=data, schema=schema, embedding=run.kind, compression=run.compression,
-            seed=run.seed, options=run.options, **{"progress": False, **kw},
-        )
-        row: dict[str, Any] = {
-            "key": run.key, "variant": run.variant, "kind": run.kind,
-            "compression": f"{run.compression:g}", "seed": run.seed, "options": run.options_json,
-        }
-        t0 = time.perf_counter()
-        try:
-            metrics = train(cfg).metrics
-            row.update({m: metrics.get(m, "") for m in METRICS}, status="ok", error="")
-        except Exception as e:  # one failed run (e.g. a budget a kind cannot meet) must not stop a sweep
-            log.warning("sweep: %s failed: %s", run.variant, e, exc_info=not isinstance(e, ValueError))
-            row.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        row["wall_s"] = f"{time.perf_counter() - t0:.3f}"
-        _append_row(csv_path, row)
-        paths.ran.append(run.key)
+    cfgs = [
+        TrainConfig(data=data, schema=schema, embedding=run.kind, compression=run.compression,
+                    seed=run.seed, options=run.options, **{"progress": False, **kw})
+        for run in todo
+    ]
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
+    if jobs > 1 and trainer is None and len(todo) > 1:
+        # Worker processes (spawned: torch and fork do not mix), one run per task; this process
+        # alone appends to the CSV, so rows never interleave. Use threads=1 per worker.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_in_worker, run, cfg) for run, cfg in zip(todo, cfgs, strict=True)]
+            for fut in as_completed(futures):
+                row = fut.result()
+                _append_row(csv_path, row)
+                paths.ran.append(row["key"])
+                bar.update(1)
+    else:
+        train = trainer or _default_trainer()
+        for run, cfg in zip(todo, cfgs, strict=True):
+            row = _execute(run, cfg, train)
+            _append_row(csv_path, row)
+            paths.ran.append(run.key)
+            bar.update(1)
+    bar.close()
     rows = read_runs(csv_path)
     paths.summary.write_text(summary_markdown(rows, title=f"Sweep on {data}"))
     paths.plot = plot_auc_vs_bytes(rows, out / PLOT_NAME, title=f"test AUC vs serving bytes ({data})")
@@ -439,7 +475,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     paths = run_sweep(
         args.data, args.out, kinds=[k for k in args.kinds.split(",") if k],
         compressions=_floats(args.compressions), seeds=_seeds(args.seeds), variants=variants,
-        schema=args.schema, train_kwargs=kw, retry_failed=args.retry_failed,
+        schema=args.schema, train_kwargs=kw, retry_failed=args.retry_failed, jobs=args.jobs,
         progress=not getattr(args, "quiet", False),
     )
     print_json({"csv": str(paths.csv), "summary": str(paths.summary),
@@ -467,6 +503,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--variant-compression", type=float, default=16.0,
                    help="compression of the extra variants")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained in parallel worker processes (use with --threads 1)")
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)

@@ -131,3 +131,13 @@ def test_merge_parallel_sweeps(tmp_path) -> None:
     stats = {s.variant: s for s in group_stats(rows)}
     assert stats["lma"].diff_mean == pytest.approx(0.015)
     assert (out / "summary.md").read_text().count("| lma | 4x | 2 |") == 1
+
+
+def test_parallel_jobs_write_every_run_once(tmp_path) -> None:
+    paths = run_sweep("synth:1500:3", tmp_path, kinds=("full", "hash"), compressions=(4,),
+                      seeds=[0, 1], variants=[], progress=False, jobs=2,
+                      train_kwargs={"epochs": 1, "threads": 1})
+    rows = read_runs(paths.csv)
+    assert sorted(r["key"] for r in rows) == sorted(paths.ran)
+    assert sorted((r["kind"], r["seed"]) for r in rows) == [("full", 0), ("full", 1), ("hash", 0), ("hash", 1)]
+    assert all(r["status"] == "ok" and 0 <= r["test_auc"] <= 1 for r in rows)
