@@ -31,6 +31,12 @@ def _json_safe(o: Any) -> Any:
     return o
 
 
+def _version() -> str:
+    from lma import __version__
+
+    return __version__
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(_json_safe(obj), indent=2, default=str) + "\n")
 
@@ -166,6 +172,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lma", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lma {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
