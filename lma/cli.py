@@ -215,19 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+def run_command(args: argparse.Namespace, verbose: bool = False) -> int:
+    """Set up logging and run a parsed subcommand; user errors become one line and exit code 2."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("onnx_ir", "onnxscript"):  # per-initializer INFO lines from the ONNX exporter
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         sys.stderr.write(f"lma {args.command}: error: {e}\n")
         return 2
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args, verbose=args.verbose)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,12 +14,9 @@ import sys
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from lma.cli import DATA_HELP, run_command
 
-DATA_HELP = (
-    "rows: criteo:PATH | criteo-test:PATH | avazu:PATH | synth:ROWS[:SEED] | table:PATH "
-    "(with --schema FILE)"
-)
+logger = logging.getLogger(__name__)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -177,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lma-export")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"lma {args.command}: error: {e}\n")
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

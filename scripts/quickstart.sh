@@ -6,22 +6,15 @@ cd "$(dirname "$0")/.."
 ART=${1:-artifacts}
 PORT=${2:-8000}
 LMA=.venv/bin/lma
-KIND=lma
-if ! .venv/bin/python -c "import lma.embeddings.lma" 2>/dev/null; then KIND=hash; fi
 
-echo "== training a small $KIND model on 200,000 synthetic rows (Criteo schema, synthetic data)"
-"$LMA" train --data synth:200000:0 --embedding "$KIND" --compression 16 --epochs 2 \
+echo "== training a small LMA model on 200,000 synthetic rows (Criteo schema, synthetic data)"
+"$LMA" train --data synth:200000:0 --embedding lma --compression 16 --epochs 2 \
   --batch-size 1024 --out "$ART/model"
 echo "== metrics (synthetic data): $ART/model/metrics.json"
 
-if "$LMA" export --help >/dev/null 2>&1; then
-  echo "== exporting the bundle to $ART/bundle"
-  "$LMA" export "$ART/model" --out "$ART/bundle"
-  "$LMA" verify "$ART/bundle"
-else
-  echo "== export is not available in this build yet; the checkpoint is in $ART/model"
-  exit 0
-fi
+echo "== exporting the bundle to $ART/bundle"
+"$LMA" export "$ART/model" --out "$ART/bundle"
+"$LMA" verify "$ART/bundle"
 
 if .venv/bin/python -c "import service.main" 2>/dev/null; then
   echo "== serving $ART/bundle on http://127.0.0.1:$PORT"
