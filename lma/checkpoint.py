@@ -22,7 +22,7 @@ import torch
 import lma
 from lma.embeddings import EmbeddingSpec, build_embedding
 from lma.features import FeatureMap
-from lma.model import DLRM, DLRMConfig
+from lma.model import DLRM, DLRMConfig, build_dlrm
 
 CHECKPOINT_FORMAT = 2  # 2: DLRM carries dense standardisation buffers
 
@@ -101,7 +101,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         with np.load(state_file, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     emb = build_embedding(spec, fmap, **arrays)
-    model = DLRM(DLRMConfig(**payload["model_config"]), emb)
+    model = build_dlrm(DLRMConfig(**payload["model_config"]), emb, fmap)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

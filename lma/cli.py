@@ -103,6 +103,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot",
                    help="dot: DLRM's pairwise dots; dot-cat: the top MLP also sees the field vectors")
+    add_first_order_args(p)
     p.add_argument("--standardize-dense", action="store_true",
                    help="standardise dense features with the training rows' mean/std (in the model)")
     p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
@@ -124,6 +125,31 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
 
 
+def add_first_order_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "first-order term",
+        "a scalar weight per token and a linear dense term added to DLRM's logit (a logistic "
+        "regression inside the model); trained alone first (wide warm-up), then jointly")
+    g.add_argument("--first-order", action="store_true", help="add the first-order term")
+    g.add_argument("--first-order-min-count", type=int, default=1,
+                   help="vocabulary threshold of its scalar table (full tables; other kinds hash "
+                        "tokens into n_params/dim scalars)")
+    g.add_argument("--first-order-l2", type=float, default=1e-3,
+                   help="L2 (weight decay) of the scalar table")
+    g.add_argument("--first-order-lr", type=float, default=None,
+                   help="learning rate of the first-order term (default: --lr)")
+    g.add_argument("--warmup-epochs", type=int, default=50,
+                   help="most epochs of the first-order warm-up (early-stopped; 0 = none)")
+
+
+def first_order_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "first_order": args.first_order, "first_order_min_count": args.first_order_min_count,
+        "first_order_l2": args.first_order_l2, "first_order_lr": args.first_order_lr,
+        "warmup_epochs": args.warmup_epochs,
+    }
+
+
 def train_config_from_args(args: argparse.Namespace):
     from lma.train import TrainConfig
 
@@ -136,7 +162,7 @@ def train_config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, seed=args.seed,
         threads=args.threads, split=args.split, min_count=args.min_count,
         options=_kv_options(args.option), on_error=args.on_error, device=args.device,
-        out=args.out,
+        out=args.out, **first_order_kwargs(args),
         progress=not args.quiet,
     )
 

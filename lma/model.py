@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lma.embeddings.base import Embedding
+from lma.features import FeatureMap
 from lma.tokens import PAD_TOKEN
 
 
@@ -28,6 +29,11 @@ class DLRMConfig:
     # small data (a token's own effect need not go through a dot product).
     # "dot-wide": DLRM plus a linear logit over dense features and field vectors.
     interaction: str = "dot"
+    # First-order ("wide") term: a learned scalar per token, pooled per field and summed, plus a
+    # linear function of the dense features, added to the logit: a logistic regression inside
+    # the model. None, or the spec of its scalar table: {"kind": "full" | "hash", "n_params",
+    # "min_count", "seed"} (see ``first_order_spec``).
+    first_order: dict[str, Any] | None = None
 
     @property
     def n_fields(self) -> int:
@@ -48,13 +54,47 @@ def mlp(sizes: list[int], last_activation: bool, dropout: float = 0.0) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+def first_order_spec(kind: str, n_tokens_params: int, min_count: int, seed: int) -> dict[str, Any]:
+    """Spec of a first-order table: ``full`` (one scalar per vocabulary token, ``min_count``
+    threshold, OOV scalar per field) or ``hash`` (``n_tokens_params`` hashed scalars)."""
+    if kind not in ("full", "hash"):
+        raise ValueError(f"first-order table kind must be 'full' or 'hash', got {kind!r}")
+    return {"kind": kind, "n_params": int(n_tokens_params), "min_count": int(min_count),
+            "seed": int(seed)}
+
+
+def build_first_order(config: DLRMConfig, feature_map: FeatureMap) -> Embedding | None:
+    """The first-order scalar table that ``config.first_order`` describes (None without one)."""
+    fo = config.first_order
+    if not fo:
+        return None
+    from lma.embeddings import EmbeddingSpec, build_embedding
+
+    spec = EmbeddingSpec(kind=fo["kind"], dim=1, n_params=max(1, int(fo["n_params"])),
+                         seed=int(fo.get("seed", 0)), min_count=int(fo.get("min_count", 1)))
+    return build_embedding(spec, feature_map)
+
+
+def build_dlrm(config: DLRMConfig, embedding: Embedding, feature_map: FeatureMap) -> DLRM:
+    """DLRM with ``embedding`` and, where the config asks for one, its first-order table."""
+    return DLRM(config, embedding, build_first_order(config, feature_map))
+
+
 class DLRM(nn.Module):
-    def __init__(self, config: DLRMConfig, embedding: Embedding):
+    def __init__(self, config: DLRMConfig, embedding: Embedding,
+                 first_order: Embedding | None = None):
         super().__init__()
         if embedding.dim != config.dim:
             raise ValueError(f"embedding dim {embedding.dim} != model dim {config.dim}")
+        if (first_order is None) != (not config.first_order):
+            raise ValueError("config.first_order and the first_order table must come together "
+                             "(build the model with lma.model.build_dlrm)")
+        if first_order is not None and first_order.dim != 1:
+            raise ValueError(f"the first-order table must have dim 1, got {first_order.dim}")
         self.config = config
         self.embedding = embedding
+        # While True, forward() is the first-order term alone (the trainer's wide warm-up).
+        self.wide_only = False
         self.has_dense = config.n_dense > 0
         # Dense inputs are standardised with the training rows' statistics (set by the trainer,
         # saved with the weights); identity until then.
@@ -65,8 +105,8 @@ class DLRM(nn.Module):
         n_vec = config.n_fields + int(self.has_dense)
         self.n_pairs = n_vec * (n_vec - 1) // 2
         iu = torch.triu_indices(n_vec, n_vec, offset=1)
-        self.register_buffer("pair_i", iu[0], persistent=False)
-        self.register_buffer("pair_j", iu[1], persistent=False)
+        self.register_buffer("pair_i", iu[0].clone(), persistent=False)
+        self.register_buffer("pair_j", iu[1].clone(), persistent=False)
         if config.interaction not in ("dot", "dot-cat", "dot-wide"):
             raise ValueError(
                 f"interaction must be 'dot', 'dot-cat' or 'dot-wide', got {config.interaction!r}"
@@ -87,22 +127,52 @@ class DLRM(nn.Module):
         pool = torch.zeros(len(config.slot_fields), config.n_fields)
         pool[torch.arange(len(config.slot_fields)), slot_fields] = 1.0
         self.register_buffer("pool", pool, persistent=False)
+        self.first_order = first_order
+        self.linear = None
+        if first_order is not None:
+            # A logistic regression's starting point: every weight 0. The deep part's last layer
+            # starts at 0 too, so training begins from the first-order model and the deep part
+            # grows as a correction to it.
+            with torch.no_grad():
+                for p in first_order.parameters():
+                    p.zero_()
+            if self.has_dense:
+                self.linear = nn.Linear(config.n_dense, 1)
+                nn.init.zeros_(self.linear.weight)
+                nn.init.zeros_(self.linear.bias)
+            last = [m for m in self.top if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
-    def field_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S) tokens -> (B, F, d) one vector per field."""
-        e = self.embedding(tokens)  # (B, S, d)
+    def _pool(self, tokens: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """(B, S) tokens, (B, S, k) slot values -> (B, F, k): mean over each field's slots."""
         if not self.pooled:
             return e
         mask = (tokens != PAD_TOKEN).to(e.dtype)  # (B, S)
         w = mask[:, :, None] * self.pool[None]  # (B, S, F)
         denom = w.sum(1).clamp_min(1.0)  # (B, F)
-        return torch.einsum("bsf,bsd->bfd", w, e) / denom[:, :, None]
+        return torch.einsum("bsf,bsk->bfk", w, e) / denom[:, :, None]
+
+    def first_order_logit(self, dense: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The first-order term (B,) from standardised dense features and tokens."""
+        assert self.first_order is not None
+        z = self._pool(tokens, self.first_order(tokens)).sum((1, 2))
+        if self.linear is not None:
+            z = z + self.linear(dense).squeeze(1)
+        return z
+
+    def field_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) tokens -> (B, F, d) one vector per field."""
+        return self._pool(tokens, self.embedding(tokens))  # (B, F, d)
 
     def forward(self, dense: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """dense (B, n_dense) float32, tokens (B, S) int64 -> logits (B,)."""
-        vecs = self.field_vectors(tokens)  # (B, F, d)
         if self.has_dense:
             dense = (dense - self.dense_mean) / self.dense_std
+        if self.wide_only:
+            return self.first_order_logit(dense, tokens)
+        vecs = self.field_vectors(tokens)  # (B, F, d)
+        if self.has_dense:
             x = self.bottom(dense)  # (B, d)
             vecs = torch.cat([x[:, None, :], vecs], dim=1)  # (B, F + 1, d)
         inter = torch.bmm(vecs, vecs.transpose(1, 2))  # (B, n, n)
@@ -115,4 +185,6 @@ class DLRM(nn.Module):
         if self.wide is not None:
             fields = vecs[:, int(self.has_dense):].flatten(1)  # (B, F * d)
             logit = logit + self.wide(torch.cat([dense, fields], dim=1)).squeeze(1)
+        if self.first_order is not None:
+            logit = logit + self.first_order_logit(dense, tokens)
         return logit

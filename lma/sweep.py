@@ -463,13 +463,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lma.cli import print_json
+    from lma.cli import first_order_kwargs, print_json
 
     kw: dict[str, Any] = {
         "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "threads": args.threads, "min_count": args.min_count,
         "on_error": args.on_error, "weight_decay": args.weight_decay,
         "interaction": args.interaction, "patience": args.patience, "dropout": args.dropout,
+        "standardize": args.standardize_dense, **first_order_kwargs(args),
     }
     variants = [] if args.no_variants else default_variants(args.dim, args.variant_compression)
     paths = run_sweep(
@@ -486,7 +487,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``lma sweep`` to an argparse subparsers object."""
-    from lma.cli import add_data_args
+    from lma.cli import add_data_args, add_first_order_args
 
     p = subparsers.add_parser(
         "sweep", help="train every kind x compression x seed; write runs.csv, summary.md, a plot",
@@ -516,6 +517,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot")
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--standardize-dense", action="store_true")
+    add_first_order_args(p)
     p.set_defaults(func=cmd_sweep)
     return p
 

@@ -20,7 +20,7 @@ from lma.data import DataSource, open_source, random_split, take, time_split
 from lma.embeddings import EMBEDDINGS, EmbeddingSpec, build_embedding
 from lma.features import Encoded, FeatureMap
 from lma.metrics import log_loss, roc_auc
-from lma.model import DLRM, DLRMConfig
+from lma.model import DLRM, DLRMConfig, build_dlrm, first_order_spec
 from lma.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,16 @@ class TrainConfig:
     top_mlp: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
     interaction: str = "dot"
+    # First-order (wide) term beside DLRM: a scalar per token + a linear dense term (see
+    # lma.model.DLRMConfig.first_order). Full tables get a full scalar table with its own
+    # vocabulary threshold; every other kind a hashed scalar table of n_params / dim floats.
+    first_order: bool = False
+    first_order_min_count: int = 1
+    first_order_l2: float = 1e-3  # L2 (weight decay) of the scalar table
+    first_order_lr: float | None = None  # None: --lr
+    # With a first-order term: train it alone first (early-stopped on validation AUC, at most
+    # this many epochs), then everything together from there. 0: train everything at once.
+    warmup_epochs: int = 50
     standardize: bool = False  # standardise dense features with the training rows' mean/std
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -71,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"--device must be cpu, cuda[:N] or auto, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: no CUDA device is available here")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.first_order_min_count < 1:
+            raise ValueError(f"--first-order-min-count must be >= 1, got {self.first_order_min_count}")
         if self.split not in ("random", "time"):
             raise ValueError(f"--split must be 'random' or 'time', got {self.split!r}")
 
@@ -128,29 +142,63 @@ def build_model(cfg: TrainConfig, fmap: FeatureMap, train_tokens: np.ndarray) ->
     state = EMBEDDINGS[cfg.embedding].prepare(spec, fmap, train_tokens, progress=cfg.progress)
     emb = build_embedding(spec, fmap, **state)
     schema = fmap.schema
+    first_order = None
+    if cfg.first_order:
+        if cfg.embedding == "full":
+            first_order = first_order_spec("full", fmap.full_table_rows(cfg.first_order_min_count),
+                                           cfg.first_order_min_count, cfg.seed)
+        else:
+            first_order = first_order_spec("hash", max(1, n_params // cfg.dim), 1, cfg.seed)
     mcfg = DLRMConfig(
         n_dense=len(schema.dense), slot_fields=schema.slot_fields(), dim=cfg.dim,
         bottom_mlp=list(cfg.bottom_mlp), top_mlp=list(cfg.top_mlp), dropout=cfg.dropout,
-        interaction=cfg.interaction,
+        interaction=cfg.interaction, first_order=first_order,
     )
-    return DLRM(mcfg, emb)
+    return build_dlrm(mcfg, emb, fmap)
 
 
-def make_optimizers(cfg: TrainConfig, model: DLRM) -> list[torch.optim.Optimizer]:
+def make_optimizers(cfg: TrainConfig, model: DLRM, wide_only: bool = False
+                    ) -> list[torch.optim.Optimizer]:
+    """Optimizers of the model's parameters (only the first-order term's with ``wide_only``).
+
+    Groups: the first-order scalar table (L2 ``first_order_l2``, lr ``first_order_lr``), the
+    first-order dense weights (no L2, the same lr), everything else (``weight_decay``, ``lr``).
+    Tables trained with sparse gradients get a sparse-capable optimizer and no L2.
+    """
     sparse = {id(p) for p in model.embedding.sparse_parameters()}
-    dense_params = [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
-    sparse_params = [p for p in model.parameters() if id(p) in sparse]
+    fo_table: list[nn.Parameter] = []
+    fo_rest: list[nn.Parameter] = []
+    if model.first_order is not None:
+        sparse |= {id(p) for p in model.first_order.sparse_parameters()}
+        fo_table = list(model.first_order.parameters())
+        fo_rest = list(model.linear.parameters()) if model.linear is not None else []
+    fo_ids = {id(p) for p in fo_table + fo_rest}
+    fo_lr = cfg.first_order_lr if cfg.first_order_lr is not None else cfg.lr
+    groups = [
+        {"params": [p for p in fo_table if id(p) not in sparse], "lr": fo_lr,
+         "weight_decay": cfg.first_order_l2},
+        {"params": [p for p in fo_rest if id(p) not in sparse], "lr": fo_lr, "weight_decay": 0.0},
+    ]
+    sparse_groups = [{"params": [p for p in fo_table + fo_rest if id(p) in sparse], "lr": fo_lr}]
+    if not wide_only:
+        rest = [p for p in model.parameters() if id(p) not in fo_ids and p.requires_grad]
+        groups.append({"params": [p for p in rest if id(p) not in sparse], "lr": cfg.lr,
+                       "weight_decay": cfg.weight_decay})
+        sparse_groups.append({"params": [p for p in rest if id(p) in sparse], "lr": cfg.lr})
+    groups = [g for g in groups if g["params"]]
+    sparse_groups = [g for g in sparse_groups if g["params"]]
     opts: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "adam":
-        opts.append(torch.optim.Adam(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        if sparse_params:
-            opts.append(torch.optim.SparseAdam(sparse_params, lr=cfg.lr))
-    elif cfg.optimizer == "adagrad":
-        opts.append(torch.optim.Adagrad(dense_params + sparse_params, lr=cfg.lr,
-                                        weight_decay=0.0 if sparse_params else cfg.weight_decay))
+        if groups:
+            opts.append(torch.optim.Adam(groups))
+        if sparse_groups:
+            opts.append(torch.optim.SparseAdam(sparse_groups))
     else:
-        opts.append(torch.optim.SGD(dense_params + sparse_params, lr=cfg.lr,
-                                    weight_decay=0.0 if sparse_params else cfg.weight_decay))
+        # Adagrad and SGD take sparse gradients, but not together with weight decay.
+        if sparse_groups:
+            groups = [{**g, "weight_decay": 0.0} for g in groups] + sparse_groups
+        cls = torch.optim.Adagrad if cfg.optimizer == "adagrad" else torch.optim.SGD
+        opts.append(cls(groups))
     return opts
 
 
@@ -174,6 +222,74 @@ def evaluate(model: nn.Module, data: Encoded) -> dict[str, float]:
                          "(score unlabelled rows with `lma predict`)")
     p = predict_proba(model, data)
     return {"auc": roc_auc(data.labels, p), "logloss": log_loss(data.labels, p), "rows": len(data)}
+
+
+class _Loop:
+    """Epochs of minibatch training with early stopping on validation AUC; the best state (over
+    every phase run so far) is kept in ``best_state``."""
+
+    def __init__(self, cfg: TrainConfig, model: DLRM, splits: Splits, device: torch.device):
+        self.cfg, self.model, self.splits = cfg, model, splits
+        train = splits.train
+        self.dense = torch.from_numpy(np.ascontiguousarray(train.dense)).to(device)
+        self.tokens = torch.from_numpy(np.ascontiguousarray(train.tokens)).to(device)
+        self.labels = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
+        self.device = device
+        self.rng = np.random.default_rng(cfg.seed)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.best_auc, self.best_state, self.best_epoch = -1.0, None, -1
+        self.history: list[dict[str, Any]] = []
+        self.train_time, self.rows_seen = 0.0, 0
+
+    def run(self, opts: list[torch.optim.Optimizer], epochs: int, phase: str) -> None:
+        cfg, model, device = self.cfg, self.model, self.device
+        n = len(self.labels)
+        n_batches = math.ceil(n / cfg.batch_size)
+        bad_epochs = 0
+        label = f"{phase} " if phase != "train" else ""
+        for epoch in range(epochs):
+            model.train()
+            perm = torch.from_numpy(self.rng.permutation(n)).to(device)
+            bar = tqdm(total=n, desc=f"{label}epoch {epoch + 1}/{epochs}", unit="row",
+                       disable=not cfg.progress, leave=False)
+            t0 = time.perf_counter()
+            # Running loss kept on the device: reading it back every step would stall a GPU.
+            running_t = torch.zeros((), device=device)
+            for b in range(n_batches):
+                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                logits = model(self.dense[idx], self.tokens[idx])
+                loss = self.loss_fn(logits, self.labels[idx])
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+                running_t = 0.98 * running_t + 0.02 * loss.detach() if b else loss.detach()
+                bar.update(len(idx))
+                if b % 20 == 0 and cfg.progress:
+                    el = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{running_t.item():.4f}",
+                                    rows_s=f"{bar.n / max(el, 1e-9):,.0f}")
+            bar.close()
+            running = float(running_t)
+            self.train_time += time.perf_counter() - t0
+            self.rows_seen += n
+            val = evaluate(model, self.splits.val)
+            step = len(self.history) + 1
+            self.history.append({"epoch": step, "phase": phase, "train_loss": running,
+                                 "val_auc": val["auc"], "val_logloss": val["logloss"]})
+            log.info("%sepoch %d: loss %.4f val_auc %.4f val_logloss %.4f", label, epoch + 1,
+                     running, val["auc"], val["logloss"])
+            if cfg.progress:
+                tqdm.write(f"{label}epoch {epoch + 1}: train_loss {running:.4f} "
+                           f"val_auc {val['auc']:.4f} val_logloss {val['logloss']:.4f}")
+            if val["auc"] > self.best_auc:
+                self.best_auc, self.best_epoch, bad_epochs = val["auc"], step, 0
+                self.best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience:
+                    break
 
 
 def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
@@ -200,61 +316,19 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
     # hashed-gather op picks its GPU kernel for CUDA tensors.
     model.to(device)
     full_params, n_params = embedding_budget(cfg, fmap)
-    opts = make_optimizers(cfg, model)
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    train = splits.train
-    dense = torch.from_numpy(np.ascontiguousarray(train.dense)).to(device)
-    tokens = torch.from_numpy(np.ascontiguousarray(train.tokens)).to(device)
-    labels = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
-    rng = np.random.default_rng(cfg.seed)
-    n = len(train)
-    n_batches = math.ceil(n / cfg.batch_size)
-
-    best_auc, best_state, best_epoch, bad_epochs = -1.0, None, -1, 0
-    history: list[dict[str, float]] = []
-    train_time, rows_seen = 0.0, 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.from_numpy(rng.permutation(n)).to(device)
-        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="row",
-                   disable=not cfg.progress, leave=False)
-        t0 = time.perf_counter()
-        # Running loss kept on the device: reading it back every step would stall a GPU.
-        running_t = torch.zeros((), device=device)
-        for b in range(n_batches):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            logits = model(dense[idx], tokens[idx])
-            loss = loss_fn(logits, labels[idx])
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            running_t = 0.98 * running_t + 0.02 * loss.detach() if b else loss.detach()
-            bar.update(len(idx))
-            if b % 20 == 0 and cfg.progress:
-                el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{running_t.item():.4f}", rows_s=f"{bar.n / max(el, 1e-9):,.0f}")
-        bar.close()
-        running = float(running_t)
-        train_time += time.perf_counter() - t0
-        rows_seen += n
-        val = evaluate(model, splits.val)
-        history.append({"epoch": epoch + 1, "train_loss": running, "val_auc": val["auc"],
-                        "val_logloss": val["logloss"]})
-        log.info("epoch %d: loss %.4f val_auc %.4f val_logloss %.4f", epoch + 1, running,
-                 val["auc"], val["logloss"])
-        if cfg.progress:
-            tqdm.write(f"epoch {epoch + 1}: train_loss {running:.4f} val_auc {val['auc']:.4f} "
-                       f"val_logloss {val['logloss']:.4f}")
-        if val["auc"] > best_auc:
-            best_auc, best_epoch, bad_epochs = val["auc"], epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
+    loop = _Loop(cfg, model, splits, device)
+    if model.first_order is not None and cfg.warmup_epochs > 0:
+        # Wide warm-up: the first-order term alone (a logistic regression) until validation
+        # AUC stops improving; the joint phase starts from its best state and keeps it unless
+        # the deep part improves validation AUC.
+        model.wide_only = True
+        loop.run(make_optimizers(cfg, model, wide_only=True), cfg.warmup_epochs, "wide")
+        model.wide_only = False
+        model.load_state_dict(loop.best_state)
+    loop.run(make_optimizers(cfg, model), cfg.epochs, "joint" if model.first_order else "train")
+    history, best_epoch = loop.history, loop.best_epoch
+    train_time, rows_seen = loop.train_time, loop.rows_seen
+    best_state = loop.best_state
     if best_state is not None:
         model.load_state_dict(best_state)
     model.cpu()  # evaluation and checkpoints on the host; the checkpoint loads anywhere
@@ -278,7 +352,9 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
         "embedding_state_bytes": emb.state_bytes(),
         "serving_bytes": emb.serving_bytes() + 4 * sum(
             p.numel() for name, p in model.named_parameters() if not name.startswith("embedding.")
-        ),
+        ) + (model.first_order.state_bytes() if model.first_order is not None else 0),
+        "first_order_params": (model.first_order.parameter_count()
+                               if model.first_order is not None else 0),
         "embedding_serving_bytes": emb.serving_bytes(),
         "rows": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "seed": cfg.seed,

@@ -397,7 +397,7 @@ def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
 def _eager_model(bundle: Bundle) -> torch.nn.Module:
     from lma.embeddings import EmbeddingSpec, build_embedding
     from lma.features import FeatureMap
-    from lma.model import DLRM, DLRMConfig
+    from lma.model import DLRMConfig, build_dlrm
 
     fmap = FeatureMap.load(bundle.path)
     ec = bundle.manifest["embedding"]["config"]
@@ -415,7 +415,7 @@ def _eager_model(bundle: Bundle) -> torch.nn.Module:
         with np.load(state, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     emb = build_embedding(spec, fmap, **arrays)
-    model = DLRM(DLRMConfig(**bundle.manifest["model"]["config"]), emb)
+    model = build_dlrm(DLRMConfig(**bundle.manifest["model"]["config"]), emb, fmap)
     sd = bundle.program().state_dict
     missing, unexpected = model.load_state_dict(dict(sd), strict=False)
     if missing or unexpected:

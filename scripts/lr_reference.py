@@ -32,27 +32,37 @@ def design(enc, mean, std):
     return sparse.hstack([onehot, dense]).tocsr()
 
 
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def lr_reference(data_spec: str, seeds: list[int], schema: str | None = None) -> list[dict]:
+    """Per seed: the C chosen on validation, its validation and test AUC."""
+    data = open_source(data_spec, schema).read_all()
+    out = []
+    for seed in seeds:
+        tr, va, te = (take(data, i) for i in random_split(len(data), seed))
+        mean = tr.dense.mean(0) if tr.dense.shape[1] else 0.0
+        std = tr.dense.std(0) + 1e-6 if tr.dense.shape[1] else 1.0
+        xtr, xva, xte = (design(e, mean, std) for e in (tr, va, te))
+        best = None
+        for c in C_GRID:
+            m = LogisticRegression(C=c, max_iter=2000).fit(xtr, tr.labels)
+            v = roc_auc(va.labels, m.decision_function(xva))
+            if best is None or v > best[0]:
+                best = (v, c, roc_auc(te.labels, m.decision_function(xte)))
+        out.append({"seed": seed, "C": best[1], "val_auc": best[0], "test_auc": best[2]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--schema", default=None)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     args = ap.parse_args()
-    data = open_source(args.data, args.schema).read_all()
-    out = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        tr, va, te = (take(data, i) for i in random_split(len(data), seed))
-        mean = tr.dense.mean(0) if tr.dense.shape[1] else 0.0
-        std = tr.dense.std(0) + 1e-6 if tr.dense.shape[1] else 1.0
-        xtr, xva, xte = (design(e, mean, std) for e in (tr, va, te))
-        best = None
-        for c in (0.01, 0.03, 0.1, 0.3, 1.0):
-            m = LogisticRegression(C=c, max_iter=2000).fit(xtr, tr.labels)
-            v = roc_auc(va.labels, m.decision_function(xva))
-            if best is None or v > best[0]:
-                best = (v, c, roc_auc(te.labels, m.decision_function(xte)))
-        out.append({"seed": seed, "C": best[1], "val_auc": best[0], "test_auc": best[2]})
-        print(json.dumps(out[-1]))
+    out = lr_reference(args.data, [int(s) for s in args.seeds.split(",")], args.schema)
+    for r in out:
+        print(json.dumps(r))
     print(json.dumps({"mean_test_auc": float(np.mean([r["test_auc"] for r in out]))}))
 
 

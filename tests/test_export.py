@@ -183,3 +183,30 @@ def test_consistent_but_wrong_model_fails_verify(bundles: dict[str, Path], tmp_p
     assert not report.ok
     assert "MISMATCH" in report.table()
     assert cli.main(["verify", str(d)]) == 1
+
+
+@pytest.mark.parametrize("kind", ["full", "lma"])
+def test_first_order_model_exports_and_verifies(tmp_path: Path, kind: str) -> None:
+    cfg = TrainConfig(data="synth:2000:1", embedding=kind, compression=1.0 if kind == "full" else 4.0,
+                      epochs=1, warmup_epochs=1, first_order=True, batch_size=256,
+                      progress=False, threads=1, out=str(tmp_path / "ck"))
+    train_model(cfg)
+    b = load_bundle(export_bundle(tmp_path / "ck", tmp_path / "bundle", sample_rows=64))
+    assert b.manifest["model"]["config"]["first_order"]["kind"] == ("full" if kind == "full" else "hash")
+    report = verify_bundle(b)
+    assert report.ok, report.table()
+    data = open_source("synth:200:5").read_all()
+    tokens = data.tokens.copy()
+    tokens[:20, :3] = np.arange(1, 61).reshape(20, 3) * 104729  # unseen tokens
+    assert verify_bundle(b, data.dense, tokens).ok
+    # The first-order term is trained and part of the exported graph: the ONNX logits match the
+    # eager model's, which change when the term is zeroed.
+    onnx_logits = Predictor.open(b.path, "onnx").logits(data.dense, tokens)
+    eager = b.eager_model()
+    d, t = torch.from_numpy(data.dense), torch.from_numpy(tokens)
+    with torch.no_grad():
+        full = eager(d, t).numpy()
+        eager.first_order.table.weight.zero_()
+        without = eager(d, t).numpy()
+    np.testing.assert_allclose(onnx_logits, full, rtol=1e-4, atol=1e-4)
+    assert np.abs(full - without).max() > 1e-3

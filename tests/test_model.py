@@ -96,3 +96,63 @@ def test_dense_standardisation_buffers():
     model.dense_std.fill_(3.0)
     assert torch.allclose(model(dense, tokens), plain)
     assert "dense_mean" in model.state_dict()  # saved with the weights, so serving applies it
+
+
+def _fo_model(kind: str = "full", multi: bool = False, dim: int = 8) -> tuple[DLRM, Encoded]:
+    from lma.model import build_dlrm, first_order_spec
+
+    schema = _schema(multi)
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind=kind, dim=dim, n_params=400), fmap)
+    spec = first_order_spec(kind, fmap.full_table_rows(1) if kind == "full" else 50, 1, 0)
+    cfg = DLRMConfig(n_dense=1, slot_fields=schema.slot_fields(), dim=dim, first_order=spec)
+    return build_dlrm(cfg, emb, fmap), enc
+
+
+@pytest.mark.parametrize("kind", ["full", "hash"])
+def test_first_order_term_starts_at_zero_and_learns(kind):
+    model, enc = _fo_model(kind)
+    dense, tokens = torch.from_numpy(enc.dense[:32]), torch.from_numpy(enc.tokens[:32])
+    # Every first-order weight and the deep part's last layer start at 0: logits are exactly 0.
+    assert torch.equal(model(dense, tokens), torch.zeros(32))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, tokens), torch.ones(32))
+    loss.backward()
+    assert model.first_order.table.weight.grad.abs().sum() > 0
+    assert model.linear.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.first_order.table.weight.normal_()
+        model.linear.weight.fill_(0.5)
+    # wide_only: the logit is the first-order term alone, i.e. the sum of the tokens' scalars
+    # plus the dense linear term.
+    model.wide_only = True
+    w = model.first_order(tokens).squeeze(-1).sum(1) + 0.5 * dense[:, 0] + model.linear.bias
+    assert torch.allclose(model(dense, tokens), w, atol=1e-6)
+
+
+def test_first_order_pools_multivalued_fields_without_padding():
+    model, enc = _fo_model("full", multi=True)
+    with torch.no_grad():
+        model.first_order.table.weight.normal_()
+    model.wide_only = True
+    tokens = torch.from_numpy(enc.tokens[:4].copy())
+    dense = torch.zeros(4, 1)
+    # Slots 2..4 are the multi-valued field; a padded slot must not count.
+    t1 = tokens.clone()
+    t1[:, 3:] = 0  # one value left
+    t2 = t1.clone()
+    t2[:, 3] = t1[:, 2]  # the same value twice: its mean is unchanged
+    assert torch.allclose(model(dense, t1), model(dense, t2), atol=1e-6)
+
+
+def test_first_order_config_and_table_must_match():
+    schema = _schema()
+    fmap, _ = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="full", dim=4, n_params=0), fmap)
+    cfg = DLRMConfig(n_dense=1, slot_fields=schema.slot_fields(), dim=4,
+                     first_order={"kind": "full", "n_params": 10, "min_count": 1, "seed": 0})
+    with pytest.raises(ValueError, match="first_order"):
+        DLRM(cfg, emb)
+    from lma.model import first_order_spec
+
+    with pytest.raises(ValueError, match="'full' or 'hash'"):
+        first_order_spec("lma", 10, 1, 0)

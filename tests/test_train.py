@@ -131,3 +131,46 @@ def test_evaluate_refuses_unlabelled_rows(tmp_path, capsys):
     tsv.write_text("\t".join(["1"] * 13 + ["abc"] * 26) + "\n")
     rc = cli_main(["-q", "evaluate", str(tmp_path / "ck"), "--data", f"criteo-test:{tsv}"])
     assert rc == 2 and "labelled" in capsys.readouterr().err
+
+
+def test_first_order_warmup_then_joint(tmp_path):
+    res = train_model(_cfg(tmp_path, epochs=3, patience=3, first_order=True, warmup_epochs=3,
+                           first_order_lr=3e-3, lr=3e-3))
+    phases = [h["phase"] for h in res.history]
+    assert phases[0] == "wide" and phases[-1] == "joint"
+    assert phases.count("wide") <= 3 and phases.count("joint") <= 3
+    m = res.metrics
+    assert m["first_order_params"] == res.feature_map.full_table_rows(1)
+    assert m["test_auc"] > 0.6
+    # The best epoch over both phases is what was kept and saved; the checkpoint reloads it.
+    assert m["val_auc"] == pytest.approx(max(h["val_auc"] for h in res.history), abs=1e-12)
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.model.first_order is not None
+    data = open_source("synth:3000:1").read_all()
+    assert evaluate(ck.model, data)["auc"] == pytest.approx(evaluate(res.model, data)["auc"],
+                                                            abs=1e-12)
+
+
+def test_first_order_without_warmup_and_on_a_compressed_kind(tmp_path):
+    res = train_model(_cfg(tmp_path, out=None, epochs=1, embedding="hash", compression=8,
+                           first_order=True, warmup_epochs=0))
+    assert [h["phase"] for h in res.history] == ["joint"]
+    m = res.metrics
+    # Compressed kinds hash tokens into embedding_params / dim scalars.
+    assert m["first_order_params"] == m["embedding_params"] // 16
+    plain = train_model(_cfg(tmp_path, out=None, epochs=1, embedding="hash", compression=8)).metrics
+    assert m["serving_bytes"] == plain["serving_bytes"] + 4 * (m["first_order_params"] + 14)
+
+
+def test_cli_first_order_options(tmp_path, capsys):
+    out = tmp_path / "fo"
+    rc = cli_main(["-q", "train", "--data", "synth:2000:3", "--epochs", "1", "--first-order",
+                   "--first-order-l2", "1e-3", "--first-order-min-count", "2",
+                   "--warmup-epochs", "2", "--out", str(out)])
+    assert rc == 0
+    ck = load_checkpoint(out)
+    assert ck.model.config.first_order["min_count"] == 2
+    assert ck.config["train_config"]["first_order_l2"] == 1e-3
+    rc = cli_main(["-q", "train", "--data", "synth:2000:3", "--warmup-epochs", "-1"])
+    assert rc != 0
+    assert "--warmup-epochs" in capsys.readouterr().err
