@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,export,dev]'
+	$(BIN)/pip install -q -e '.[train,export,serve,dev]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -22,6 +22,7 @@ import torch
 import lma
 from lma.embeddings import EmbeddingSpec, build_embedding
 from lma.features import FeatureMap
+from lma.jsonio import json_default  # noqa: F401  (re-exported)
 from lma.model import DLRM, DLRMConfig, build_dlrm
 
 CHECKPOINT_FORMAT = 2  # 2: DLRM carries dense standardisation buffers
@@ -66,17 +67,6 @@ def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dic
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
     return out
-
-
-def json_default(o: Any) -> Any:
-    """``json.dumps(default=...)`` for numpy scalars, paths and tuples in metrics and manifests."""
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

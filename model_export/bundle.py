@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import lma
 from lma import hashspec
-from lma.checkpoint import json_default
+from lma.jsonio import json_default
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +90,15 @@ class Bundle:
 
     def program(self) -> Any:
         """The ``torch.export`` program (an ``ExportedProgram``)."""
+        import torch
+
         import lma.ops  # noqa: F401  (registers lma::hashed_gather before loading)
 
         if "program" not in self._cache:
             self._cache["program"] = torch.export.load(str(self.file(PROGRAM_FILE)))
         return self._cache["program"]
 
-    def eager_model(self) -> torch.nn.Module:
+    def eager_model(self) -> Any:
         """The DLRM rebuilt in eager torch from the manifest's config, the feature map, the
         per-token state and the program's weights (eval mode)."""
         if "eager" not in self._cache:
@@ -122,6 +123,7 @@ def library_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
     import onnxscript
+    import torch
 
     return {
         "lma": lma.__version__,
@@ -190,7 +192,7 @@ def _sample_rows(
     return dense, tokens, "synthesised from the feature map"
 
 
-def _param_breakdown(model: torch.nn.Module) -> dict[str, Any]:
+def _param_breakdown(model: Any) -> dict[str, Any]:
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
         top = name.split(".")[0]
@@ -245,6 +247,8 @@ def export_bundle(
     seed: int = 0,
 ) -> Path:
     """Write the bundle of a training checkpoint (see the module docstring); returns ``out_dir``."""
+    import torch
+
     from lma.checkpoint import load_checkpoint
     from model_export import onnx_op
 
@@ -341,8 +345,11 @@ def export_bundle(
 
 
 def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
-    """Open a bundle folder, checking the format, the versions and every file's sha256."""
-    from model_export import onnx_op
+    """Open a bundle folder, checking the format, the versions and every file's sha256.
+
+    Needs neither torch nor onnx: a serving-only install (the ``serve`` extra) opens bundles and
+    runs them with onnxruntime."""
+    from model_export import onnx_spec
 
     d = Path(path)
     mf = d / MANIFEST
@@ -366,15 +373,15 @@ def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
         )
     custom = (manifest.get("onnx") or {}).get("custom_op")
     if custom:
-        if custom.get("domain") != onnx_op.DOMAIN or custom.get("version") != onnx_op.OP_VERSION:
+        if custom.get("domain") != onnx_spec.DOMAIN or custom.get("version") != onnx_spec.OP_VERSION:
             raise BundleError(
                 f"{mf}: custom op {custom.get('domain')} v{custom.get('version')} is not "
-                f"{onnx_op.DOMAIN} v{onnx_op.OP_VERSION}"
+                f"{onnx_spec.DOMAIN} v{onnx_spec.OP_VERSION}"
             )
         for node in custom.get("nodes", []):
             if node.get("spec_version") != hashspec.SPEC_VERSION:
                 raise BundleError(
-                    f"{mf}: a {onnx_op.OP_TYPE} node has spec_version {node.get('spec_version')!r}, "
+                    f"{mf}: a {onnx_spec.OP_TYPE} node has spec_version {node.get('spec_version')!r}, "
                     f"this build implements v{hashspec.SPEC_VERSION}"
                 )
     files = manifest.get("files")
@@ -394,7 +401,7 @@ def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
     return Bundle(path=d, manifest=manifest)
 
 
-def _eager_model(bundle: Bundle) -> torch.nn.Module:
+def _eager_model(bundle: Bundle) -> Any:
     from lma.embeddings import EmbeddingSpec, build_embedding
     from lma.features import FeatureMap
     from lma.model import DLRMConfig, build_dlrm

@@ -31,13 +31,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lma import hashspec
+from model_export.onnx_spec import DOMAIN, INDICES_OP_TYPE, OP_TYPE, OP_VERSION
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = "ai.lma"
-OP_TYPE = "HashedGather"
-INDICES_OP_TYPE = "HashedGatherIndices"
-OP_VERSION = 1
+__all__ = ["DOMAIN", "INDICES_OP_TYPE", "OP_TYPE", "OP_VERSION"]
+
 OPSET = 20  # accepted by onnxruntime >= 1.17 (incl. 1.20) and the newest
 IR_VERSION = 10
 ATTRIBUTES = ("dim", "z", "t", "b", "mode", "aligned", "spec_version")

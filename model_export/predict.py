@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model_export.bundle import Bundle, load_bundle
 
@@ -31,6 +30,8 @@ class Predictor:
             sess = b.onnx_session()
             p._fn = lambda d, t: sess.run(None, {"dense": d, "tokens": t})[0]
         elif engine in ("program", "eager"):
+            import torch
+
             mod = b.program().module() if engine == "program" else b.eager_model()
 
             def run(d: np.ndarray, t: np.ndarray) -> np.ndarray:
