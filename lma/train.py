@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lma.checkpoint import save_checkpoint
 from lma.data import DataSource, open_source, random_split, take, time_split
 from lma.embeddings import EMBEDDINGS, EmbeddingSpec, build_embedding
+from lma.embeddings.tables import SPARSE_THRESHOLD
 from lma.features import Encoded, FeatureMap
 from lma.metrics import log_loss, roc_auc
 from lma.model import DLRM, DLRMConfig, build_dlrm, first_order_spec
@@ -187,6 +188,14 @@ def make_optimizers(cfg: TrainConfig, model: DLRM, wide_only: bool = False
         sparse_groups.append({"params": [p for p in rest if id(p) in sparse], "lr": cfg.lr})
     groups = [g for g in groups if g["params"]]
     sparse_groups = [g for g in sparse_groups if g["params"]]
+    ignored = []
+    if cfg.first_order_l2 > 0 and any(id(p) in sparse for p in fo_table):
+        ignored.append("--first-order-l2")
+    if cfg.weight_decay > 0 and sparse_groups and not wide_only:
+        ignored.append("--weight-decay")
+    if ignored:
+        log.warning("%s: not applied to the tables trained with sparse gradients (above %d "
+                    "floats, or option sparse=true)", " and ".join(ignored), SPARSE_THRESHOLD)
     opts: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "adam":
         if groups:

@@ -174,3 +174,10 @@ def test_cli_first_order_options(tmp_path, capsys):
     rc = cli_main(["-q", "train", "--data", "synth:2000:3", "--warmup-epochs", "-1"])
     assert rc != 0
     assert "--warmup-epochs" in capsys.readouterr().err
+
+
+def test_l2_on_sparse_tables_is_reported(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="lma.train"):
+        train_model(_cfg(tmp_path, out=None, epochs=1, embedding="robez", compression=4,
+                         options={"sparse": True}, weight_decay=1e-4))
+    assert "--weight-decay: not applied" in caplog.text
