@@ -22,7 +22,7 @@ import torch
 import lma
 from lma.embeddings import EmbeddingSpec, build_embedding
 from lma.features import FeatureMap
-from lma.jsonio import json_default  # noqa: F401  (re-exported)
+from lma.jsonio import json_default
 from lma.model import DLRM, DLRMConfig, build_dlrm
 
 CHECKPOINT_FORMAT = 2  # 2: DLRM carries dense standardisation buffers
@@ -69,6 +69,19 @@ def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dic
     return out
 
 
+def rebuild_model(model_config: dict[str, Any], embedding_config: dict[str, Any],
+                  fmap: FeatureMap, state_file: Path) -> DLRM:
+    """The (untrained) DLRM that saved configs describe, with the per-token state of
+    ``state_file`` (``embedding_state.npz``; may be absent); checkpoints and bundles load
+    their weights into it."""
+    arrays: dict[str, Any] = {}
+    if state_file.exists():
+        with np.load(state_file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    emb = build_embedding(EmbeddingSpec.from_config(embedding_config), fmap, **arrays)
+    return build_dlrm(DLRMConfig(**model_config), emb, fmap)
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Rebuild the model from the checkpoint's own config and load its weights (eval mode)."""
     path = Path(path)
@@ -82,16 +95,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             "retrain with this version of lma"
         )
     fmap = FeatureMap.load(path)
-    ec = payload["embedding_config"]
-    spec = EmbeddingSpec(kind=ec["kind"], dim=ec["dim"], n_params=ec["n_params"], seed=ec["seed"],
-                         min_count=ec["min_count"], options=ec.get("options", {}))
-    state_file = path / "embedding_state.npz"
-    arrays: dict[str, Any] = {}
-    if state_file.exists():
-        with np.load(state_file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    emb = build_embedding(spec, fmap, **arrays)
-    model = build_dlrm(DLRMConfig(**payload["model_config"]), emb, fmap)
+    model = rebuild_model(payload["model_config"], payload["embedding_config"], fmap,
+                          path / "embedding_state.npz")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

@@ -97,13 +97,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="embedding params = full-table params / X (1 = full size)")
     p.add_argument("--budget-bytes", type=int, default=None,
                    help="embedding memory in fp32 bytes (instead of --compression)")
+    add_model_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda[:N] | auto: where the model and its embedding memory live")
+    p.add_argument("--split", choices=["random", "time"], default="random")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="embedding option, e.g. z=16, aligned=true, t=8 (repeatable)")
+    p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model and optimisation options shared by ``lma train`` and ``lma sweep`` (the TrainConfig
+    fields of :func:`model_kwargs`)."""
     p.add_argument("--dim", type=int, default=16, help="embedding dimension d")
     p.add_argument("--bottom-mlp", type=_ints, default=[64, 32], help="hidden sizes, e.g. 64,32")
     p.add_argument("--top-mlp", type=_ints, default=[64, 32], help="hidden sizes, e.g. 64,32")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot",
                    help="dot: DLRM's pairwise dots; dot-cat: the top MLP also sees the field vectors")
-    add_first_order_args(p)
     p.add_argument("--standardize-dense", action="store_true",
                    help="standardise dense features with the training rows' mean/std (in the model)")
     p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
@@ -113,19 +125,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=2,
                    help="stop after this many epochs without a better validation AUC")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu | cuda[:N] | auto: where the model and its embedding memory live")
-    p.add_argument("--split", choices=["random", "time"], default="random")
     p.add_argument("--min-count", type=int, default=1,
                    help="full-table vocabulary threshold (tokens seen fewer times share the OOV row)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="embedding option, e.g. z=16, aligned=true, t=8 (repeatable)")
-    p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
-
-
-def add_first_order_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "first-order term",
         "a scalar weight per token and a linear dense term added to DLRM's logit (a logistic "
@@ -142,8 +144,14 @@ def add_first_order_args(p: argparse.ArgumentParser) -> None:
                    help="most epochs of the first-order warm-up (early-stopped; 0 = none)")
 
 
-def first_order_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields that :func:`add_model_args` parses."""
     return {
+        "dim": args.dim, "bottom_mlp": args.bottom_mlp, "top_mlp": args.top_mlp,
+        "dropout": args.dropout, "interaction": args.interaction,
+        "standardize": args.standardize_dense, "optimizer": args.optimizer, "lr": args.lr,
+        "weight_decay": args.weight_decay, "batch_size": args.batch_size, "epochs": args.epochs,
+        "patience": args.patience, "threads": args.threads, "min_count": args.min_count,
         "first_order": args.first_order, "first_order_min_count": args.first_order_min_count,
         "first_order_l2": args.first_order_l2, "first_order_lr": args.first_order_lr,
         "warmup_epochs": args.warmup_epochs,
@@ -155,15 +163,9 @@ def train_config_from_args(args: argparse.Namespace):
 
     return TrainConfig(
         data=args.data, schema=args.schema, embedding=args.embedding,
-        compression=args.compression, budget_bytes=args.budget_bytes, dim=args.dim,
-        bottom_mlp=args.bottom_mlp, top_mlp=args.top_mlp, dropout=args.dropout,
-        interaction=args.interaction, standardize=args.standardize_dense,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, seed=args.seed,
-        threads=args.threads, split=args.split, min_count=args.min_count,
-        options=_kv_options(args.option), on_error=args.on_error, device=args.device,
-        out=args.out, **first_order_kwargs(args),
-        progress=not args.quiet,
+        compression=args.compression, budget_bytes=args.budget_bytes, seed=args.seed,
+        split=args.split, options=_kv_options(args.option), on_error=args.on_error,
+        device=args.device, out=args.out, progress=not args.quiet, **model_kwargs(args),
     )
 
 

@@ -70,8 +70,7 @@ def build_first_order(config: DLRMConfig, feature_map: FeatureMap) -> Embedding 
         return None
     from lma.embeddings import EmbeddingSpec, build_embedding
 
-    spec = EmbeddingSpec(kind=fo["kind"], dim=1, n_params=max(1, int(fo["n_params"])),
-                         seed=int(fo.get("seed", 0)), min_count=int(fo.get("min_count", 1)))
+    spec = EmbeddingSpec.from_config({**fo, "dim": 1, "n_params": max(1, int(fo["n_params"]))})
     return build_embedding(spec, feature_map)
 
 

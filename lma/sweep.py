@@ -463,15 +463,9 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lma.cli import first_order_kwargs, print_json
+    from lma.cli import model_kwargs, print_json
 
-    kw: dict[str, Any] = {
-        "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "optimizer": args.optimizer, "threads": args.threads, "min_count": args.min_count,
-        "on_error": args.on_error, "weight_decay": args.weight_decay,
-        "interaction": args.interaction, "patience": args.patience, "dropout": args.dropout,
-        "standardize": args.standardize_dense, **first_order_kwargs(args),
-    }
+    kw: dict[str, Any] = {"on_error": args.on_error, **model_kwargs(args)}
     variants = [] if args.no_variants else default_variants(args.dim, args.variant_compression)
     paths = run_sweep(
         args.data, args.out, kinds=[k for k in args.kinds.split(",") if k],
@@ -487,7 +481,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``lma sweep`` to an argparse subparsers object."""
-    from lma.cli import add_data_args, add_first_order_args
+    from lma.cli import add_data_args, add_model_args
 
     p = subparsers.add_parser(
         "sweep", help="train every kind x compression x seed; write runs.csv, summary.md, a plot",
@@ -506,19 +500,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained in parallel worker processes (use with --threads 1)")
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--min-count", type=int, default=1)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--interaction", choices=["dot", "dot-cat", "dot-wide"], default="dot")
-    p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--standardize-dense", action="store_true")
-    add_first_order_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_sweep)
     return p
 

@@ -181,17 +181,17 @@ def make_optimizers(cfg: TrainConfig, model: DLRM, wide_only: bool = False
         {"params": [p for p in fo_rest if id(p) not in sparse], "lr": fo_lr, "weight_decay": 0.0},
     ]
     sparse_groups = [{"params": [p for p in fo_table + fo_rest if id(p) in sparse], "lr": fo_lr}]
-    if not wide_only:
-        rest = [p for p in model.parameters() if id(p) not in fo_ids and p.requires_grad]
-        groups.append({"params": [p for p in rest if id(p) not in sparse], "lr": cfg.lr,
-                       "weight_decay": cfg.weight_decay})
-        sparse_groups.append({"params": [p for p in rest if id(p) in sparse], "lr": cfg.lr})
+    rest = [] if wide_only else [
+        p for p in model.parameters() if id(p) not in fo_ids and p.requires_grad]
+    groups.append({"params": [p for p in rest if id(p) not in sparse], "lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay})
+    sparse_groups.append({"params": [p for p in rest if id(p) in sparse], "lr": cfg.lr})
     groups = [g for g in groups if g["params"]]
     sparse_groups = [g for g in sparse_groups if g["params"]]
     ignored = []
     if cfg.first_order_l2 > 0 and any(id(p) in sparse for p in fo_table):
         ignored.append("--first-order-l2")
-    if cfg.weight_decay > 0 and sparse_groups and not wide_only:
+    if cfg.weight_decay > 0 and any(id(p) in sparse for p in rest):
         ignored.append("--weight-decay")
     if ignored:
         log.warning("%s: not applied to the tables trained with sparse gradients (above %d "

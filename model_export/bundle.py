@@ -402,27 +402,12 @@ def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
 
 
 def _eager_model(bundle: Bundle) -> Any:
-    from lma.embeddings import EmbeddingSpec, build_embedding
+    from lma.checkpoint import rebuild_model
     from lma.features import FeatureMap
-    from lma.model import DLRMConfig, build_dlrm
 
-    fmap = FeatureMap.load(bundle.path)
-    ec = bundle.manifest["embedding"]["config"]
-    spec = EmbeddingSpec(
-        kind=ec["kind"],
-        dim=ec["dim"],
-        n_params=ec["n_params"],
-        seed=ec["seed"],
-        min_count=ec["min_count"],
-        options=ec.get("options", {}),
-    )
-    arrays: dict[str, Any] = {}
-    state = bundle.file(STATE_FILE)
-    if state.exists():
-        with np.load(state, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    emb = build_embedding(spec, fmap, **arrays)
-    model = build_dlrm(DLRMConfig(**bundle.manifest["model"]["config"]), emb, fmap)
+    model = rebuild_model(bundle.manifest["model"]["config"],
+                          bundle.manifest["embedding"]["config"],
+                          FeatureMap.load(bundle.path), bundle.file(STATE_FILE))
     sd = bundle.program().state_dict
     missing, unexpected = model.load_state_dict(dict(sd), strict=False)
     if missing or unexpected:

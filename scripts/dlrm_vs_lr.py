@@ -62,10 +62,11 @@ def main() -> None:
     variants = [("dlrm", {})] + [(f"dlrm+fo l2={g:g}", {**FIRST_ORDER, "first_order_l2": g})
                                  for g in grid]
     bar = tqdm(total=len(seeds) * len(variants), desc="runs", unit="run")
+    splits_of = {}
     for seed in seeds:
         base = TrainConfig(data=args.data, schema=args.schema, seed=seed,
                            min_count=args.min_count, **COMMON)
-        splits, _ = load_splits(base)
+        splits = splits_of[seed] = load_splits(base)[0]
         for name, extra in variants:
             cfg = TrainConfig(**{**base.__dict__, **extra})
             res = train_model(cfg, splits)
@@ -107,7 +108,7 @@ def main() -> None:
     for seed in tqdm(seeds, desc="first order alone", unit="run"):
         cfg = TrainConfig(data=args.data, schema=args.schema, seed=seed, min_count=args.min_count,
                           **{**COMMON, **FIRST_ORDER, "first_order_l2": g_chosen, "epochs": 0})
-        m = train_model(cfg).metrics
+        m = train_model(cfg, splits_of[seed]).metrics
         runs.append({"model": "first order alone", "seed": seed, "l2": g_chosen,
                      "val_auc": m["val_auc"], "test_auc": m["test_auc"],
                      "test_auc_without_deep_part": m["test_auc"],

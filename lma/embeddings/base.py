@@ -28,6 +28,13 @@ class EmbeddingSpec:
     min_count: int = 1  # vocabulary threshold for full tables (and the budget's reference)
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific (Z, T, aligned, ...)
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EmbeddingSpec:
+        """The spec of an ``Embedding.config()`` dict (as saved in checkpoints and bundles)."""
+        return cls(kind=config["kind"], dim=int(config["dim"]), n_params=int(config["n_params"]),
+                   seed=int(config.get("seed", 0)), min_count=int(config.get("min_count", 1)),
+                   options=dict(config.get("options", {})))
+
 
 class Embedding(nn.Module, ABC):
     kind: ClassVar[str]
