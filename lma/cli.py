@@ -20,7 +20,6 @@ DATA_HELP = (
     "table:PATH (with --schema FILE)"
 )
 
-
 def _json_safe(o: Any) -> Any:
     if isinstance(o, float) and not math.isfinite(o):
         return None
@@ -30,23 +29,19 @@ def _json_safe(o: Any) -> Any:
         return [_json_safe(v) for v in o]
     return o
 
-
 def _version() -> str:
     from lma import __version__
 
     return __version__
 
-
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(_json_safe(obj), indent=2, default=str) + "\n")
-
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help=DATA_HELP)
     p.add_argument("--schema", default=None, help="schema file (JSON/YAML) for table:PATH data")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="malformed lines: stop with the line number (fail) or count and skip them")
-
 
 def _kv_options(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -60,13 +55,10 @@ def _kv_options(items: list[str]) -> dict[str, Any]:
             out[k] = v
     return out
 
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
-
 # ---------------------------------------------------------------- data
-
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from lma.data.synthetic import SynthConfig, write_tsv
@@ -76,7 +68,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     print_json({"rows": n, "out": args.out, "note": "synthetic data (Criteo schema)"})
     return 0
 
-
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from lma.data import open_source
     from lma.data.stats import dataset_stats
@@ -85,9 +76,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     print_json(dataset_stats(src))
     return 0
 
-
 # ---------------------------------------------------------------- train / evaluate
-
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
@@ -105,7 +94,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="embedding option, e.g. z=16, aligned=true, t=8 (repeatable)")
     p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
-
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model and optimisation options shared by ``lma train`` and ``lma sweep`` (the TrainConfig
@@ -143,7 +131,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=int, default=50,
                    help="most epochs of the first-order warm-up (early-stopped; 0 = none)")
 
-
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields that :func:`add_model_args` parses."""
     return {
@@ -157,7 +144,6 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_epochs": args.warmup_epochs,
     }
 
-
 def train_config_from_args(args: argparse.Namespace):
     from lma.train import TrainConfig
 
@@ -168,7 +154,6 @@ def train_config_from_args(args: argparse.Namespace):
         device=args.device, out=args.out, progress=not args.quiet, **model_kwargs(args),
     )
 
-
 def cmd_train(args: argparse.Namespace) -> int:
     from lma.train import train_model
 
@@ -176,27 +161,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     print_json(result.metrics)
     return 0
 
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lma.checkpoint import load_checkpoint
-    from lma.data import open_source, random_split, take
-    from lma.train import evaluate
+    from lma.data import open_source, take
+    from lma.train import evaluate, split_rows
 
     ck = load_checkpoint(args.checkpoint)
     src = open_source(args.data, args.schema, on_error=args.on_error, progress=not args.quiet)
     data = src.read_all()
+    kind = None
     if args.split != "all":
-        seed = ck.config.get("train_config", {}).get("seed", 0) if args.seed is None else args.seed
-        parts = dict(zip(("train", "val", "test"), random_split(len(data), seed), strict=True))
+        # The checkpoint's own split (kind, fractions, seed), so that "test" means the rows
+        # training held out.
+        tc = ck.config.get("train_config", {})
+        kind = tc.get("split", "random")
+        seed = tc.get("seed", 0) if args.seed is None else args.seed
+        fractions = tuple(tc.get("fractions", (0.8, 0.1, 0.1)))
+        parts = dict(zip(("train", "val", "test"),
+                         split_rows(kind, len(data), seed, fractions, data.times, args.data),
+                         strict=True))
         data = take(data, parts[args.split])
+
     res = evaluate(ck.model, data)
     print_json({"auc": res["auc"], "logloss": res["logloss"], "rows": res["rows"],
-                "split": args.split, "checkpoint": str(args.checkpoint)})
+                "split": args.split, "split_kind": kind, "checkpoint": str(args.checkpoint)})
     return 0
 
-
 # ---------------------------------------------------------------- main
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lma", description=__doc__.splitlines()[0])
@@ -224,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder written by `lma train --out`")
     add_data_args(p)
     p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
-                   help="evaluate on this part of the seeded 80/10/10 split (default: all rows)")
-    p.add_argument("--seed", type=int, default=None, help="split seed (default: the training seed)")
+                   help="evaluate on this part of the checkpoint's own train/val/test split "
+                        "(random or time, its fractions; default: all rows)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random-split seed (default: the training seed)")
     p.set_defaults(func=cmd_evaluate)
 
     try:
@@ -242,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
             logging.getLogger(__name__).warning("could not load lma command %r: %s", ep.name, e)
     return parser
 
-
 def run_command(args: argparse.Namespace, verbose: bool = False) -> int:
     """Set up logging and run a parsed subcommand; user errors become one line and exit code 2."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -254,7 +246,6 @@ def run_command(args: argparse.Namespace, verbose: bool = False) -> int:
     except (ValueError, FileNotFoundError) as e:
         sys.stderr.write(f"lma {args.command}: error: {e}\n")
         return 2
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

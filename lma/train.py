@@ -115,14 +115,20 @@ def load_splits(cfg: TrainConfig, source: DataSource | None = None) -> tuple[Spl
     n = len(data)
     if n < 10:
         raise ValueError(f"{cfg.data}: only {n} rows; training needs at least 10")
-    if cfg.split == "time":
-        times = getattr(data, "times", None)
-        if times is None:
-            raise ValueError(f"{cfg.data}: --split time needs a schema with a time column")
-        tr, va, te = time_split(times, cfg.fractions)
-    else:
-        tr, va, te = random_split(n, cfg.seed, cfg.fractions)
+    tr, va, te = split_rows(cfg.split, n, cfg.seed, cfg.fractions, data.times, cfg.data)
     return Splits(source.schema, take(data, tr), take(data, va), take(data, te)), source
+
+
+def split_rows(split: str, n: int, seed: int, fractions: tuple[float, float, float],
+               times: np.ndarray | None, name: str = "data"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of (train, val, test) as training made them: ``split`` is "random" (seeded
+    permutation) or "time" (the schema's time column, earliest rows first)."""
+    if split == "time":
+        if times is None:
+            raise ValueError(f"{name}: --split time needs a schema with a time column")
+        return time_split(times, fractions)
+    return random_split(n, seed, fractions)
 
 
 def embedding_budget(cfg: TrainConfig, fmap: FeatureMap) -> tuple[int, int]:
@@ -203,11 +209,13 @@ def make_optimizers(cfg: TrainConfig, model: DLRM, wide_only: bool = False
         if sparse_groups:
             opts.append(torch.optim.SparseAdam(sparse_groups))
     else:
-        # Adagrad and SGD take sparse gradients, but not together with weight decay.
-        if sparse_groups:
-            groups = [{**g, "weight_decay": 0.0} for g in groups] + sparse_groups
+        # Adagrad and SGD take sparse gradients but refuse weight decay with them, so the sparse
+        # tables get an optimizer of their own and the dense groups keep their weight decay.
         cls = torch.optim.Adagrad if cfg.optimizer == "adagrad" else torch.optim.SGD
-        opts.append(cls(groups))
+        if groups:
+            opts.append(cls(groups))
+        if sparse_groups:
+            opts.append(cls(sparse_groups))
     return opts
 
 
@@ -231,6 +239,14 @@ def evaluate(model: nn.Module, data: Encoded) -> dict[str, float]:
                          "(score unlabelled rows with `lma predict`)")
     p = predict_proba(model, data)
     return {"auc": roc_auc(data.labels, p), "logloss": log_loss(data.labels, p), "rows": len(data)}
+
+
+def _score(val: dict[str, float]) -> float:
+    """Early-stopping score of a validation result: its AUC, or -inf where the AUC is undefined
+    (one class only, or NaN predictions), so that such an epoch never replaces a real best but
+    the first epoch still gives a best state."""
+    auc = val["auc"]
+    return auc if math.isfinite(auc) else -math.inf
 
 
 class _Loop:
@@ -292,8 +308,9 @@ class _Loop:
             if cfg.progress:
                 tqdm.write(f"{label}epoch {epoch + 1}: train_loss {running:.4f} "
                            f"val_auc {val['auc']:.4f} val_logloss {val['logloss']:.4f}")
-            if val["auc"] > self.best_auc:
-                self.best_auc, self.best_epoch, bad_epochs = val["auc"], step, 0
+            score = _score(val)
+            if self.best_state is None or score > self.best_auc:
+                self.best_auc, self.best_epoch, bad_epochs = score, step, 0
                 self.best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_epochs += 1

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lma.checkpoint import load_checkpoint
 from lma.cli import main as cli_main
@@ -181,3 +182,68 @@ def test_l2_on_sparse_tables_is_reported(tmp_path, caplog):
         train_model(_cfg(tmp_path, out=None, epochs=1, embedding="robez", compression=4,
                          options={"sparse": True}, weight_decay=1e-4))
     assert "--weight-decay: not applied" in caplog.text
+
+
+def test_evaluate_uses_the_checkpoints_time_split(shared_data, tmp_path, capsys):
+    # Avazu's schema has a time column; a time-split checkpoint's "test" rows are the latest
+    # 10%, not a random 10%, and `lma evaluate --split test` must score those.
+    data = f"avazu:{shared_data / 'avazu' / 'train_9999.csv'}"
+    out = tmp_path / "timeck"
+    rc = cli_main(["-q", "train", "--data", data, "--split", "time", "--epochs", "1",
+                   "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)
+    rc = cli_main(["-q", "evaluate", str(out), "--data", data, "--split", "test"])
+    assert rc == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["rows"] == metrics["rows"]["test"]
+    assert ev["auc"] == pytest.approx(metrics["test_auc"], abs=1e-9)
+    assert ev["split_kind"] == "time"
+
+
+def test_weight_decay_kept_for_dense_groups_with_sparse_tables(tmp_path):
+    from lma.features import FeatureMap
+    from lma.train import build_model, load_splits, make_optimizers
+
+    for name in ("adagrad", "sgd"):
+        cfg = _cfg(tmp_path, out=None, embedding="robez", compression=4, options={"sparse": True},
+                   optimizer=name, weight_decay=1e-3)
+        splits, _ = load_splits(cfg)
+        fmap = FeatureMap.build(splits.schema, [splits.train])
+        model = build_model(cfg, fmap, splits.train.tokens)
+        opts = make_optimizers(cfg, model)
+        sparse = {id(p) for p in model.embedding.sparse_parameters()}
+        assert sparse
+        mlp = {id(p) for p in model.top.parameters()}
+        seen_dense: set[int] = set()
+        for o in opts:
+            for g in o.param_groups:
+                ids = {id(p) for p in g["params"]}
+                if ids & sparse:
+                    assert not ids - sparse, "a sparse table shares a group with dense params"
+                    assert g["weight_decay"] == 0.0
+                else:
+                    assert g["weight_decay"] == 1e-3, f"{name}: dense group lost weight decay"
+                    seen_dense |= ids
+        assert mlp <= seen_dense
+        # Both steps work with the sparse gradient.
+        batch = splits.train
+        logits = model(torch.from_numpy(batch.dense[:64]), torch.from_numpy(batch.tokens[:64]))
+        logits.sum().backward()
+        for o in opts:
+            o.step()
+
+
+def test_nan_validation_auc_still_keeps_a_best_state(tmp_path):
+    # A validation set with one class only: AUC is NaN every epoch. Training must still end
+    # with a best state (the first epoch), not crash or keep nothing.
+    from lma.train import Splits, load_splits
+
+    cfg = _cfg(tmp_path, out=str(tmp_path / "nan"), epochs=2, first_order=True, warmup_epochs=2)
+    splits, _ = load_splits(cfg)
+    val = splits.val
+    val.labels = np.zeros_like(val.labels)
+    res = train_model(cfg, Splits(splits.schema, splits.train, val, splits.test))
+    assert res.metrics["best_epoch"] >= 1
+    assert np.isnan(res.metrics["val_auc"])
+    assert np.isfinite(res.metrics["test_auc"])
