@@ -71,12 +71,12 @@ def _offsets_and_data(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets.astype(np.int64, copy=False), data
 
 
-def hash_column(field: str, values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.ndarray:
-    """Token hash v1 of every value of one column: (N,) int64.
+def field_seed(field: str) -> int:
+    """FNV-1a state after ``utf8(field) + 0x1F``: where every value of ``field`` starts hashing."""
+    return _fnv1a_py(FNV_OFFSET, field.encode("utf-8") + bytes([SEP_VALUE]))
 
-    ``values`` may be a pyarrow array (fast path, no Python loop per value; non-string arrays are
-    cast to their string form) or any sequence of str/None.
-    """
+
+def _as_text_array(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
     if not isinstance(values, pa.Array):
@@ -93,58 +93,128 @@ def hash_column(field: str, values: pa.Array | pa.ChunkedArray | np.ndarray | li
         or pa.types.is_large_binary(values.type)
     ):
         values = pc.cast(values, pa.string())
+    return values
+
+
+# Values up to this many bytes are hashed from a padded (width, n) byte matrix, built for at most
+# _PAD_CELLS bytes at a time; longer values by a loop that needs no padding memory.
+_PAD_WIDTH = 48
+_PAD_CELLS = 1 << 22
+
+
+def _fnv_bytes(
+    data: np.ndarray, starts: np.ndarray, lens: np.ndarray, seeds: np.ndarray
+) -> np.ndarray:
+    """FNV-1a-64 of ``data[starts[i] : starts[i] + lens[i]]`` from state ``seeds[i]`` (lens > 0)."""
+    n = len(lens)
+    prime = np.uint64(FNV_PRIME)
+    hv = np.array(seeds, dtype=np.uint64, copy=True)
+    lmin, lmax = int(lens.min()), int(lens.max())
+    first = int(starts[0])
+    if lmin == lmax and int(starts[-1]) + lmax - first == lmax * n:
+        # Equal-length values back to back (Criteo's 8 hex digits, missing cells take no bytes):
+        # a (n, width) view of the data, one column per step, no gathers.
+        mat = data[first : first + lmax * n].reshape(n, lmax)
+        for j in range(lmax):
+            hv ^= mat[:, j]
+            hv *= prime
+        return hv
+    if lmax > _PAD_WIDTH:
+        long = lens > _PAD_WIDTH
+        if not long.all():
+            short = ~long
+            hv[short] = _fnv_bytes(data, starts[short], lens[short], hv[short])
+        hv[long] = _fnv_long(data, starts[long], lens[long], hv[long])
+        return hv
+    if n * lmax > _PAD_CELLS:
+        step = max(_PAD_CELLS // lmax, 1)
+        for a in range(0, n, step):
+            hv[a : a + step] = _fnv_bytes(
+                data, starts[a : a + step], lens[a : a + step], hv[a : a + step]
+            )
+        return hv
+    # One gather into a (width, n) matrix; the state after byte j is kept for the values that
+    # end there, so padding bytes never reach a result.
+    idx = starts[None, :] + np.arange(lmax, dtype=np.int64)[:, None]
+    np.minimum(idx, len(data) - 1, out=idx)
+    mat = data[idx]
+    states = np.empty((lmax, n), dtype=np.uint64)
+    for j in range(lmax):
+        hv ^= mat[j]
+        hv *= prime
+        states[j] = hv
+    return states[lens - 1, np.arange(n)]
+
+
+def _fnv_long(data: np.ndarray, starts: np.ndarray, lens: np.ndarray, hv: np.ndarray) -> np.ndarray:
+    """:func:`_fnv_bytes` for long values: a Python loop over each value's bytes when there are
+    few of them (one numpy step per byte position costs more than a few Python steps), else the
+    length-sorted loop."""
+    if len(lens) <= 16:
+        return np.array(
+            [
+                _fnv1a_py(int(h), data[s : s + ln].tobytes())
+                for h, s, ln in zip(hv.tolist(), starts.tolist(), lens.tolist(), strict=True)
+            ],
+            dtype=np.uint64,
+        )
+    # Sort by length, longest first: the values still active at byte j are a prefix.
+    prime = np.uint64(FNV_PRIME)
+    n = len(lens)
+    order = np.argsort(-lens, kind="stable")
+    lr, st, hs = lens[order], starts[order], hv[order]
+    asc = lr[::-1]
+    for j in range(int(lr[0])):
+        k = n - int(np.searchsorted(asc, j, side="right"))
+        part = hs[:k]
+        part ^= data[st[:k] + j]
+        part *= prime
+    out = np.empty_like(hs)
+    out[order] = hs
+    return out
+
+
+def hash_seeded(values: pa.Array, seeds: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Token hash v1 of values that belong to different fields, in one vectorised pass: (N,) int64.
+
+    ``values`` is a string/binary array; ``seeds[i]`` is :func:`field_seed` of value i's field and
+    ``missing[i]`` that field's missing token (used for nulls and empty values).
+    """
     n = len(values)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    prefix = _fnv1a_py(FNV_OFFSET, field.encode("utf-8"))
-    missing_token = token_hash(field, None)
     offsets, data = _offsets_and_data(values)
     starts = offsets[:-1]
     lens = offsets[1:] - starts
     valid = lens > 0
     if values.null_count:
         valid &= np.asarray(values.is_valid())
-
-    h = np.full(n, missing_token, dtype=np.int64)
-    init = np.uint64(_fnv1a_py(prefix, bytes([SEP_VALUE])))
-    prime = np.uint64(FNV_PRIME)
-    width = int(lens[0])
-    if width > 0 and (offsets[-1] - offsets[0]) == width * n and (lens == width).all():
-        # Every slot (nulls included) holds `width` bytes back to back: hash all, then mask.
-        mat = data[int(offsets[0]) : int(offsets[-1])].reshape(n, width)
-        hv = np.full(n, init, dtype=np.uint64)
-        for j in range(width):
-            hv ^= mat[:, j]
-            hv *= prime
-        out = _fmix64_np(hv).view(np.int64)
-        out[out == 0] = 1
-        return np.where(valid, out, h)
+    out = np.array(missing, dtype=np.int64, copy=True)
+    if valid.all():
+        hv = _fnv_bytes(data, starts, lens, seeds)
+        res = _fmix64_np(hv).view(np.int64)
+        res[res == 0] = 1
+        return res
     rows = np.flatnonzero(valid)
     if len(rows) == 0:
-        return h
-    lr = lens[rows]
-    lmin, lmax = int(lr.min()), int(lr.max())
-    first, end = int(starts[rows[0]]), int(offsets[rows[-1] + 1])
-    hv = np.full(len(rows), init, dtype=np.uint64)
-    if lmin == lmax and end - first == lmin * len(rows):
-        # Fixed-width values stored back to back (e.g. Criteo's 8 hex digits, missing cells
-        # take no bytes): a (rows, width) byte matrix, one column per step, no gathers.
-        mat = data[first:end].reshape(len(rows), lmin)
-        for j in range(lmin):
-            hv ^= mat[:, j]
-            hv *= prime
-    else:
-        # Sort by length, longest first: the rows still active at byte j are a prefix.
-        order = np.argsort(-lr, kind="stable")
-        rows, lr = rows[order], lr[order]
-        st = starts[rows]
-        asc = lr[::-1]
-        for j in range(lmax):
-            k = len(lr) - int(np.searchsorted(asc, j, side="right"))
-            part = hv[:k]
-            part ^= data[st[:k] + j]
-            part *= prime
-    out = _fmix64_np(hv).view(np.int64)
-    out[out == 0] = 1
-    h[rows] = out
-    return h
+        return out
+    hv = _fnv_bytes(data, starts[rows], lens[rows], np.asarray(seeds)[rows])
+    res = _fmix64_np(hv).view(np.int64)
+    res[res == 0] = 1
+    out[rows] = res
+    return out
+
+
+def hash_column(field: str, values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.ndarray:
+    """Token hash v1 of every value of one column: (N,) int64.
+
+    ``values`` may be a pyarrow array (fast path, no Python loop per value; non-string arrays are
+    cast to their string form) or any sequence of str/None.
+    """
+    values = _as_text_array(values)
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    seeds = np.full(n, field_seed(field), dtype=np.uint64)
+    missing = np.full(n, token_hash(field, None), dtype=np.int64)
+    return hash_seeded(values, seeds, missing)
