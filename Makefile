@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,export,serve,dev]'
+	$(BIN)/pip install -q -e '.[train,export,serve,dev,loadtest]'
 	touch $@
 
 setup: $(VENV)/.installed

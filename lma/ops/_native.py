@@ -2,6 +2,9 @@
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` into ``<repo>/.cache/torch_ext``
 (override with ``LMA_TORCH_EXT_DIR``) on first use, or ahead of time by ``python -m lma.ops.build``.
+With ``LMA_TORCH_EXT_PREBUILT=1`` the already compiled module is imported from that folder as it
+is, without torch's JIT builder, which writes a lock file there and needs ninja and a compiler:
+this is how the serving images run it on a read-only file system.
 Where no compiler is available, or ``LMA_DISABLE_NATIVE_OPS=1`` is set, :func:`native_module`
 returns ``None`` and the callers fall back to the pure-torch reference (with one logged warning).
 """
@@ -21,6 +24,7 @@ EXT_NAME = "lma_hashed_gather_cpu"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "hashed_gather.cpp"]
 DISABLE_ENV = "LMA_DISABLE_NATIVE_OPS"
+PREBUILT_ENV = "LMA_TORCH_EXT_PREBUILT"
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -31,6 +35,11 @@ _error: str | None = None
 def native_disabled() -> bool:
     """True when ``LMA_DISABLE_NATIVE_OPS`` asks for the pure-torch fallback."""
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def prebuilt_only() -> bool:
+    """True when ``LMA_TORCH_EXT_PREBUILT`` asks to import the compiled module without building."""
+    return os.environ.get(PREBUILT_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def build_dir() -> Path:
@@ -64,6 +73,25 @@ def build(verbose: bool = False) -> ModuleType:
     )
 
 
+def load_prebuilt() -> ModuleType:
+    """Import ``<build_dir>/<EXT_NAME>.so`` as compiled; raises if it is missing or broken."""
+    import importlib.util
+
+    import torch  # noqa: F401 - the extension links against libtorch, which importing torch loads
+
+    path = build_dir() / f"{EXT_NAME}.so"
+    if not path.is_file():
+        raise RuntimeError(
+            f"{PREBUILT_ENV}=1 but {path} does not exist (build it with python -m lma.ops.build)"
+        )
+    spec = importlib.util.spec_from_file_location(EXT_NAME, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def native_module() -> ModuleType | None:
     """The loaded extension, or ``None`` (disabled, no compiler, or the build failed)."""
     global _module, _tried, _error
@@ -75,9 +103,12 @@ def native_module() -> ModuleType | None:
         if _tried:
             return _module
         try:
-            if not _compiler_available():
-                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-            _module = build()
+            if prebuilt_only():
+                _module = load_prebuilt()
+            else:
+                if not _compiler_available():
+                    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+                _module = build()
         except Exception as exc:  # noqa: BLE001 - any build failure means fallback
             _error = f"{type(exc).__name__}: {exc}"
             _module = None
