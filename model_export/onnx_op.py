@@ -6,16 +6,21 @@ Node:  out = ai.lma.HashedGather(memory (M,) float, keys (...) int64, A (nb,2,4)
 Attributes: dim, z, t (sub-keys per LMA block key; 0 if unknown), b (sub-key bits, 4),
             mode ("lma" | "robez"), aligned (0 | 1), spec_version (1).
 
-Function body (hash spec v1, ``lma/hashspec.py``), written so that both modes are one integer
-MatMul: every 16-bit limb the spec hashes is a linear function of the key's 16 nibbles. For robez
-``u_i = sum_q nib[4i+q] 16^q``; for lma the block key's limbs are ``u_0 = sum_p nib[p] (W[p,c] mod
-2^16)`` and ``u_1 = sum_p nib[p] (W[p,c] div 2^16)`` (W holds one power of 16 per chosen position,
-so no carries). Hence ``x[n, j, c] = B[c, j] + sum_p nib[n, p] G[p, j, c]`` with
-``G[p, j, c] = sum_i L[p, c, i] A[c, j, i]``; G depends on the constants only (ORT folds it).
-Every product is < 2^53 and every sum < 2^57: exact in int64. Then ``h = x mod P``,
-``H = h_0 P + h_1``, ``start = H mod n`` (times Z when aligned), indices ``start + 0..Z-1``, and a
-``GatherElements`` on the flat index (faster in ORT than ``Gather`` of scalars). Nibbles come from
-``BitShift`` on the keys cast to uint64 (``BitShift`` is unsigned-only).
+Function body (hash spec v1, ``lma/hashspec.py``), written so that onnxruntime's CUDA EP has a
+kernel for every node and type (no integer MatMul, no BitShift / bitwise ops, no integer
+ReduceSum; ``tests/test_onnx_cuda_kernels.py`` checks this against a table of the CUDA kernels):
+every 16-bit limb the spec hashes is a linear function of the key's 16 nibbles, ``u_i[c] = sum_p
+nib[p] L[p, c, i]`` with ``L[p, c, i] = (W[p, c] div 2^16i) mod 2^16``. W is the spec's nibble
+weights for lma (one power of 16 per chosen position, block keys < 2^32) and ``16^p`` for robez
+(the key is its own block key; the exporter passes it, see :func:`lift_weights`), so one body
+serves both modes. Hence ``x[n, j, c] = B[c, j] + sum_p nib[n, p] G[p, j, c]`` with
+``G[p, j, c] = sum_i L[p, c, i] A[c, j, i] < 2^43`` (constants only; ORT folds it). The nibbles
+come from one uint64 division per key (its two 32-bit halves) and exact double arithmetic
+(division by powers of two, Floor); the product with G is a double MatMul whose every partial sum
+is an integer < 2^51, so it is exact on any BLAS (and not subject to TF32, which applies to
+float32 only). Then, in int64, ``h = x mod P``, ``H = h_0 P + h_1``, ``start = H mod n`` (times Z
+when aligned), indices ``start + 0..Z-1``, and a ``GatherElements`` on the flat index (faster in
+ORT than ``Gather`` of scalars).
 """
 
 from __future__ import annotations
@@ -51,94 +56,85 @@ def _const_i64(
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
 
 
-def _robez_lift() -> np.ndarray:
-    """(16, 1, 4) int64: limb i of a 64-bit key = sum_p nib[p] R[p, 0, i]."""
-    r = np.zeros((16, 1, 4), dtype=np.int64)
-    for p in range(16):
-        r[p, 0, p // 4] = 16 ** (p % 4)
-    return r
+def robez_lift_weights(n_blocks: int) -> np.ndarray:
+    """W (16, n_blocks) int64 for ``robez`` nodes: W[p, c] = 16^p, so the limbs the function derives
+    from W are the key's own 16-bit limbs (the key is its own block key)."""
+    col = np.array([16**p for p in range(hashspec.NIBBLES)], dtype=np.int64)
+    return np.repeat(col[:, None], n_blocks, axis=1)
+
+
+def lift_weights(w: np.ndarray, mode: str) -> np.ndarray:
+    """The W a ``HashedGather`` node takes: the spec's nibble weights (lma) or 16^p (robez)."""
+    w = np.asarray(w, dtype=np.int64)
+    return w if mode == "lma" else robez_lift_weights(w.shape[1])
 
 
 def _body(with_values: bool) -> list[onnx.NodeProto]:
     """Nodes of the function; inputs memory, keys, A, B, W; output ``out`` or ``idx``."""
     n = helper.make_node
     ref = helper.make_attribute_ref
-    nodes: list[onnx.NodeProto] = []
+    dbl = TensorProto.DOUBLE
 
-    def const_attr(out: str, attr: str, kind: int) -> onnx.NodeProto:
-        field = {
-            onnx.AttributeProto.INT: "value_int",
-            onnx.AttributeProto.STRING: "value_string",
-        }[kind]
+    def const_attr(out: str, attr: str) -> onnx.NodeProto:
         node = n("Constant", [], [out])
-        node.attribute.append(ref(field, kind))
+        node.attribute.append(ref("value_int", onnx.AttributeProto.INT))
         node.attribute[-1].ref_attr_name = attr
         return node
 
-    nodes += [
-        const_attr("z_c", "z", onnx.AttributeProto.INT),
-        const_attr("al_c", "aligned", onnx.AttributeProto.INT),
-        const_attr("dim_c", "dim", onnx.AttributeProto.INT),
-        const_attr("mode_c", "mode", onnx.AttributeProto.STRING),
-        n(
-            "Constant",
-            [],
-            ["lma_s"],
-            value=helper.make_tensor("lma_s", TensorProto.STRING, [], [b"lma"]),
-        ),
-        n("Equal", ["mode_c", "lma_s"], ["is_lma"]),
-        # ---- constants G (16, 2 nb) and B2 (2 nb,), folded by the runtime ----
-        _const_i64("c65536", 65536),
+    def const(name: str, values: Any, dtype: Any) -> onnx.NodeProto:
+        arr = np.asarray(values, dtype=dtype)
+        return n("Constant", [], [name], value=numpy_helper.from_array(arr, name))
+
+    nodes: list[onnx.NodeProto] = [
+        const_attr("z_c", "z"),
+        const_attr("al_c", "aligned"),
+        const_attr("dim_c", "dim"),
         _const_i64("c0", 0),
         _const_i64("c1", 1),
         _const_i64("cm1", [-1]),
         _const_i64("ax_last", [-1]),
-        _const_i64("ax_2", [2]),
         _const_i64("ax_0", [0]),
         _const_i64("ax_1", [1]),
-        n("Mod", ["W", "c65536"], ["w_lo"]),
-        n("Div", ["W", "c65536"], ["w_hi"]),
-        n("Mul", ["W", "c0"], ["w_zero"]),
-        n("Unsqueeze", ["w_lo", "ax_last"], ["w_lo3"]),
-        n("Unsqueeze", ["w_hi", "ax_last"], ["w_hi3"]),
-        n("Unsqueeze", ["w_zero", "ax_last"], ["w_zero3"]),
-        n("Concat", ["w_lo3", "w_hi3", "w_zero3", "w_zero3"], ["lift_lma"], axis=-1),  # (16,nb,4)
-        n(
-            "Constant",
-            [],
-            ["lift_robez"],
-            value=numpy_helper.from_array(_robez_lift(), "lift_robez"),
-        ),
-        n("Where", ["is_lma", "lift_lma", "lift_robez"], ["lift"]),  # (16, nb, 4)
-        n("Unsqueeze", ["lift", "ax_2"], ["lift4"]),  # (16, nb, 1, 4)
-        n("Unsqueeze", ["A", "ax_0"], ["a4"]),  # (1, nb, 2, 4)
-        n("Mul", ["lift4", "a4"], ["la"]),
-        n("ReduceSum", ["la", "ax_last"], ["g3"], keepdims=0),  # (16, nb, 2)
-        n("Transpose", ["g3"], ["g3t"], perm=[0, 2, 1]),  # (16, 2, nb)
+        # ---- constants G (16, 2 nb) and B2 (2 nb,); depend on initializers only (folded) ----
+        _const_i64("limb_div", [1, 1 << 16, 1 << 32, 1 << 48]),
+        _const_i64("c65536", 65536),
+        n("Unsqueeze", ["W", "ax_last"], ["w3"]),  # (16, nb, 1)
+        n("Div", ["w3", "limb_div"], ["w_sh"]),  # W >= 0: Div is a logical shift
+        n("Mod", ["w_sh", "c65536"], ["lift"]),  # (16, nb, 4): limb i of block c per nibble
+        n("Cast", ["lift"], ["lift_d"], to=dbl),
+        n("Transpose", ["lift_d"], ["lift_t"], perm=[1, 0, 2]),  # (nb, 16, 4)
+        n("Cast", ["A"], ["a_d"], to=dbl),
+        n("Transpose", ["a_d"], ["a_t"], perm=[0, 2, 1]),  # (nb, 4, 2)
+        n("MatMul", ["lift_t", "a_t"], ["g_c"]),  # (nb, 16, 2), entries < 2^43: exact
+        n("Transpose", ["g_c"], ["g_t"], perm=[1, 2, 0]),  # (16, 2, nb)
         _const_i64("shape_16m1", [16, -1]),
-        n("Reshape", ["g3t", "shape_16m1"], ["G"]),  # (16, 2 nb): column j * nb + c
+        n("Reshape", ["g_t", "shape_16m1"], ["G"]),  # (16, 2 nb): column j * nb + c
         n("Transpose", ["B"], ["bt"], perm=[1, 0]),  # (2, nb)
         n("Reshape", ["bt", "cm1"], ["B2"]),  # (2 nb,)
-        # ---- per key ----
+        # ---- per key: 16 nibbles from one uint64 division, the rest exact in double ----
         n("Reshape", ["keys", "cm1"], ["kf"]),  # (N,)
-        n("Cast", ["kf"], ["ku"], to=TensorProto.UINT64),
-        n("Unsqueeze", ["ku", "ax_1"], ["ku2"]),  # (N, 1)
-        n(
-            "Constant",
-            [],
-            ["shifts"],
-            value=numpy_helper.from_array(np.arange(16, dtype=np.uint64) * np.uint64(4), "shifts"),
-        ),
-        n("BitShift", ["ku2", "shifts"], ["ksh"], direction="RIGHT"),  # (N, 16)
-        n(
-            "Constant",
-            [],
-            ["c15u"],
-            value=numpy_helper.from_array(np.array(15, dtype=np.uint64), "c15u"),
-        ),
-        n("BitwiseAnd", ["ksh", "c15u"], ["nibu"]),
-        n("Cast", ["nibu"], ["nib"], to=TensorProto.INT64),  # (N, 16)
-        n("MatMul", ["nib", "G"], ["xm"]),  # (N, 2 nb) < 2^57
+        n("Cast", ["kf"], ["ku"], to=TensorProto.UINT64),  # two's-complement bits
+        const("c2p32u", 1 << 32, np.uint64),
+        n("Div", ["ku", "c2p32u"], ["k_hi"]),
+        n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
+        n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
+        n("Unsqueeze", ["k_lo", "ax_1"], ["k_lo2"]),
+        n("Unsqueeze", ["k_hi", "ax_1"], ["k_hi2"]),
+        n("Concat", ["k_lo2", "k_hi2"], ["halves_u"], axis=1),  # (N, 2), each < 2^32
+        n("Cast", ["halves_u"], ["halves"], to=dbl),
+        n("Unsqueeze", ["halves", "ax_last"], ["halves3"]),  # (N, 2, 1)
+        const("nib_div", [16.0**q for q in range(8)], np.float64),
+        n("Div", ["halves3", "nib_div"], ["f_q"]),  # exact: division by powers of two
+        n("Floor", ["f_q"], ["f"]),  # (N, 2, 8): half >> 4q
+        const("c16d", 16.0, np.float64),
+        n("Div", ["f", "c16d"], ["f16"]),
+        n("Floor", ["f16"], ["f_next"]),
+        n("Mul", ["f_next", "c16d"], ["f_next16"]),
+        n("Sub", ["f", "f_next16"], ["nib3"]),  # (N, 2, 8): nibble 8h + q
+        _const_i64("shape_m1_16", [-1, 16]),
+        n("Reshape", ["nib3", "shape_m1_16"], ["nib"]),  # (N, 16) double, nibble p at column p
+        n("MatMul", ["nib", "G"], ["xd"]),  # (N, 2 nb) < 2^51: exact in double
+        n("Cast", ["xd"], ["xm"], to=TensorProto.INT64),
         n("Add", ["xm", "B2"], ["x"]),
         _const_i64("cP", hashspec.P),
         n("Mod", ["x", "cP"], ["h"]),
@@ -233,7 +229,7 @@ def standalone_model(
     inits = [
         numpy_helper.from_array(p.A, "A"),
         numpy_helper.from_array(p.B, "B"),
-        numpy_helper.from_array(p.nibble_weights, "W"),
+        numpy_helper.from_array(lift_weights(p.nibble_weights, config.mode), "W"),
     ]
     inputs = [helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots"])]
     if memory_as_input:
@@ -242,7 +238,8 @@ def standalone_model(
         mem = np.zeros(config.m, np.float32) if memory is None else np.asarray(memory, np.float32)
         inits.insert(0, numpy_helper.from_array(mem, "memory"))
     op = INDICES_OP_TYPE if indices_only else OP_TYPE
-    attrs = node_attributes(config.dim, config.z, config.mode, config.aligned, config.n_subkeys)
+    t = config.n_subkeys if config.mode == "lma" else 0
+    attrs = node_attributes(config.dim, config.z, config.mode, config.aligned, t)
     node = helper.make_node(op, ["memory", "keys", "A", "B", "W"], ["y"], domain=DOMAIN, **attrs)
     if indices_only:
         out = helper.make_tensor_value_info("y", TensorProto.INT64, ["n", config.dim])
@@ -312,11 +309,16 @@ def _translate_hashed_gather(memory, keys, coef_a, coef_b, nibble_w, dim, z, mod
 
     t = 0
     const = getattr(nibble_w, "const_value", None)
-    if const is not None:
+    if const is not None and mode == "lma":
         try:
             t = subkeys_from_w(const.numpy())
         except Exception:  # noqa: BLE001 - t is informative only
             t = 0
+    if mode != "lma":
+        # robez ignores the signature weights; its node takes the identity lift instead.
+        from onnxscript import opset20 as op
+
+        nibble_w = op.Constant(value=numpy_helper.from_array(robez_lift_weights(dim // z)))
     opset = values.Opset(DOMAIN, OP_VERSION)
     return opset.HashedGather(
         memory, keys, coef_a, coef_b, nibble_w, **node_attributes(dim, z, mode, aligned, t)
@@ -389,7 +391,8 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if (nd.domain, nd.op_type) != (DOMAIN, OP_TYPE) or len(nd.input) < 5:
             continue
         t_attr = next((a for a in nd.attribute if a.name == "t"), None)
-        if t_attr is not None and t_attr.i == 0 and nd.input[4] in inits:
+        mode = next((a.s for a in nd.attribute if a.name == "mode"), b"")
+        if t_attr is not None and t_attr.i == 0 and mode == b"lma" and nd.input[4] in inits:
             t_attr.i = subkeys_from_w(numpy_helper.to_array(inits[nd.input[4]]))
     if model.ir_version > IR_VERSION:
         model.ir_version = IR_VERSION
@@ -412,6 +415,9 @@ def _finalize_ir(model: Any) -> None:
         for node in nodes:
             w = node.inputs[4] if len(node.inputs) > 4 else None
             t = node.attributes.get("t")
+            mode = node.attributes.get("mode")
+            if mode is None or mode.value != "lma":
+                continue  # t means sub-keys of a signature: lma only (robez nodes keep 0)
             if w is not None and w.const_value is not None and (t is None or t.value == 0):
                 node.attributes["t"] = ir.AttrInt64("t", subkeys_from_w(w.const_value.numpy()))
     model.ir_version = min(model.ir_version, IR_VERSION)

@@ -25,7 +25,9 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 def _keys(shape: tuple[int, int], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     k = rng.integers(I64_MIN, I64_MAX, size=shape, dtype=np.int64, endpoint=True)
-    k.reshape(-1)[:6] = [0, -1, 1, I64_MIN, I64_MAX, I64_MIN + 1]
+    extreme = [0, -1, 1, I64_MIN, I64_MAX, I64_MIN + 1, 0xFFFF, (1 << 32) - 1, 1 << 32, -(1 << 32)]
+    n = min(len(extreme), k.size)
+    k.reshape(-1)[:n] = extreme[:n]
     return k
 
 
@@ -179,7 +181,7 @@ def test_external_data_export(tmp_path: Path) -> None:
     ts = sorted(
         onnx.helper.get_attribute_value(a) for n in custom for a in n.attribute if a.name == "t"
     )
-    assert ts == [8, 8]
+    assert ts == [0, 8]  # t (signature sub-keys) is set for lma nodes only
     assert [(f.domain, f.name) for f in proto.functions] == [(onnx_op.DOMAIN, "HashedGather")]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     k = torch.from_numpy(_keys((5, 26), seed=8))
