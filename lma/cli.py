@@ -16,8 +16,9 @@ from importlib.metadata import entry_points
 from typing import Any
 
 DATA_HELP = (
-    "data source: criteo:PATH | criteo-test:PATH | avazu:PATH | synth:ROWS[:SEED] | "
-    "table:PATH (with --schema FILE)"
+    "data source: criteo:PATH | criteo-test:PATH | avazu:PATH | "
+    "synth:ROWS[:SEED][:PRESET][:KEY=VALUE...] (PRESET small | kaggle; keys zipf, cards, ctr, "
+    "affinity, clusters, missing) | table:PATH (with --schema FILE)"
 )
 
 def _json_safe(o: Any) -> Any:
@@ -61,11 +62,26 @@ def _ints(text: str) -> list[int]:
 # ---------------------------------------------------------------- data
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from lma.data.synthetic import SynthConfig, write_tsv
+    from lma.data.synthetic import SynthConfig, value_set_feature_map, write_tsv
 
-    cfg = SynthConfig(rows=args.rows, seed=args.seed, preset=args.preset)
+    kw: dict[str, Any] = {"rows": args.rows, "seed": args.seed, "preset": args.preset}
+    if args.zipf:
+        z = [float(x) for x in args.zipf.split(",")]
+        kw["zipf"] = z[0] if len(z) == 1 else tuple(z)
+    if args.cardinalities:
+        kw["cardinalities"] = tuple(_ints(args.cardinalities))
+    cfg = SynthConfig(**kw)
+    info = {"preset": cfg.preset, "seed": cfg.seed, "cardinalities": list(cfg.field_cardinalities),
+            "zipf": list(cfg.field_zipf)}
+    if args.feature_map:
+        fmap = value_set_feature_map(cfg, args.rows)
+        fmap.save(args.out)
+        print_json({"rows_drawn": args.rows, "out": args.out, "tokens": sum(fmap.vocab_sizes()),
+                    **info, "note": "feature map drawn from the generator's value set, no rows "
+                                    "generated: models built on it are untrained"})
+        return 0
     n = write_tsv(cfg, args.out, progress=not args.quiet)
-    print_json({"rows": n, "out": args.out, "note": "synthetic data (Criteo schema)"})
+    print_json({"rows": n, "out": args.out, **info, "note": "synthetic data (Criteo schema)"})
     return 0
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -93,7 +109,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["random", "time"], default="random")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="embedding option, e.g. z=16, aligned=true, t=8 (repeatable)")
+    p.add_argument("--fractions", default="0.8,0.1,0.1",
+                   help="train,val,test fractions of the split (default 0.8,0.1,0.1)")
     p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
+    g = p.add_argument_group(
+        "out of core", "for data larger than memory: one streaming pass encodes the rows to a "
+        "memory-mapped file, the feature map and signatures come from it, and training reads "
+        "batches from it; peak memory does not grow with the row count")
+    g.add_argument("--stream", action="store_true", help="train from encoded rows on disk")
+    g.add_argument("--work-dir", default=None,
+                   help="folder for the encoded rows and a spilled best state (default: a "
+                        "temporary folder, removed at the end; ~264 bytes per Criteo row); rows "
+                        "already encoded there from the same source are reused")
+    g.add_argument("--epoch-rows", type=int, default=None,
+                   help="train on at most this many (shuffled) training rows per epoch")
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model and optimisation options shared by ``lma train`` and ``lma sweep`` (the TrainConfig
@@ -106,8 +135,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="dot: DLRM's pairwise dots; dot-cat: the top MLP also sees the field vectors")
     p.add_argument("--standardize-dense", action="store_true",
                    help="standardise dense features with the training rows' mean/std (in the model)")
-    p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
+    p.add_argument("--optimizer", choices=["adam", "adagrad", "sgd", "rowwise"], default="adam",
+                   help="adam: Adam (SparseAdam for sparse tables, two state floats per float); "
+                        "rowwise: Adam, with row-wise Adagrad (one state float per table row; "
+                        "per float of a shared memory) for sparse tables; adagrad; sgd")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sparse-lr", type=float, default=None,
+                   help="learning rate of tables trained with sparse gradients (default: --lr; "
+                        "0.1 with --optimizer rowwise)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=10)
@@ -137,6 +172,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "dim": args.dim, "bottom_mlp": args.bottom_mlp, "top_mlp": args.top_mlp,
         "dropout": args.dropout, "interaction": args.interaction,
         "standardize": args.standardize_dense, "optimizer": args.optimizer, "lr": args.lr,
+        "sparse_lr": args.sparse_lr,
         "weight_decay": args.weight_decay, "batch_size": args.batch_size, "epochs": args.epochs,
         "patience": args.patience, "threads": args.threads, "min_count": args.min_count,
         "first_order": args.first_order, "first_order_min_count": args.first_order_min_count,
@@ -151,8 +187,20 @@ def train_config_from_args(args: argparse.Namespace):
         data=args.data, schema=args.schema, embedding=args.embedding,
         compression=args.compression, budget_bytes=args.budget_bytes, seed=args.seed,
         split=args.split, options=_kv_options(args.option), on_error=args.on_error,
-        device=args.device, out=args.out, progress=not args.quiet, **model_kwargs(args),
+        device=args.device, out=args.out, progress=not args.quiet, stream=args.stream,
+        work_dir=args.work_dir, epoch_rows=args.epoch_rows, fractions=_fractions(args.fractions),
+        **model_kwargs(args),
     )
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        f = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--fractions: expected three numbers like 0.8,0.1,0.1, got {text!r}") from None
+    if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1.0) > 1e-6:
+        raise ValueError(f"--fractions: three fractions >= 0 summing to 1 expected, got {text!r}")
+    return f  # type: ignore[return-value]
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lma.train import train_model
@@ -197,11 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_cmd", required=True)
-    p = data.add_parser("synth", help="write synthetic Criteo-schema rows as a Criteo TSV")
+    p = data.add_parser("synth", help="write synthetic Criteo-schema rows as a Criteo TSV "
+                                      "(or their feature map, with --feature-map)")
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="small", help="cardinalities preset: small | kaggle")
-    p.add_argument("--out", required=True, help="output .tsv path")
+    p.add_argument("--preset", default="small",
+                   help="cardinalities and skew preset: small | kaggle (fitted to Criteo "
+                        "Kaggle's distinct values at 10k and 45.8M rows)")
+    p.add_argument("--zipf", default=None,
+                   help="skew: the Zipf exponent of value frequencies, one or 26 comma-separated "
+                        "(default: the preset's)")
+    p.add_argument("--cardinalities", default=None,
+                   help="26 comma-separated value supports (default: the preset's)")
+    p.add_argument("--feature-map", action="store_true",
+                   help="write a feature map (feature_map.json/.npz in --out) of the tokens ROWS "
+                        "rows would hold, drawn from the value distribution without generating "
+                        "rows (for footprint and latency work; models on it are untrained)")
+    p.add_argument("--out", required=True, help="output .tsv path (a folder with --feature-map)")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("stats", help="rows, label rate, per-field cardinality and missing rates")
     add_data_args(p)

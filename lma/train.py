@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import math
+import resource
+import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +21,25 @@ from tqdm.auto import tqdm
 
 from lma.checkpoint import save_checkpoint
 from lma.data import DataSource, open_source, random_split, take, time_split
+from lma.data.store import EncodedStore, RowsView
 from lma.embeddings import EMBEDDINGS, EmbeddingSpec, build_embedding
 from lma.embeddings.tables import SPARSE_THRESHOLD
 from lma.features import Encoded, FeatureMap
+from lma.jsonio import json_default
 from lma.metrics import log_loss, roc_auc
 from lma.model import DLRM, DLRMConfig, build_dlrm, first_order_spec
+from lma.optim import RowWiseAdagrad
 from lma.schema import Schema
+from lma.signatures import DEFAULT_MIN_COUNT, DEFAULT_SAMPLE_ROWS, compute_signatures
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "adagrad", "sgd")
+OPTIMIZERS = ("adam", "adagrad", "sgd", "rowwise")
+# Learning rate of row-wise Adagrad (``--optimizer rowwise``) unless --sparse-lr says otherwise:
+# the best of 0.01, 0.03, 0.1 for robez and lma 4x on synth:20000:1, 2 epochs (docs/RESULTS.md).
+ROWWISE_LR = 0.1
+# A best state larger than this is kept on disk instead of as a copy in memory.
+SPILL_BYTES = 256 << 20
 
 
 @dataclass
@@ -52,8 +65,11 @@ class TrainConfig:
     # this many epochs), then everything together from there. 0: train everything at once.
     warmup_epochs: int = 50
     standardize: bool = False  # standardise dense features with the training rows' mean/std
+    # adam: Adam, SparseAdam for sparse tables; rowwise: Adam, row-wise Adagrad (one float of
+    # state per row) for sparse tables and shared memories; adagrad, sgd: that for everything.
     optimizer: str = "adam"
     lr: float = 1e-3
+    sparse_lr: float | None = None  # lr of the sparse tables (default: lr; rowwise: ROWWISE_LR)
     weight_decay: float = 0.0
     batch_size: int = 256
     epochs: int = 10
@@ -68,6 +84,11 @@ class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
     out: str | None = None
     progress: bool = True
+    # Out of core: encode the rows once to a memory-mapped file in work_dir (default: a temporary
+    # folder, removed at the end) and train from it; peak memory does not grow with the rows.
+    stream: bool = False
+    work_dir: str | None = None
+    epoch_rows: int | None = None  # train on at most this many (shuffled) rows per epoch
 
     def validate(self) -> None:
         if self.embedding not in EMBEDDINGS:
@@ -88,6 +109,10 @@ class TrainConfig:
             raise ValueError(f"--first-order-min-count must be >= 1, got {self.first_order_min_count}")
         if self.split not in ("random", "time"):
             raise ValueError(f"--split must be 'random' or 'time', got {self.split!r}")
+        if self.epoch_rows is not None and self.epoch_rows < 1:
+            raise ValueError(f"--epoch-rows must be >= 1, got {self.epoch_rows}")
+        if self.sparse_lr is not None and self.sparse_lr <= 0:
+            raise ValueError(f"--sparse-lr must be > 0, got {self.sparse_lr}")
 
 
 @dataclass
@@ -140,13 +165,32 @@ def embedding_budget(cfg: TrainConfig, fmap: FeatureMap) -> tuple[int, int]:
     return full, max(n, cfg.dim)
 
 
-def build_model(cfg: TrainConfig, fmap: FeatureMap, train_tokens: np.ndarray) -> DLRM:
+def _prepare_state(cfg: TrainConfig, spec: EmbeddingSpec, fmap: FeatureMap,
+                   train_tokens: np.ndarray | RowsView) -> dict[str, Any]:
+    if isinstance(train_tokens, RowsView) and cfg.embedding == "lma":
+        # LMA's prepare would turn the lazy on-disk rows into one array; the signatures only
+        # read their sample, so compute them here with the same options.
+        opts = spec.options
+        table = compute_signatures(
+            train_tokens,  # type: ignore[arg-type]
+            set_kind=str(opts.get("set_kind", "rows")),
+            n_sample_rows=int(opts.get("sample_rows", DEFAULT_SAMPLE_ROWS)),
+            min_count=int(opts.get("sig_min_count", DEFAULT_MIN_COUNT)),
+            seed=spec.seed, slot_fields=fmap.schema.slot_fields(), progress=cfg.progress,
+        )
+        return {"signatures": table}
+    return EMBEDDINGS[cfg.embedding].prepare(spec, fmap, train_tokens, progress=cfg.progress)
+
+
+def build_model(cfg: TrainConfig, fmap: FeatureMap, train_tokens: np.ndarray | RowsView) -> DLRM:
+    """The model of ``cfg`` on ``fmap``; ``train_tokens`` ((N, S) array, or the lazy on-disk rows
+    of streaming training) feed per-token state such as LMA's signatures."""
     full, n_params = embedding_budget(cfg, fmap)
     spec = EmbeddingSpec(
         kind=cfg.embedding, dim=cfg.dim, n_params=n_params, seed=cfg.seed,
         min_count=cfg.min_count, options=dict(cfg.options),
     )
-    state = EMBEDDINGS[cfg.embedding].prepare(spec, fmap, train_tokens, progress=cfg.progress)
+    state = _prepare_state(cfg, spec, fmap, train_tokens)
     emb = build_embedding(spec, fmap, **state)
     schema = fmap.schema
     first_order = None
@@ -203,7 +247,15 @@ def make_optimizers(cfg: TrainConfig, model: DLRM, wide_only: bool = False
         log.warning("%s: not applied to the tables trained with sparse gradients (above %d "
                     "floats, or option sparse=true)", " and ".join(ignored), SPARSE_THRESHOLD)
     opts: list[torch.optim.Optimizer] = []
-    if cfg.optimizer == "adam":
+    if cfg.sparse_lr is not None:
+        sparse_groups = [{**g, "lr": cfg.sparse_lr} for g in sparse_groups]
+    if cfg.optimizer == "rowwise":
+        if groups:
+            opts.append(torch.optim.Adam(groups))
+        if sparse_groups:
+            lr = cfg.sparse_lr if cfg.sparse_lr is not None else ROWWISE_LR
+            opts.append(RowWiseAdagrad([{**g, "lr": lr} for g in sparse_groups]))
+    elif cfg.optimizer == "adam":
         if groups:
             opts.append(torch.optim.Adam(groups))
         if sparse_groups:
@@ -233,12 +285,31 @@ def predict_proba(model: nn.Module, data: Encoded, batch_size: int = 8192) -> np
     return out
 
 
+def _metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    return {"auc": roc_auc(labels, p), "logloss": log_loss(labels, p), "rows": len(labels)}
+
+
 def evaluate(model: nn.Module, data: Encoded) -> dict[str, float]:
     if data.labels is None:
         raise ValueError("evaluation needs labelled rows; this data has no label column "
                          "(score unlabelled rows with `lma predict`)")
-    p = predict_proba(model, data)
-    return {"auc": roc_auc(data.labels, p), "logloss": log_loss(data.labels, p), "rows": len(data)}
+    return _metrics(data.labels, predict_proba(model, data))
+
+
+# Rows of one evaluation read from disk at a time (a multiple of predict_proba's batch, so the
+# batches, and so the numbers, are those of the in-memory evaluation).
+_EVAL_CHUNK = 8192 * 16
+
+
+def evaluate_store(model: nn.Module, store: EncodedStore, idx: np.ndarray) -> dict[str, float]:
+    """:func:`evaluate` of the on-disk rows ``idx`` (in that order), read in chunks."""
+    p = np.empty(len(idx), np.float64)
+    labels = np.empty(len(idx), np.float32)
+    for a in range(0, len(idx), _EVAL_CHUNK):
+        part = store.take(idx[a : a + _EVAL_CHUNK])
+        p[a : a + len(part)] = predict_proba(model, part)
+        labels[a : a + len(part)] = part.labels
+    return _metrics(labels, p)
 
 
 def _score(val: dict[str, float]) -> float:
@@ -249,48 +320,115 @@ def _score(val: dict[str, float]) -> float:
     return auc if math.isfinite(auc) else -math.inf
 
 
-class _Loop:
-    """Epochs of minibatch training with early stopping on validation AUC; the best state (over
-    every phase run so far) is kept in ``best_state``."""
+class _MemoryRows:
+    """Training rows resident on the device."""
 
-    def __init__(self, cfg: TrainConfig, model: DLRM, splits: Splits, device: torch.device):
-        self.cfg, self.model, self.splits = cfg, model, splits
-        train = splits.train
-        self.dense = torch.from_numpy(np.ascontiguousarray(train.dense)).to(device)
-        self.tokens = torch.from_numpy(np.ascontiguousarray(train.tokens)).to(device)
-        self.labels = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
+    def __init__(self, data: Encoded, device: torch.device):
+        self.dense = torch.from_numpy(np.ascontiguousarray(data.dense)).to(device)
+        self.tokens = torch.from_numpy(np.ascontiguousarray(data.tokens)).to(device)
+        self.labels = torch.from_numpy(np.ascontiguousarray(data.labels)).to(device)
         self.device = device
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: np.ndarray, idx_t: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.dense[idx_t], self.tokens[idx_t], self.labels[idx_t]
+
+
+class _StoreRows:
+    """Training rows ``idx`` of an on-disk store, read batch by batch."""
+
+    def __init__(self, store: EncodedStore, idx: np.ndarray, device: torch.device):
+        self.store, self.idx, self.device = store, idx, device
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batch(self, idx: np.ndarray, idx_t: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        enc = self.store.take(self.idx[idx])
+        d = self.device
+        return (torch.from_numpy(enc.dense).to(d), torch.from_numpy(enc.tokens).to(d),
+                torch.from_numpy(enc.labels).to(d))
+
+
+_CURRENT = "current"  # best_state marker: the model as it is now is the best
+
+
+class _Loop:
+    """Epochs of minibatch training with early stopping on validation AUC. The best state (over
+    every phase run so far) is the model itself when the last epoch was the best, else a copy
+    (small models) or a file in ``work_dir`` (large ones), never a deep copy per improvement of
+    a multi-GB model."""
+
+    def __init__(self, cfg: TrainConfig, model: DLRM, rows: _MemoryRows | _StoreRows,
+                 validate: Callable[[], dict[str, float]], device: torch.device,
+                 work_dir: Path | None):
+        self.cfg, self.model, self.rows, self.validate = cfg, model, rows, validate
+        self.device = device
+        self.work_dir = work_dir
         self.rng = np.random.default_rng(cfg.seed)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.best_auc, self.best_state, self.best_epoch = -1.0, None, -1
+        self.best_auc, self.best_epoch = -1.0, -1
+        self.best_state: dict[str, torch.Tensor] | Path | str | None = None
         self.history: list[dict[str, Any]] = []
         self.train_time, self.rows_seen = 0.0, 0
 
-    def run(self, opts: list[torch.optim.Optimizer], epochs: int, phase: str) -> None:
+    def _state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def _keep_best(self, final: bool) -> None:
+        if final:
+            self.best_state = _CURRENT
+        elif self._state_bytes() > SPILL_BYTES:
+            if self.work_dir is None:
+                self.work_dir = Path(tempfile.mkdtemp(prefix="lma-train-"))
+            path = self.work_dir / "best_state.pt"
+            torch.save(self.model.state_dict(), path)
+            self.best_state = path
+        else:
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore_best(self) -> None:
+        """Load the best state into the model (nothing to do when it is the current one)."""
+        best = self.best_state
+        if best is None or best is _CURRENT:
+            return
+        if isinstance(best, Path):
+            best = torch.load(best, map_location=self.device, weights_only=True, mmap=True)
+        self.model.load_state_dict(best)  # type: ignore[arg-type]
+
+    def run(self, opts: list[torch.optim.Optimizer], epochs: int, phase: str,
+            last_phase: bool = True) -> None:
         cfg, model, device = self.cfg, self.model, self.device
-        n = len(self.labels)
-        n_batches = math.ceil(n / cfg.batch_size)
+        n = len(self.rows)
+        n_use = min(n, cfg.epoch_rows) if cfg.epoch_rows else n
+        n_batches = math.ceil(n_use / cfg.batch_size)
         bad_epochs = 0
         label = f"{phase} " if phase != "train" else ""
         for epoch in range(epochs):
             model.train()
-            perm = torch.from_numpy(self.rng.permutation(n)).to(device)
-            bar = tqdm(total=n, desc=f"{label}epoch {epoch + 1}/{epochs}", unit="row",
-                       disable=not cfg.progress, leave=False)
+            perm = self.rng.permutation(n)[:n_use]
+            perm_t = torch.from_numpy(perm).to(device)
+            bar = tqdm(total=n_use, desc=f"{label}epoch {epoch + 1}/{epochs}", unit="row",
+                       unit_scale=True, disable=not cfg.progress, leave=False)
             t0 = time.perf_counter()
             # Running loss kept on the device: reading it back every step would stall a GPU.
             running_t = torch.zeros((), device=device)
             for b in range(n_batches):
-                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                logits = model(self.dense[idx], self.tokens[idx])
-                loss = self.loss_fn(logits, self.labels[idx])
+                sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                dense, tokens, labels = self.rows.batch(perm[sl], perm_t[sl])
+                logits = model(dense, tokens)
+                loss = self.loss_fn(logits, labels)
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
                 for o in opts:
                     o.step()
                 running_t = 0.98 * running_t + 0.02 * loss.detach() if b else loss.detach()
-                bar.update(len(idx))
+                bar.update(len(labels))
                 if b % 20 == 0 and cfg.progress:
                     el = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{running_t.item():.4f}",
@@ -298,8 +436,8 @@ class _Loop:
             bar.close()
             running = float(running_t)
             self.train_time += time.perf_counter() - t0
-            self.rows_seen += n
-            val = evaluate(model, self.splits.val)
+            self.rows_seen += n_use
+            val = self.validate()
             step = len(self.history) + 1
             self.history.append({"epoch": step, "phase": phase, "train_loss": running,
                                  "val_auc": val["auc"], "val_logloss": val["logloss"]})
@@ -311,30 +449,134 @@ class _Loop:
             score = _score(val)
             if self.best_state is None or score > self.best_auc:
                 self.best_auc, self.best_epoch, bad_epochs = score, step, 0
-                self.best_state = copy.deepcopy(model.state_dict())
+                self._keep_best(final=last_phase and epoch == epochs - 1)
             else:
                 bad_epochs += 1
                 if bad_epochs >= cfg.patience:
                     break
 
 
+@dataclass
+class _Data:
+    """What training reads: splits in memory, or an on-disk store with split indices."""
+
+    schema: Schema
+    n_train: int
+    n_val: int
+    n_test: int
+    train_rows: Callable[[torch.device], _MemoryRows | _StoreRows]
+    train_tokens: np.ndarray | RowsView
+    train_chunks: Callable[[], Iterator[Encoded]]
+    evaluate: Callable[[nn.Module, str], dict[str, float]]
+    dense_stats: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+def _memory_data(splits: Splits) -> _Data:
+    parts = {"val": splits.val, "test": splits.test}
+    return _Data(
+        schema=splits.schema, n_train=len(splits.train), n_val=len(splits.val),
+        n_test=len(splits.test),
+        train_rows=lambda device: _MemoryRows(splits.train, device),
+        train_tokens=splits.train.tokens,
+        train_chunks=lambda: iter([splits.train]),
+        evaluate=lambda model, part: evaluate(model, parts[part]),
+        dense_stats=lambda: (splits.train.dense.mean(0), splits.train.dense.std(0)),
+    )
+
+
+def _store_data(cfg: TrainConfig, store: EncodedStore, schema: Schema) -> _Data:
+    n = len(store)
+    if not store.labelled:
+        raise ValueError(f"{cfg.data}: training needs labelled rows (this source has no label column)")
+    if n < 10:
+        raise ValueError(f"{cfg.data}: only {n} rows; training needs at least 10")
+    tr, va, te = split_rows(cfg.split, n, cfg.seed, cfg.fractions, store.times(), cfg.data)
+    parts = {"val": va, "test": te}
+    chunk = 1 << 16
+
+    def train_chunks() -> Iterator[Encoded]:
+        # Token counts do not depend on row order: read the training rows in file order.
+        order = np.sort(tr)
+        for a in tqdm(range(0, len(order), chunk), desc="feature map", unit="chunk",
+                      disable=not cfg.progress, leave=False):
+            yield store.take(order[a : a + chunk])
+
+    def dense_stats() -> tuple[np.ndarray, np.ndarray]:
+        s1 = np.zeros(len(schema.dense))
+        s2 = np.zeros(len(schema.dense))
+        for enc in train_chunks():
+            d = enc.dense.astype(np.float64)
+            s1 += d.sum(0)
+            s2 += (d * d).sum(0)
+        mean = s1 / len(tr)
+        return mean.astype(np.float32), np.sqrt(np.maximum(s2 / len(tr) - mean**2, 0.0)).astype(
+            np.float32)
+
+    return _Data(
+        schema=schema, n_train=len(tr), n_val=len(va), n_test=len(te),
+        train_rows=lambda device: _StoreRows(store, tr, device),
+        train_tokens=RowsView(store, tr),
+        train_chunks=train_chunks,
+        evaluate=lambda model, part: evaluate_store(model, store, parts[part]),
+        dense_stats=dense_stats,
+    )
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
-    """Train, early-stop on validation AUC, evaluate on test, and (with ``cfg.out``) save."""
+    """Train, early-stop on validation AUC, evaluate on test, and (with ``cfg.out``) save.
+
+    With ``cfg.stream`` the rows are encoded once to a memory-mapped file and read back batch by
+    batch (``splits`` must then be None); the model, its updates and evaluation are the same
+    as in memory, row for row.
+    """
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_load = time.perf_counter()
     source = None
-    if splits is None:
-        splits, source = load_splits(cfg)
+    store = None
+    tmp_dir: Path | None = None
+    work_dir: Path | None = Path(cfg.work_dir) if cfg.work_dir else None
+    if cfg.stream:
+        if splits is not None:
+            raise ValueError("streaming training reads its own source: pass no splits")
+        if work_dir is None:
+            tmp_dir = work_dir = Path(tempfile.mkdtemp(prefix="lma-train-"))
+        source = open_source(cfg.data, cfg.schema, on_error=cfg.on_error, progress=cfg.progress)
+        store = EncodedStore.open_or_write(source, work_dir / "rows")
+        data = _store_data(cfg, store, source.schema)
+    else:
+        if splits is None:
+            splits, source = load_splits(cfg)
+        data = _memory_data(splits)
     t_load = time.perf_counter() - t_load
+    try:
+        return _train(cfg, data, source, work_dir, t_load)
+    finally:
+        if store is not None:
+            store.close()
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    fmap = FeatureMap.build(splits.schema, [splits.train])
-    model = build_model(cfg, fmap, splits.train.tokens)
-    if cfg.standardize and splits.train.dense.shape[1]:
-        model.dense_mean.copy_(torch.from_numpy(splits.train.dense.mean(0)))
-        model.dense_std.copy_(torch.from_numpy(splits.train.dense.std(0) + 1e-6))
+
+def _train(cfg: TrainConfig, data: _Data, source: DataSource | None, work_dir: Path | None,
+           t_load: float) -> TrainResult:
+    t0 = time.perf_counter()
+    fmap = FeatureMap.build(data.schema, data.train_chunks())
+    t_fmap = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = build_model(cfg, fmap, data.train_tokens)
+    t_build = time.perf_counter() - t0
+    if cfg.standardize and len(data.schema.dense):
+        mean, std = data.dense_stats()
+        model.dense_mean.copy_(torch.from_numpy(mean))
+        model.dense_std.copy_(torch.from_numpy(std + 1e-6))
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -342,24 +584,31 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
     # hashed-gather op picks its GPU kernel for CUDA tensors.
     model.to(device)
     full_params, n_params = embedding_budget(cfg, fmap)
-    loop = _Loop(cfg, model, splits, device)
+    loop = _Loop(cfg, model, data.train_rows(device), lambda: data.evaluate(model, "val"),
+                 device, work_dir)
     if model.first_order is not None and cfg.warmup_epochs > 0:
         # Wide warm-up: the first-order term alone (a logistic regression) until validation
         # AUC stops improving; the joint phase starts from its best state and keeps it unless
         # the deep part improves validation AUC.
         model.wide_only = True
-        loop.run(make_optimizers(cfg, model, wide_only=True), cfg.warmup_epochs, "wide")
+        loop.run(make_optimizers(cfg, model, wide_only=True), cfg.warmup_epochs, "wide",
+                 last_phase=False)
         model.wide_only = False
-        model.load_state_dict(loop.best_state)
-    loop.run(make_optimizers(cfg, model), cfg.epochs, "joint" if model.first_order else "train")
+        loop.restore_best()
+    opts = make_optimizers(cfg, model)
+    loop.run(opts, cfg.epochs, "joint" if model.first_order else "train")
     history, best_epoch = loop.history, loop.best_epoch
     train_time, rows_seen = loop.train_time, loop.rows_seen
-    best_state = loop.best_state
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    optimizer_state = sum(o.state_bytes() if isinstance(o, RowWiseAdagrad) else sum(
+        t.numel() * t.element_size() for st in o.state.values() for t in st.values()
+        if torch.is_tensor(t)) for o in opts)
+    del opts
+    loop.restore_best()
     model.cpu()  # evaluation and checkpoints on the host; the checkpoint loads anywhere
-    test = evaluate(model, splits.test)
-    val = evaluate(model, splits.val)
+    t0 = time.perf_counter()
+    test = data.evaluate(model, "test")
+    val = data.evaluate(model, "val")
+    t_eval = time.perf_counter() - t0
     emb = model.embedding
     metrics: dict[str, Any] = {
         "test_auc": test["auc"],
@@ -371,6 +620,9 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
         "train_rows_per_s": rows_seen / max(train_time, 1e-9),
         "train_seconds": train_time,
         "load_seconds": t_load,
+        "feature_map_seconds": t_fmap,
+        "build_seconds": t_build,
+        "eval_seconds": t_eval,
         "embedding": cfg.embedding,
         "compression": full_params / max(n_params, 1),
         "embedding_params": emb.parameter_count(),
@@ -382,9 +634,13 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
         "first_order_params": (model.first_order.parameter_count()
                                if model.first_order is not None else 0),
         "embedding_serving_bytes": emb.serving_bytes(),
-        "rows": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "optimizer_state_bytes": optimizer_state,
+        "rows": {"train": data.n_train, "val": data.n_val, "test": data.n_test},
+        "rows_trained_per_epoch": min(data.n_train, cfg.epoch_rows or data.n_train),
+        "vocabulary": sum(fmap.vocab_sizes(cfg.min_count)),
         "seed": cfg.seed,
         "data": cfg.data,
+        "stream": cfg.stream,
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -392,7 +648,11 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
         metrics["bad_lines"] = source.errors.count
     out = None
     if cfg.out:
+        t0 = time.perf_counter()
         out = Path(cfg.out)
         save_checkpoint(out, model, fmap, metrics, train_config=asdict(cfg), history=history)
+        metrics["save_seconds"] = time.perf_counter() - t0
+    metrics["peak_rss_bytes"] = peak_rss_bytes()
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
     return TrainResult(model=model, feature_map=fmap, metrics=metrics, history=history, out=out)
-

@@ -152,3 +152,71 @@ def test_bias_calibration_tracks_target() -> None:
     gen = SyntheticGenerator(SynthConfig(seed=1, ctr=0.05))
     labels = np.concatenate([gen.block(k).column("label").to_numpy() for k in range(3)])
     assert 0.03 < labels.mean() < 0.07
+
+
+def test_synth_spec_takes_preset_and_skew() -> None:
+    from lma.data.readers import parse_synth_spec
+
+    c = parse_synth_spec("synth:1k:3:kaggle")
+    assert (c.rows, c.seed, c.preset) == (1000, 3, "kaggle")
+    c = parse_synth_spec("synth:500:kaggle:zipf=0.7:ctr=0.1")
+    assert c.seed == 0 and c.preset == "kaggle" and c.field_zipf == (0.7,) * 26 and c.ctr == 0.1
+    cards = ",".join(["7"] * 26)
+    c = parse_synth_spec(f"synth:100:1:cards={cards}:missing=0")
+    assert c.field_cardinalities == (7,) * 26 and not c.missing
+    for bad in ("synth:100:kaggle:1", "synth:100:nope", "synth:100:1:foo=2", "synth:100:zipf=x"):
+        with pytest.raises(ValueError, match="synth:100"):
+            parse_synth_spec(bad)
+    # A skew changes the rows; the default stays the reference generator.
+    flat = open_source("synth:3000:1:small:zipf=0.5").read_all()
+    ref = open_source("synth:3000:1").read_all()
+    assert len(np.unique(flat.tokens[:, 2])) > len(np.unique(ref.tokens[:, 2]))
+
+
+def test_expected_distinct_matches_generated_rows() -> None:
+    from lma.data.synthetic import expected_distinct
+
+    cfg = SynthConfig(rows=40_000, seed=5, preset="kaggle")
+    enc = SyntheticSource(cfg).read_all()
+    want = expected_distinct(cfg, cfg.rows)
+    for f in range(26):
+        col = enc.tokens[:, f]
+        got = len(np.unique(col[col != token_hash(f"C{f + 1}", None)]))
+        # A sum of independent indicators: the spread is below sqrt(expected).
+        assert abs(got - want[f]) <= 4 * np.sqrt(want[f]) + 2, (f, got, want[f])
+
+
+def test_value_set_feature_map_without_rows(tmp_path) -> None:
+    from lma.data.synthetic import expected_distinct, value_set_feature_map
+    from lma.features import FeatureMap
+
+    cfg = SynthConfig(seed=2, preset="small")
+    fmap = value_set_feature_map(cfg, 2_000_000)
+    want = expected_distinct(cfg, 2_000_000)
+    sizes = fmap.vocab_sizes()
+    for f in range(26):
+        miss = 1 if cfg.missing and SyntheticGenerator(cfg).cat_missing[f] > 0 else 0
+        assert abs(sizes[f] - miss - want[f]) <= 4 * np.sqrt(want[f]) + 2
+    assert fmap.meta["untrained"] and fmap.n_rows == 2_000_000
+    # Its tokens are the tokens rows of this generator get.
+    enc = SyntheticSource(SynthConfig(rows=3000, seed=2)).read_all()
+    for f in (0, 2, 21):
+        assert np.isin(enc.tokens[:, f], fmap.tokens[f]).mean() > 0.95
+    fmap.save(tmp_path)
+    assert FeatureMap.load(tmp_path).meta["untrained"]
+
+
+def test_cli_data_synth_skew_and_feature_map(tmp_path, capsys) -> None:
+    import json
+
+    from lma.cli import main
+
+    out = tmp_path / "s.tsv"
+    assert main(["-q", "data", "synth", "--rows", "50", "--zipf", "0.8", "--out", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["zipf"] == [0.8] * 26 and len(out.read_text().splitlines()) == 50
+    fm = tmp_path / "fm"
+    assert main(["-q", "data", "synth", "--rows", "100000", "--feature-map", "--out", str(fm)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens"] > 1000 and "untrained" in info["note"]
+    assert (fm / "feature_map.npz").exists()

@@ -29,7 +29,8 @@ SPEC_FORMS = (
     "criteo:PATH (Criteo Kaggle train TSV, 40 columns)",
     "criteo-test:PATH (Criteo Kaggle test TSV, 39 columns, no label)",
     "avazu:PATH (Avazu train CSV with header)",
-    "synth:ROWS[:SEED] (synthetic rows, Criteo schema)",
+    "synth:ROWS[:SEED][:PRESET][:KEY=VALUE...] (synthetic rows, Criteo schema; PRESET small | "
+    "kaggle; keys zipf, cards, ctr, affinity, clusters, missing)",
     "table:PATH (CSV or Parquet described by a schema file)",
 )
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
@@ -281,6 +282,56 @@ def _parse_rows(text: str, spec: str) -> int:
     return int(value)
 
 
+_SYNTH_KEYS = {"zipf", "cards", "ctr", "affinity", "clusters", "missing"}
+
+
+def parse_synth_spec(spec: str):
+    """``synth:ROWS[:SEED][:PRESET][:KEY=VALUE...]`` -> :class:`SynthConfig`.
+
+    Keys: ``zipf`` (the skew: one exponent, or 26 comma-separated), ``cards`` (26
+    comma-separated cardinalities), ``ctr``, ``affinity``, ``clusters``, ``missing`` (0/1).
+    """
+    from lma.data.synthetic import PRESETS, SynthConfig
+
+    parts = spec.partition(":")[2].split(":")
+    rows = _parse_rows(parts[0], spec)
+    kw: dict[str, object] = {"rows": rows}
+    positional = [p for p in parts[1:] if "=" not in p]
+    options = [p for p in parts[1:] if "=" in p]
+    if len(positional) > 2 or parts[1 : 1 + len(positional)] != positional:
+        raise ValueError(f"data spec {spec!r}: expected synth:ROWS[:SEED][:PRESET][:KEY=VALUE...]")
+    for p in positional:
+        if p.isdigit():
+            if "seed" in kw or "preset" in kw:
+                raise ValueError(f"data spec {spec!r}: SEED comes before PRESET, once")
+            kw["seed"] = int(p)
+        elif p in PRESETS:
+            kw["preset"] = p
+        else:
+            raise ValueError(f"data spec {spec!r}: {p!r} is neither a SEED (integer) nor a "
+                             f"PRESET ({' | '.join(sorted(PRESETS))})")
+    for item in options:
+        key, _, value = item.partition("=")
+        if key not in _SYNTH_KEYS:
+            raise ValueError(f"data spec {spec!r}: unknown key {key!r} (known: "
+                             f"{', '.join(sorted(_SYNTH_KEYS))})")
+        try:
+            if key == "zipf":
+                z = [float(x) for x in value.split(",")]
+                kw["zipf"] = z[0] if len(z) == 1 else tuple(z)
+            elif key == "cards":
+                kw["cardinalities"] = tuple(_parse_rows(x, spec) for x in value.split(","))
+            elif key in ("ctr", "affinity"):
+                kw[key] = float(value)
+            elif key == "clusters":
+                kw["n_clusters"] = int(value)
+            else:
+                kw["missing"] = value.lower() not in ("0", "false", "no")
+        except ValueError as e:
+            raise ValueError(f"data spec {spec!r}: bad value for {key}: {e}") from None
+    return SynthConfig(**kw)  # type: ignore[arg-type]
+
+
 def open_source(
     spec: str,
     schema_path: str | None = None,
@@ -306,17 +357,9 @@ def open_source(
     if kind == "avazu":
         return CsvSource(rest, user_schema or avazu_schema(), f"avazu:{rest}", **kw)
     if kind == "synth":
-        from lma.data.synthetic import SynthConfig, SyntheticSource
+        from lma.data.synthetic import SyntheticSource
 
-        parts = rest.split(":")
-        if len(parts) > 2:
-            raise ValueError(f"data spec {spec!r}: expected synth:ROWS[:SEED]")
-        rows = _parse_rows(parts[0], spec)
-        try:
-            seed = int(parts[1]) if len(parts) == 2 else 0
-        except ValueError:
-            raise ValueError(f"data spec {spec!r}: SEED must be an integer") from None
-        src = SyntheticSource(SynthConfig(rows=rows, seed=seed), name=spec, **kw)
+        src = SyntheticSource(parse_synth_spec(spec), name=spec, **kw)
         if user_schema is not None:
             src.schema = user_schema
         return src

@@ -53,7 +53,15 @@ SMALL_CARDINALITIES: tuple[int, ...] = (
     1460, 583, 50000, 20000, 305, 24, 5000, 633, 3, 10000, 3000, 40000, 3194,
     27, 5000, 30000, 10, 3000, 2173, 4, 30000, 18, 15, 10000, 105, 10000,
 )  # fmt: skip
-PRESETS: dict[str, tuple[int, ...]] = {"small": SMALL_CARDINALITIES, "kaggle": KAGGLE_CARDINALITIES}
+# The ``kaggle`` preset: per-field value supports and Zipf exponents fitted so that, with the
+# generator's cluster mixture and missing rates, the expected distinct values of each field at
+# 45,840,617 rows equal KAGGLE_CARDINALITIES and at 10,000 rows the distinct values of the real
+# 10k-row Criteo sample (scripts/calibrate_synth.py; table in docs/RESULTS.md).
+KAGGLE_SUPPORT: tuple[int, ...] = KAGGLE_CARDINALITIES
+KAGGLE_ZIPF: tuple[float, ...] | None = None
+PRESETS: dict[str, tuple[int, ...]] = {"small": SMALL_CARDINALITIES, "kaggle": KAGGLE_SUPPORT}
+PRESET_ZIPF: dict[str, tuple[float, ...] | None] = {"small": None, "kaggle": KAGGLE_ZIPF}
+KAGGLE_ROWS = 45_840_617
 
 # Missing rates of the real Criteo sample (I1..I13, C1..C26).
 CRITEO_DENSE_MISSING = (0.45, 0.0, 0.2, 0.2, 0.05, 0.25, 0.05, 0.0, 0.05, 0.45, 0.05, 0.77, 0.2)
@@ -76,7 +84,9 @@ class SynthConfig:
     seed: int = 0
     preset: str = "small"
     cardinalities: tuple[int, ...] | None = None
-    zipf: float = 1.1  # exponent of the value-frequency power law
+    # Exponent of the value-frequency power law (the skew): one for every field, or 26; None:
+    # the preset's (the calibrated exponents of ``kaggle``, else 1.1).
+    zipf: float | tuple[float, ...] | None = None
     n_clusters: int = 16
     affinity: float = 0.7  # probability that a value follows the row's cluster
     ctr: float = 0.22  # target click rate
@@ -101,8 +111,9 @@ class SynthConfig:
         cards = self.field_cardinalities
         if len(cards) != N_CAT or min(cards) < 1 or max(cards) >= 2**32:
             raise ValueError(f"SynthConfig.cardinalities: {N_CAT} values in [1, 2^32) expected")
-        if self.zipf <= 0:
-            raise ValueError("SynthConfig.zipf must be > 0")
+        z = self.field_zipf
+        if len(z) != N_CAT or min(z) <= 0:
+            raise ValueError(f"SynthConfig.zipf must be > 0 (one value or {N_CAT})")
         if self.n_clusters < 1:
             raise ValueError("SynthConfig.n_clusters must be >= 1")
         if not 0.0 < self.ctr < 1.0:
@@ -117,6 +128,23 @@ class SynthConfig:
     @property
     def field_cardinalities(self) -> tuple[int, ...]:
         return tuple(int(c) for c in (self.cardinalities or PRESETS[self.preset]))
+
+    @property
+    def field_zipf(self) -> tuple[float, ...]:
+        """The Zipf exponent of each field."""
+        z = self.zipf
+        if z is None:
+            preset = PRESET_ZIPF.get(self.preset) if self.cardinalities is None else None
+            z = preset if preset is not None else 1.1
+        if isinstance(z, int | float):
+            return (float(z),) * N_CAT
+        return tuple(float(x) for x in z)
+
+    @property
+    def uniform_zipf(self) -> float | None:
+        """The exponent when every field has the same one (the generator's scalar path)."""
+        z = set(self.field_zipf)
+        return z.pop() if len(z) == 1 else None
 
 
 def _mix32(x: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -191,9 +219,12 @@ class SyntheticGenerator:
         self.dense_weight = rng.normal(0.0, 0.25, N_DENSE) / np.array(_DENSE_SD)
         self.cat_missing = np.array(CRITEO_CAT_MISSING if c.missing else (0.0,) * N_CAT)
         self.dense_missing = np.array(CRITEO_DENSE_MISSING if c.missing else (0.0,) * N_DENSE)
-        s = c.zipf
         vmax = (self.cards + 1).astype(np.float64)
-        self._pow_hi = np.log(vmax) if abs(s - 1.0) < 1e-9 else vmax ** (1.0 - s) - 1.0
+        self._zipf_scalar = c.uniform_zipf
+        self.zipf = np.array(c.field_zipf)
+        self._log_field = np.abs(self.zipf - 1.0) < 1e-9
+        s = np.where(self._log_field, 0.5, self.zipf)  # placeholder exponent where log is used
+        self._pow_hi = np.where(self._log_field, np.log(vmax), vmax ** (1.0 - s) - 1.0)
         self.schema = criteo_schema(labelled=True)
 
     # -- one block ----------------------------------------------------------------------------
@@ -209,11 +240,15 @@ class SyntheticGenerator:
             linked = rng.random((n, len(g))) < c.link
             u[:, g] = np.where(linked, u[:, g[:1]], u[:, g])
             follow[:, g] = np.where(linked, follow[:, g[:1]], follow[:, g])
-        s = c.zipf
-        if abs(s - 1.0) < 1e-9:
+        s = self._zipf_scalar
+        if s is not None and abs(s - 1.0) < 1e-9:
             x = np.exp(u * self._pow_hi)
-        else:
+        elif s is not None:
             x = (u * self._pow_hi + 1.0) ** (1.0 / (1.0 - s))
+        else:
+            e = np.where(self._log_field, 1.0, 1.0 / (1.0 - np.where(self._log_field, 0.5, self.zipf)))
+            x = np.where(self._log_field, np.exp(u * self._pow_hi),
+                         np.maximum(u * self._pow_hi + 1.0, 0.0) ** e)
         rank = np.minimum(x.astype(np.int64) - 1, self.cards - 1)
         row_shift = np.where(follow, self.shift[cluster], self.shift[c.n_clusters])
         ids = (rank + row_shift) % self.cards
@@ -279,7 +314,8 @@ class SyntheticGenerator:
 
 
 class SyntheticSource(DataSource):
-    """``synth:ROWS[:SEED]``: synthetic rows with the Criteo schema (numbers are 1-based rows)."""
+    """``synth:ROWS[:SEED][:PRESET][:KEY=VALUE...]``: synthetic rows with the Criteo schema
+    (numbers are 1-based rows)."""
 
     unit = "row"
 
@@ -334,3 +370,91 @@ def write_tsv(config: SynthConfig, out: str | Path, *, progress: bool = False) -
             writer.close()
     log.info("wrote %d synthetic rows to %s", n, out)
     return n
+
+
+# -- the value distribution, without generating rows ---------------------------------------------
+
+
+def _rank_probabilities(card: int, s: float) -> np.ndarray:
+    """P(rank = r), r < ``card``, of the generator's inverse-CDF Zipf draw (``_draw``)."""
+    x = np.arange(1, card + 2, dtype=np.float64)
+    cdf = np.log(x) if abs(s - 1.0) < 1e-9 else x ** (1.0 - s)
+    q = np.diff(cdf)
+    return q / q.sum()
+
+
+def value_probabilities(gen: SyntheticGenerator, f: int) -> np.ndarray:
+    """(V_f,) float64: probability of each value id of field ``f`` in a non-missing cell.
+
+    The cluster mixture exactly as ``_draw`` makes it: with probability ``affinity`` the rank
+    is shifted by the row's cluster offset, else by the global one (linked fields share draws
+    across fields, which leaves each field's own distribution unchanged).
+    """
+    c = gen.config
+    card = int(gen.cards[f])
+    q = _rank_probabilities(card, float(gen.zipf[f]))
+    weights = np.diff(np.concatenate([[0.0], gen.cluster_cdf]))
+    coefs = np.concatenate([c.affinity * weights, [1.0 - c.affinity]])
+    p = np.zeros(card)
+    for coef, sh in zip(coefs, gen.shift[:, f] % card, strict=True):
+        if coef == 0.0:
+            continue
+        sh = int(sh)
+        # value id = (rank + sh) mod V
+        p[sh:] += coef * q[: card - sh]
+        p[:sh] += coef * q[card - sh :]
+    return p
+
+
+def expected_distinct(config: SynthConfig, rows: int) -> list[float]:
+    """Expected distinct (non-missing) values of each field in ``rows`` rows (exact under the
+    generator's model, no rows generated)."""
+    gen = SyntheticGenerator(config)
+    out = []
+    for f in range(N_CAT):
+        pe = (1.0 - gen.cat_missing[f]) * value_probabilities(gen, f)
+        out.append(float(-np.expm1(rows * np.log1p(-pe)).sum()))
+    return out
+
+
+def value_set_feature_map(config: SynthConfig, rows: int, *, seed: int = 0):
+    """A :class:`lma.features.FeatureMap` of the tokens ``rows`` rows of ``config`` would hold,
+    drawn without generating rows: each value's count is drawn from its Binomial(rows, p) (the
+    per-value marginal of the generator), values drawn 0 times are left out, and the missing
+    token of fields with missing cells is counted the same way.
+
+    For footprint and latency work at full scale (a model built on it is untrained, and must be
+    labelled so). The draws are independent of the rows that ``synth:`` would generate: the
+    vocabulary has the right size and count distribution, not the same tokens as a given
+    run's rows.
+    """
+    from lma.features import FeatureMap
+    from lma.tokens import hash_column, token_hash
+
+    gen = SyntheticGenerator(config)
+    rng = np.random.default_rng([config.seed, 7, seed])
+    tokens, counts = [], []
+    for f in range(N_CAT):
+        m = float(gen.cat_missing[f])
+        pe = (1.0 - m) * value_probabilities(gen, f)
+        k = rng.binomial(rows, pe)
+        ids = np.flatnonzero(k)
+        vals = _mix32(ids.astype(np.uint64), gen.keys[f : f + 1])[:, None]
+        hexes = _hex_columns(vals, np.ones_like(vals, dtype=bool))[0]
+        toks = hash_column(f"C{f + 1}", hexes)
+        cnt = k[ids].astype(np.int64)
+        if m > 0:
+            toks = np.append(toks, token_hash(f"C{f + 1}", None))
+            cnt = np.append(cnt, rng.binomial(rows, m))
+        order = np.argsort(toks)
+        toks, cnt = toks[order], cnt[order]
+        if len(toks) > 1 and not (np.diff(toks) > 0).all():
+            raise ValueError(f"C{f + 1}: token hash collision in the value set")
+        tokens.append(toks)
+        counts.append(cnt)
+    meta = {"synthetic_value_set": True, "untrained": True, "rows_drawn": int(rows),
+            "synth": {"preset": config.preset, "seed": config.seed,
+                      "cardinalities": list(config.field_cardinalities),
+                      "zipf": list(config.field_zipf)},
+            "note": "counts drawn per value, no rows generated: a model on this map is untrained"}
+    return FeatureMap(gen.schema, tokens, counts, int(rows), meta)
