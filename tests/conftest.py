@@ -27,3 +27,13 @@ def shared_data() -> Path:
     if not (root / "criteo").is_dir() and not (root / "avazu").is_dir():
         pytest.skip(f"real data samples not found at {root} (set LMA_SHARED_DATA to their folder)")
     return root
+
+
+# The service's end-to-end fixtures (trained bundle, real Criteo rows, uvicorn processes).
+from tests.service_fixtures import (  # noqa: E402, F401
+    criteo_bundle,
+    criteo_rows,
+    model_repo,
+    ort_server,
+    torch_server,
+)

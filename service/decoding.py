@@ -1,0 +1,584 @@
+"""Request bodies -> model inputs.
+
+The path of a request's features: the body is read with a byte limit (:func:`read_body`), parsed
+with orjson, its rows (v1 instances, ranking candidates merged with their context, or v2 raw
+feature tensors) are checked for unknown field names, filled from a feature source when one is
+configured (:class:`FeatureSource`, the seam of the Redis feature store), and encoded by
+:func:`encode_rows` exactly as ``encode_table`` encodes the same rows read from a file. v2 tensor
+inputs (``dense`` FP32 [B, n_dense], ``tokens`` INT64 [B, S]) skip encoding.
+
+Every refusal is a :class:`service.errors.RequestError` naming the field and the row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from lma.features import encode_with_errors
+from lma.schema import Schema
+from service.errors import RequestError
+
+MAX_REPORTED_ERRORS = 50
+
+
+# ---------------------------------------------------------------- body
+
+
+async def read_body(chunks: Any, content_length: str | None, limit: int) -> bytes:
+    """The whole body from an async iterator of byte chunks, refusing (413) past ``limit`` bytes;
+    counted on the stream, so chunked uploads without a Content-Length are held to it too."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise RequestError(400, f"Content-Length {content_length!r} is not a number") from None
+        if declared > limit:
+            raise RequestError(
+                413, f"the body is {declared} bytes; the limit is {limit} (LMA_SERVE_MAX_BODY_BYTES)",
+                kind="body_too_large",
+            )
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(
+                413, f"the body is larger than the limit of {limit} bytes (LMA_SERVE_MAX_BODY_BYTES)",
+                kind="body_too_large",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    if not body:
+        raise RequestError(400, f"{what} is empty; send a JSON object", kind="malformed_json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, f"{what} is not valid JSON: {exc}", kind="malformed_json") from None
+
+
+# ---------------------------------------------------------------- feature source seam
+
+
+class FeatureSource(Protocol):
+    """Fills fields that rows do not carry, by entity (issue 10: the Redis feature store).
+
+    ``entities`` is the request-level mapping (e.g. ``{"device_id": "a99f214a"}``) or None;
+    ``row_entities`` one mapping per row (or None). Stored values go under the rows' own values
+    (the request wins). Returns warnings to pass back in the answer."""
+
+    async def fill(
+        self,
+        schema: Schema,
+        rows: list[dict[str, Any]],
+        entities: dict[str, Any] | None,
+        row_entities: list[dict[str, Any] | None] | None,
+    ) -> list[str]: ...
+
+
+FeatureSourceFactory = Callable[[], Awaitable[FeatureSource | None]]
+
+
+# ---------------------------------------------------------------- rows -> arrays
+
+
+@dataclass
+class Rows:
+    """Encoded rows for the model."""
+
+    dense: np.ndarray  # (N, n_dense) float32
+    tokens: np.ndarray  # (N, S) int64
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def known_fields(schema: Schema) -> set[str]:
+    names = set(schema.dense_names) | set(schema.categorical_names)
+    if "avazu_hour" in schema.extra.get("derive", ()):
+        names.add("hour")
+    return names
+
+
+def check_unknown(schema: Schema, rows: list[dict[str, Any]], where: str) -> None:
+    known = known_fields(schema)
+    seen: set[str] = set()
+    for r in rows:
+        seen.update(r.keys())
+    unknown = seen - known
+    if not unknown:
+        return
+    errors = []
+    for i, r in enumerate(rows):
+        for k in r.keys() & unknown:
+            errors.append({"row": i, "field": k, "reason": "unknown field name"})
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+    first = errors[0]
+    raise RequestError(
+        422,
+        f"{where}[{first['row']}] has unknown field {first['field']!r} ({len(unknown)} unknown "
+        f"name(s): {sorted(unknown)[:10]}); the model's fields are its schema's dense and "
+        f"categorical names (LMA_SERVE_IGNORE_UNKNOWN=1 ignores others)",
+        field=first["field"], row=first["row"], errors=errors, kind="unknown_field",
+    )
+
+
+def encode_rows(
+    schema: Schema, rows: list[dict[str, Any]], max_string_bytes: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
+    """JSON rows -> (dense (N, n_dense) float32, tokens (N, S) int64, [(row, field, reason)]).
+
+    The one place the service turns JSON values into model inputs."""
+    return _encode_records(schema, rows, max_string_bytes)
+
+
+def rows_to_arrays(
+    schema: Schema, rows: list[dict[str, Any]], max_string_bytes: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    dense, tokens, errors = encode_rows(schema, rows, max_string_bytes)
+    if errors:
+        errors = sorted(errors)
+        listed = [{"row": r, "field": f, "reason": why} for r, f, why in errors[:MAX_REPORTED_ERRORS]]
+        r, f, why = errors[0]
+        raise RequestError(
+            422,
+            f"{where}[{r}].{f}: {why}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+            field=f, row=r, errors=listed, kind="bad_value",
+        )
+    return dense, tokens
+
+
+# Canonical text of a JSON categorical value, the text a training file would have held: strings
+# as they are; integers (and floats with an integral value, e.g. 5.0) in decimal; other floats
+# in Python's shortest round-trip form; null or a missing key is a missing value.
+def _canonical(v: Any, max_len: int) -> tuple[str | None, str | None]:
+    if v is None:
+        return None, None
+    if isinstance(v, str):
+        if len(v) > max_len and len(v.encode("utf-8")) > max_len:
+            return None, f"value is longer than {max_len} bytes (LMA_SERVE_MAX_STRING_BYTES)"
+        return v, None
+    if isinstance(v, bool):
+        return None, f"expected a string or a number, got a boolean ({str(v).lower()})"
+    if isinstance(v, int):
+        return str(v), None
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return None, "number is not finite"
+        return (str(int(v)) if v.is_integer() else repr(v)), None
+    kind = "an object" if isinstance(v, dict) else "a list" if isinstance(v, list) else type(v).__name__
+    return None, f"expected a string or a number, got {kind}"
+
+
+def _encode_records(
+    schema: Schema, rows: list[dict[str, Any]], max_len: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
+    n = len(rows)
+    errors: list[tuple[int, str, str]] = []
+    cols: dict[str, pa.Array] = {}
+    for name in schema.dense_names:
+        vals: list[float | None] = []
+        for i, r in enumerate(rows):
+            v = r.get(name)
+            if v is None:
+                vals.append(None)
+            elif isinstance(v, bool) or not isinstance(v, int | float):
+                kind = "a string" if isinstance(v, str) else "an object" if isinstance(v, dict) \
+                    else "a list" if isinstance(v, list) else "a boolean" if isinstance(v, bool) \
+                    else type(v).__name__
+                errors.append((i, name, f"expected a number, got {kind}"))
+                vals.append(None)
+            else:
+                f = float(v)
+                if not math.isfinite(f) or abs(f) > 3.4e38:
+                    errors.append((i, name, "number is not finite in float32"))
+                    vals.append(None)
+                else:
+                    vals.append(f)
+        cols[name] = pa.array(vals, pa.float64())
+    derive = "avazu_hour" in schema.extra.get("derive", ())
+    names = list(schema.categorical_names)
+    if derive:
+        names = [c for c in names if c not in ("hour_of_day", "weekday")] + ["hour"]
+    seps = {f.name: f.separator for f in schema.categorical}
+    for name in names:
+        sep = seps.get(name)
+        texts: list[str | None] = []
+        for i, r in enumerate(rows):
+            v = r.get(name)
+            if sep is not None and isinstance(v, list):
+                parts = []
+                for item in v:
+                    t, why = _canonical(item, max_len)
+                    if why:
+                        errors.append((i, name, f"list item: {why}"))
+                        break
+                    if t is not None:
+                        parts.append(t)
+                texts.append(sep.join(parts) if parts else None)
+                continue
+            t, why = _canonical(v, max_len)
+            if why:
+                errors.append((i, name, why))
+            texts.append(t)
+        cols[name] = pa.array(texts, pa.string())
+    table = pa.table(cols) if cols else pa.table({"_": pa.nulls(n)})
+    enc, enc_errors = encode_with_errors(schema, table)
+    for e in enc_errors:
+        for k, r in enumerate(e.rows.tolist()):
+            errors.append((int(r), e.column, e.reason(k)))
+    return enc.dense.astype(np.float32, copy=False), enc.tokens, errors
+
+
+# ---------------------------------------------------------------- v1
+
+
+@dataclass
+class V1Request:
+    rows: list[dict[str, Any]]
+    ranking: bool
+    top_k: int | None
+    entities: dict[str, Any] | None
+    where: str
+
+
+def decode_v1(obj: Any, max_rows: int) -> V1Request:
+    if not isinstance(obj, dict):
+        raise RequestError(422, "the body must be a JSON object with 'instances' (or 'context' and "
+                           "'candidates')", field="body", kind="bad_shape")
+    entities = obj.get("entities")
+    if entities is not None and not isinstance(entities, dict):
+        raise RequestError(422, "'entities' must be an object of entity name -> id", field="entities")
+    if "instances" in obj:
+        extra = set(obj) - {"instances", "entities"}
+        if extra:
+            raise RequestError(422, f"unknown top-level key(s) {sorted(extra)} beside 'instances'",
+                               field=sorted(extra)[0], kind="unknown_field")
+        rows = obj["instances"]
+        where = "instances"
+        ranking = False
+        top_k = None
+    elif "candidates" in obj:
+        extra = set(obj) - {"context", "candidates", "top_k", "entities"}
+        if extra:
+            raise RequestError(422, f"unknown top-level key(s) {sorted(extra)} in a ranking request",
+                               field=sorted(extra)[0], kind="unknown_field")
+        rows = obj["candidates"]
+        where = "candidates"
+        ranking = True
+        top_k = obj.get("top_k")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise RequestError(422, f"'top_k' must be a positive integer, got {top_k!r}", field="top_k")
+    else:
+        raise RequestError(422, "the body needs 'instances' (a list of rows) or 'candidates' "
+                           "(with an optional 'context')", field="instances", kind="bad_shape")
+    if not isinstance(rows, list):
+        raise RequestError(422, f"'{where}' must be a list of objects", field=where, kind="bad_shape")
+    if not rows:
+        raise RequestError(422, f"'{where}' is empty; send at least one row", field=where,
+                           kind="bad_shape")
+    if len(rows) > max_rows:
+        raise RequestError(413, f"{len(rows)} rows in '{where}'; the limit is {max_rows} per "
+                           "request (LMA_SERVE_MAX_ROWS)", field=where, kind="too_many_rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise RequestError(422, f"{where}[{i}] must be an object of field name -> value",
+                               field=where, row=i, kind="bad_shape")
+    if ranking:
+        ctx = obj.get("context")
+        if ctx is not None:
+            if not isinstance(ctx, dict):
+                raise RequestError(422, "'context' must be an object of field name -> value",
+                                   field="context", kind="bad_shape")
+            if ctx:
+                rows = [{**ctx, **r} for r in rows]  # candidate values win
+    return V1Request(rows, ranking, top_k, entities, where)
+
+
+def top_k_of(probabilities: np.ndarray, k: int) -> dict[str, list[Any]]:
+    k = min(k, len(probabilities))
+    # Stable order: equal scores keep the candidates' order.
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return {"indices": order.tolist(), "scores": probabilities[order].tolist()}
+
+
+# ---------------------------------------------------------------- v2 (Open Inference Protocol)
+
+V2_DTYPES: dict[str, np.dtype | None] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BYTES": None,
+}
+V2_OUTPUTS = ("probability", "logits")
+
+
+@dataclass
+class V2Request:
+    id: str | None
+    tensors: dict[str, np.ndarray | list[Any]]  # numeric arrays, or lists of str for BYTES
+    batch: int
+    outputs: list[str]
+    binary_outputs: set[str]
+    timeout_ms: float | None
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tail) of a v2 body (binary tensor data extension)."""
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise RequestError(400, f"Inference-Header-Content-Length {header_length!r} is not a "
+                           "number", field="Inference-Header-Content-Length") from None
+    if n < 0 or n > len(body):
+        raise RequestError(400, f"Inference-Header-Content-Length is {n} but the body has "
+                           f"{len(body)} bytes", field="Inference-Header-Content-Length")
+    return body[:n], body[n:]
+
+
+def _bytes_elements(raw: bytes, count: int, name: str, max_len: int) -> list[str]:
+    out: list[str] = []
+    pos = 0
+    mv = memoryview(raw)
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise RequestError(400, f"input {name!r}: BYTES element {i} is cut off (its 4-byte "
+                               "length prefix is missing)", field=name, row=i)
+        ln = int.from_bytes(mv[pos:pos + 4], "little")
+        pos += 4
+        if pos + ln > len(raw):
+            raise RequestError(400, f"input {name!r}: BYTES element {i} says {ln} bytes but "
+                               f"only {len(raw) - pos} remain", field=name, row=i)
+        if ln > max_len:
+            raise RequestError(422, f"input {name!r}: element {i} is longer than {max_len} bytes "
+                               "(LMA_SERVE_MAX_STRING_BYTES)", field=name, row=i)
+        try:
+            out.append(bytes(mv[pos:pos + ln]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(400, f"input {name!r}: element {i} is not UTF-8", field=name,
+                               row=i) from None
+        pos += ln
+    if pos != len(raw):
+        raise RequestError(400, f"input {name!r}: {len(raw) - pos} bytes left after {count} "
+                           "BYTES elements (binary_data_size disagrees with the shape)", field=name)
+    return out
+
+
+def decode_v2(header: bytes, tail: bytes, max_rows: int, max_len: int) -> V2Request:
+    obj = parse_json(header, "the inference request header")
+    if not isinstance(obj, dict):
+        raise RequestError(400, "the inference request must be a JSON object", field="body")
+    rid = obj.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise RequestError(400, "'id' must be a string", field="id")
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(400, "'parameters' must be an object", field="parameters")
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(400, "'inputs' must be a non-empty list of tensors", field="inputs")
+    tensors: dict[str, np.ndarray | list[Any]] = {}
+    offset = 0
+    batch: int | None = None
+    for k, t in enumerate(inputs):
+        if not isinstance(t, dict):
+            raise RequestError(400, f"inputs[{k}] must be an object", field=f"inputs[{k}]")
+        name, shape, dtype = t.get("name"), t.get("shape"), t.get("datatype")
+        if not isinstance(name, str) or not name:
+            raise RequestError(400, f"inputs[{k}] has no 'name'", field=f"inputs[{k}]")
+        if name in tensors:
+            raise RequestError(400, f"input {name!r} is given twice", field=name)
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise RequestError(400, f"input {name!r}: 'shape' must be [B] or [B, W] with "
+                               f"non-negative integers, got {shape!r}", field=name)
+        if dtype not in V2_DTYPES:
+            raise RequestError(400, f"input {name!r}: unknown datatype {dtype!r} (one of "
+                               f"{sorted(V2_DTYPES)})", field=name)
+        count = int(np.prod(shape))
+        if shape[0] > max_rows:
+            raise RequestError(413, f"input {name!r} has {shape[0]} rows; the limit is "
+                               f"{max_rows} (LMA_SERVE_MAX_ROWS)", field=name, kind="too_many_rows")
+        if batch is None:
+            batch = shape[0]
+        elif shape[0] != batch:
+            raise RequestError(400, f"input {name!r} has {shape[0]} rows, an earlier input "
+                               f"{batch}: every input needs the same first dimension", field=name)
+        tparams = t.get("parameters") or {}
+        if not isinstance(tparams, dict):
+            raise RequestError(400, f"input {name!r}: 'parameters' must be an object", field=name)
+        size = tparams.get("binary_data_size")
+        np_dtype = V2_DTYPES[dtype]
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise RequestError(400, f"input {name!r}: binary_data_size must be a "
+                                   "non-negative integer", field=name)
+            if "data" in t:
+                raise RequestError(400, f"input {name!r} has both 'data' and binary_data_size",
+                                   field=name)
+            if offset + size > len(tail):
+                raise RequestError(400, f"input {name!r}: binary_data_size {size} goes past the "
+                                   f"end of the body ({len(tail) - offset} binary bytes left)",
+                                   field=name)
+            raw = tail[offset:offset + size]
+            offset += size
+            if np_dtype is None:
+                value: np.ndarray | list[Any] = _bytes_elements(raw, count, name, max_len)
+            else:
+                if size != count * np_dtype.itemsize:
+                    raise RequestError(400, f"input {name!r}: binary_data_size {size} is not "
+                                       f"{count} x {np_dtype.itemsize} bytes for shape {shape} "
+                                       f"{dtype}", field=name)
+                value = np.frombuffer(raw, np_dtype).reshape(shape)
+        else:
+            if "data" not in t:
+                raise RequestError(400, f"input {name!r} has neither 'data' nor binary_data_size",
+                                   field=name)
+            value = _json_tensor(name, t["data"], shape, count, dtype, np_dtype, max_len)
+        tensors[name] = value
+    if offset != len(tail):
+        raise RequestError(400, f"{len(tail) - offset} binary bytes after the last input: the "
+                           "binary_data_size values disagree with the body",
+                           field="Inference-Header-Content-Length")
+    assert batch is not None
+    outputs, binary = _requested_outputs(obj, params)
+    timeout = params.get("timeout_ms")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not timeout > 0):
+        raise RequestError(400, "parameters.timeout_ms must be a positive number",
+                           field="parameters.timeout_ms")
+    return V2Request(rid, tensors, batch, outputs, binary, timeout)
+
+
+def _json_tensor(name: str, data: Any, shape: list[int], count: int, dtype: str,
+                 np_dtype: np.dtype | None, max_len: int) -> np.ndarray | list[Any]:
+    if not isinstance(data, list):
+        raise RequestError(400, f"input {name!r}: 'data' must be a list", field=name)
+    if np_dtype is None:
+        flat = data
+        if flat and isinstance(flat[0], list):
+            flat = [x for row in data for x in (row if isinstance(row, list) else [row])]
+        if len(flat) != count:
+            raise RequestError(400, f"input {name!r}: {len(flat)} values for shape {shape}",
+                               field=name)
+        for i, v in enumerate(flat):
+            if not isinstance(v, str | int | float) or isinstance(v, bool):
+                raise RequestError(422, f"input {name!r}: element {i} of a BYTES tensor must be "
+                                   "a string", field=name, row=i // max(1, count // max(shape[0], 1)))
+            if isinstance(v, str) and len(v.encode("utf-8")) > max_len:
+                raise RequestError(422, f"input {name!r}: element {i} is longer than {max_len} "
+                                   "bytes (LMA_SERVE_MAX_STRING_BYTES)", field=name, row=i)
+        return flat
+    try:
+        arr = np.asarray(data, dtype=np.float64 if np_dtype.kind == "f" else None)
+    except (ValueError, TypeError, OverflowError):
+        raise RequestError(400, f"input {name!r}: 'data' is not a rectangular list of numbers",
+                           field=name) from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise RequestError(400, f"input {name!r}: 'data' holds non-numeric values for datatype "
+                           f"{dtype}", field=name)
+    if arr.size != count:
+        raise RequestError(400, f"input {name!r}: {arr.size} values for shape {shape}", field=name)
+    if np_dtype.kind in "iu" and arr.dtype.kind == "f":
+        raise RequestError(400, f"input {name!r}: non-integer values for datatype {dtype}",
+                           field=name)
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            out = arr.astype(np_dtype) if np_dtype.kind != "b" else arr.astype(bool)
+    except (FloatingPointError, OverflowError):
+        raise RequestError(400, f"input {name!r}: values out of range for {dtype}", field=name) \
+            from None
+    if np_dtype.kind in "iu" and not np.array_equal(out.astype(arr.dtype), arr):
+        raise RequestError(400, f"input {name!r}: values out of range for {dtype}", field=name)
+    return out.reshape(shape)
+
+
+def _requested_outputs(obj: dict[str, Any], params: dict[str, Any]) -> tuple[list[str], set[str]]:
+    all_binary = bool(params.get("binary_data_output", False))
+    req = obj.get("outputs")
+    if req is None:
+        names = ["probability"]
+        return names, set(names) if all_binary else set()
+    if not isinstance(req, list):
+        raise RequestError(400, "'outputs' must be a list", field="outputs")
+    names, binary = [], set()
+    for k, o in enumerate(req):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise RequestError(400, f"outputs[{k}] must be an object with a 'name'",
+                               field=f"outputs[{k}]")
+        if o["name"] not in V2_OUTPUTS:
+            raise RequestError(400, f"unknown output {o['name']!r}; this model has "
+                               f"{list(V2_OUTPUTS)}", field=f"outputs[{k}]")
+        p = o.get("parameters") or {}
+        names.append(o["name"])
+        if all_binary or (isinstance(p, dict) and p.get("binary_data")):
+            binary.add(o["name"])
+    return names or ["probability"], binary
+
+
+def v2_to_arrays(req: V2Request, schema: Schema, max_len: int,
+                 ignore_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The request's tensors as (dense, tokens): given directly, or raw feature tensors encoded."""
+    names = set(req.tensors)
+    n_dense, n_slots = len(schema.dense), schema.n_token_slots
+    if names & {"dense", "tokens"}:
+        if names != {"dense", "tokens"} and not (n_dense == 0 and names == {"tokens"}):
+            raise RequestError(400, "encoded inputs are exactly 'dense' (FP32 [B, n_dense]) and "
+                               f"'tokens' (INT64 [B, S]); got {sorted(names)}", field="inputs")
+        tokens = req.tensors["tokens"]
+        dense = req.tensors.get("dense", np.zeros((req.batch, 0), np.float32))
+        for nm, arr, width, dt in (("dense", dense, n_dense, np.float32),
+                                   ("tokens", tokens, n_slots, np.int64)):
+            if not isinstance(arr, np.ndarray) or arr.dtype != dt:
+                want = "FP32" if dt is np.float32 else "INT64"
+                raise RequestError(400, f"input {nm!r} must be datatype {want}", field=nm)
+            if arr.ndim != 2 or arr.shape[1] != width:
+                raise RequestError(400, f"input {nm!r} must have shape [B, {width}], got "
+                                   f"{list(arr.shape)}", field=nm)
+        bad = ~np.isfinite(dense)
+        if bad.any():
+            r = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise RequestError(400, f"input 'dense' row {r} holds a NaN or infinite value",
+                               field="dense", row=r)
+        return np.ascontiguousarray(dense), np.ascontiguousarray(tokens)
+    known = known_fields(schema)
+    unknown = names - known
+    if unknown and not ignore_unknown:
+        raise RequestError(422, f"unknown input name(s) {sorted(unknown)}: inputs are either "
+                           "'dense' and 'tokens' or one tensor per feature field",
+                           field=sorted(unknown)[0], kind="unknown_field")
+    cols = {}
+    for nm in names & known:
+        v = req.tensors[nm]
+        if isinstance(v, np.ndarray):
+            if v.ndim == 2 and v.shape[1] != 1:
+                raise RequestError(400, f"input {nm!r}: a feature tensor must be [B] or [B, 1], "
+                                   f"got {list(v.shape)}", field=nm)
+            if v.dtype.kind == "b":
+                raise RequestError(400, f"input {nm!r}: BOOL is not a feature datatype", field=nm)
+            cols[nm] = v.reshape(-1).tolist()
+        else:
+            if len(v) != req.batch:
+                raise RequestError(400, f"input {nm!r}: a feature tensor must be [B] or [B, 1] "
+                                   f"({len(v)} values for {req.batch} rows)", field=nm)
+            cols[nm] = v
+    rows = ([dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+            if cols else [{} for _ in range(req.batch)])
+    dense, tokens = rows_to_arrays(schema, rows, max_len, "row")
+    return dense, tokens

@@ -1,0 +1,52 @@
+"""Prometheus metrics of one server process (each ``--workers`` process counts its own)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.batcher import BatchStats
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "lma_request_seconds", "Request latency in the server, by route, model and status",
+            ["route", "model", "status"], buckets=_LATENCY, registry=r)
+        self.batch_rows = Histogram(
+            "lma_batch_rows", "Rows per model call", ["model"], buckets=_ROWS, registry=r)
+        self.batch_requests = Histogram(
+            "lma_batch_requests", "Requests (or request parts) coalesced into one model call",
+            ["model"], buckets=_ROWS, registry=r)
+        self.queue_wait_seconds = Histogram(
+            "lma_queue_wait_seconds", "Time a request part waited for its batch", ["model"],
+            buckets=_LATENCY, registry=r)
+        self.compute_seconds = Histogram(
+            "lma_compute_seconds", "Model compute time per batch", ["model"], buckets=_LATENCY,
+            registry=r)
+        self.queue_rows = Gauge(
+            "lma_queue_rows", "Rows waiting for a batch", ["model"], registry=r)
+        self.errors = Counter(
+            "lma_errors_total", "Refused or failed requests, by type and status",
+            ["type", "status"], registry=r)
+        self.rows_scored = Counter(
+            "lma_rows_scored_total", "Rows answered with a prediction", ["model"], registry=r)
+
+    def observe_batch(self, model: str, stats: BatchStats) -> None:
+        self.batch_rows.labels(model).observe(stats.rows)
+        self.batch_requests.labels(model).observe(stats.requests)
+        self.compute_seconds.labels(model).observe(stats.compute_s)
+        h = self.queue_wait_seconds.labels(model)
+        for w in stats.queue_wait_s:
+            h.observe(w)
+
+    def queue_depth(self, model: str, rows: int) -> None:
+        self.queue_rows.labels(model).set(rows)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

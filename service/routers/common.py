@@ -1,0 +1,41 @@
+"""Reading and answering bodies, shared by the protocol routers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from service.decoding import read_body
+from service.errors import RequestError
+from service.state import AppState
+
+JSON = "application/json"
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type=JSON, headers=headers)
+
+
+def check_content_type(request: Request, allowed: tuple[str, ...]) -> None:
+    ct = request.headers.get("content-type")
+    if ct is None:
+        return
+    base = ct.split(";", 1)[0].strip().lower()
+    if base in allowed or base.endswith("+json"):
+        return
+    raise RequestError(415, f"Content-Type {ct!r} is not accepted here; send "
+                       f"{' or '.join(allowed)}", field="Content-Type", kind="content_type")
+
+
+async def body_of(request: Request, state: AppState, allowed: tuple[str, ...] = (JSON,)) -> bytes:
+    check_content_type(request, allowed)
+    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        raise RequestError(415, "compressed request bodies are not accepted "
+                           f"(Content-Encoding {request.headers['content-encoding']!r})",
+                           field="Content-Encoding", kind="content_type")
+    return await read_body(request.stream(), request.headers.get("content-length"),
+                           state.settings.max_body_bytes)

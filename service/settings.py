@@ -1,0 +1,89 @@
+"""Service settings: every option of ``lma serve`` also comes from the environment.
+
+The environment names are the field names upper-cased with the ``LMA_SERVE_`` prefix; ``lma
+serve`` sets them for its workers, and ``uvicorn service.main:app`` reads the same ones:
+
+==============================  =======================================================  =========
+variable                        meaning                                                  default
+==============================  =======================================================  =========
+``LMA_SERVE_MODELS``            bundle folders or model repositories, comma-separated    (none)
+``LMA_SERVE_MODEL_REPOSITORY``  one more model repository (Triton / TF Serving layout)   (none)
+``LMA_SERVE_BACKEND``           ``onnxruntime`` or ``torch``                              onnxruntime
+``LMA_SERVE_DEVICE``            ``cpu``, ``cuda``, ``cuda:N`` or ``auto``                 cpu
+``LMA_SERVE_HOST``              address to bind (``lma serve`` only)                     127.0.0.1
+``LMA_SERVE_PORT``              port to bind (``lma serve`` only)                        8000
+``LMA_SERVE_WORKERS``           worker processes, each loading every model              1
+``LMA_SERVE_THREADS``           intra-op threads of each model (0: the library default)  0
+``LMA_SERVE_MAX_BATCH_ROWS``    rows per model call; larger requests are split           1024
+``LMA_SERVE_MAX_WAIT_MS``       how long a batch waits for more rows                     2
+``LMA_SERVE_MAX_QUEUE_ROWS``    rows waiting per model before 503 + Retry-After          65536
+``LMA_SERVE_TIMEOUT_MS``        default request deadline (504 past it)                   1000
+``LMA_SERVE_MAX_BODY_BYTES``    request body limit (413), counted on the streamed body   16 MiB
+``LMA_SERVE_MAX_ROWS``          rows (instances, candidates, tensor rows) per request    10000
+``LMA_SERVE_MAX_STRING_BYTES``  longest categorical value accepted                       1024
+``LMA_SERVE_IGNORE_UNKNOWN``    ignore unknown field names instead of answering 422      false
+``LMA_SERVE_VERIFY_CHECKSUMS``  check every bundle file's sha256 at load                  true
+``LMA_SERVE_WARMUP_ROWS``       rows of the warm-up batch run before readiness           64
+==============================  =======================================================  =========
+
+A request may set its own deadline with the ``X-Timeout-Ms`` header (v1 and v2) or the v2
+request parameter ``timeout_ms``; it is capped at ``LMA_SERVE_TIMEOUT_MS`` * 10.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["onnxruntime", "torch"]
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMA_SERVE_", extra="ignore")
+
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    model_repository: str | None = None
+    backend: Backend = "onnxruntime"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    threads: int = Field(0, ge=0)
+    max_batch_rows: int = Field(1024, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+    max_queue_rows: int = Field(65536, ge=1)
+    timeout_ms: float = Field(1000.0, gt=0)
+    max_body_bytes: int = Field(16 << 20, ge=1)
+    max_rows: int = Field(10000, ge=1)
+    max_string_bytes: int = Field(1024, ge=1)
+    ignore_unknown: bool = False
+    verify_checksums: bool = True
+    warmup_rows: int = Field(64, ge=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("cpu", "auto") and not (v == "cuda" or v.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _need_models(self) -> ServeSettings:
+        if not self.models and not self.model_repository:
+            raise ValueError(
+                "no model to serve: set LMA_SERVE_MODELS (bundle folders or model repositories, "
+                "comma-separated) or LMA_SERVE_MODEL_REPOSITORY, or pass them to `lma serve`"
+            )
+        return self
+
+    def model_paths(self) -> list[str]:
+        return [*self.models, *([self.model_repository] if self.model_repository else [])]
