@@ -124,7 +124,7 @@ async def warm_up(state: AppState, model: LoadedModel) -> None:
         rows[0][f] = 1
     for f in model.schema.categorical_names:
         rows[0][f] = "warmup"
-    dense, tokens = rows_to_arrays(model.schema, rows, s.max_string_bytes, "warmup")
+    dense, tokens = rows_to_arrays(model.encoder, rows, "warmup")
     far = time.monotonic() + 600.0
     await model.batcher.submit(dense, tokens, far)
     d, t = sample_rows(model, n)

@@ -12,16 +12,14 @@ Every refusal is a :class:`service.errors.RequestError` naming the field and the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
-import pyarrow as pa
 
-from lma.features import encode_with_errors
+from lma.records import EncodedRecords, RecordEncoder
 from lma.schema import Schema
 from service.errors import RequestError
 
@@ -103,142 +101,42 @@ class Rows:
         return len(self.tokens)
 
 
-def known_fields(schema: Schema) -> set[str]:
-    names = set(schema.dense_names) | set(schema.categorical_names)
-    if "avazu_hour" in schema.extra.get("derive", ()):
-        names.add("hour")
-    return names
+def encode_rows(encoder: RecordEncoder, rows: list[dict[str, Any]]) -> EncodedRecords:
+    """JSON rows -> dense (N, n_dense) float32, tokens (N, S) int64, errors and unknown keys.
+
+    The one place the service turns JSON values into model inputs (:mod:`lma.records`: the same
+    numbers ``encode_table`` gives for the rows' training-file text; its canonicalisation rules)."""
+    return encoder.encode(rows)
 
 
-def check_unknown(schema: Schema, rows: list[dict[str, Any]], where: str) -> None:
-    known = known_fields(schema)
-    seen: set[str] = set()
-    for r in rows:
-        seen.update(r.keys())
-    unknown = seen - known
-    if not unknown:
-        return
-    errors = []
-    for i, r in enumerate(rows):
-        for k in r.keys() & unknown:
-            errors.append({"row": i, "field": k, "reason": "unknown field name"})
-            if len(errors) >= MAX_REPORTED_ERRORS:
-                break
-    first = errors[0]
-    raise RequestError(
-        422,
-        f"{where}[{first['row']}] has unknown field {first['field']!r} ({len(unknown)} unknown "
-        f"name(s): {sorted(unknown)[:10]}); the model's fields are its schema's dense and "
-        f"categorical names (LMA_SERVE_IGNORE_UNKNOWN=1 ignores others)",
-        field=first["field"], row=first["row"], errors=errors, kind="unknown_field",
-    )
-
-
-def encode_rows(
-    schema: Schema, rows: list[dict[str, Any]], max_string_bytes: int
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
-    """JSON rows -> (dense (N, n_dense) float32, tokens (N, S) int64, [(row, field, reason)]).
-
-    The one place the service turns JSON values into model inputs."""
-    return _encode_records(schema, rows, max_string_bytes)
-
-
-def rows_to_arrays(
-    schema: Schema, rows: list[dict[str, Any]], max_string_bytes: int, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    dense, tokens, errors = encode_rows(schema, rows, max_string_bytes)
-    if errors:
-        errors = sorted(errors)
-        listed = [{"row": r, "field": f, "reason": why} for r, f, why in errors[:MAX_REPORTED_ERRORS]]
-        r, f, why = errors[0]
+def _check(enc: EncodedRecords, where: str, ignore_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays of an encoding, or the 422 naming the first bad (row, field)."""
+    if enc.unknown and not ignore_unknown:
+        names = sorted({k for _, k in enc.unknown})
+        listed = [{"row": r, "field": k, "reason": "unknown field name"}
+                  for r, k in enc.unknown[:MAX_REPORTED_ERRORS]]
+        r, k = enc.unknown[0]
         raise RequestError(
             422,
-            f"{where}[{r}].{f}: {why}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-            field=f, row=r, errors=listed, kind="bad_value",
+            f"{where}[{r}] has unknown field {k!r} ({len(names)} unknown name(s): {names[:10]}); "
+            "the model's fields are its schema's dense and categorical names "
+            "(LMA_SERVE_IGNORE_UNKNOWN=1 ignores others)",
+            field=k, row=r, errors=listed, kind="unknown_field",
         )
-    return dense, tokens
+    if enc.errors:
+        errors = sorted(enc.errors, key=lambda e: (e.row, e.field or ""))
+        listed = [{"row": e.row, "field": e.field, "reason": e.reason}
+                  for e in errors[:MAX_REPORTED_ERRORS]]
+        e = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RequestError(422, f"{where}[{e.row}].{e.field}: {e.reason}{more}",
+                           field=e.field, row=e.row, errors=listed, kind="bad_value")
+    return enc.dense, enc.tokens
 
 
-# Canonical text of a JSON categorical value, the text a training file would have held: strings
-# as they are; integers (and floats with an integral value, e.g. 5.0) in decimal; other floats
-# in Python's shortest round-trip form; null or a missing key is a missing value.
-def _canonical(v: Any, max_len: int) -> tuple[str | None, str | None]:
-    if v is None:
-        return None, None
-    if isinstance(v, str):
-        if len(v) > max_len and len(v.encode("utf-8")) > max_len:
-            return None, f"value is longer than {max_len} bytes (LMA_SERVE_MAX_STRING_BYTES)"
-        return v, None
-    if isinstance(v, bool):
-        return None, f"expected a string or a number, got a boolean ({str(v).lower()})"
-    if isinstance(v, int):
-        return str(v), None
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return None, "number is not finite"
-        return (str(int(v)) if v.is_integer() else repr(v)), None
-    kind = "an object" if isinstance(v, dict) else "a list" if isinstance(v, list) else type(v).__name__
-    return None, f"expected a string or a number, got {kind}"
-
-
-def _encode_records(
-    schema: Schema, rows: list[dict[str, Any]], max_len: int
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
-    n = len(rows)
-    errors: list[tuple[int, str, str]] = []
-    cols: dict[str, pa.Array] = {}
-    for name in schema.dense_names:
-        vals: list[float | None] = []
-        for i, r in enumerate(rows):
-            v = r.get(name)
-            if v is None:
-                vals.append(None)
-            elif isinstance(v, bool) or not isinstance(v, int | float):
-                kind = "a string" if isinstance(v, str) else "an object" if isinstance(v, dict) \
-                    else "a list" if isinstance(v, list) else "a boolean" if isinstance(v, bool) \
-                    else type(v).__name__
-                errors.append((i, name, f"expected a number, got {kind}"))
-                vals.append(None)
-            else:
-                f = float(v)
-                if not math.isfinite(f) or abs(f) > 3.4e38:
-                    errors.append((i, name, "number is not finite in float32"))
-                    vals.append(None)
-                else:
-                    vals.append(f)
-        cols[name] = pa.array(vals, pa.float64())
-    derive = "avazu_hour" in schema.extra.get("derive", ())
-    names = list(schema.categorical_names)
-    if derive:
-        names = [c for c in names if c not in ("hour_of_day", "weekday")] + ["hour"]
-    seps = {f.name: f.separator for f in schema.categorical}
-    for name in names:
-        sep = seps.get(name)
-        texts: list[str | None] = []
-        for i, r in enumerate(rows):
-            v = r.get(name)
-            if sep is not None and isinstance(v, list):
-                parts = []
-                for item in v:
-                    t, why = _canonical(item, max_len)
-                    if why:
-                        errors.append((i, name, f"list item: {why}"))
-                        break
-                    if t is not None:
-                        parts.append(t)
-                texts.append(sep.join(parts) if parts else None)
-                continue
-            t, why = _canonical(v, max_len)
-            if why:
-                errors.append((i, name, why))
-            texts.append(t)
-        cols[name] = pa.array(texts, pa.string())
-    table = pa.table(cols) if cols else pa.table({"_": pa.nulls(n)})
-    enc, enc_errors = encode_with_errors(schema, table)
-    for e in enc_errors:
-        for k, r in enumerate(e.rows.tolist()):
-            errors.append((int(r), e.column, e.reason(k)))
-    return enc.dense.astype(np.float32, copy=False), enc.tokens, errors
+def rows_to_arrays(encoder: RecordEncoder, rows: list[dict[str, Any]], where: str,
+                   ignore_unknown: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    return _check(encode_rows(encoder, rows), where, ignore_unknown)
 
 
 # ---------------------------------------------------------------- v1
@@ -532,10 +430,11 @@ def _requested_outputs(obj: dict[str, Any], params: dict[str, Any]) -> tuple[lis
     return names or ["probability"], binary
 
 
-def v2_to_arrays(req: V2Request, schema: Schema, max_len: int,
+def v2_to_arrays(req: V2Request, encoder: RecordEncoder,
                  ignore_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
     """The request's tensors as (dense, tokens): given directly, or raw feature tensors encoded."""
     names = set(req.tensors)
+    schema = encoder.schema
     n_dense, n_slots = len(schema.dense), schema.n_token_slots
     if names & {"dense", "tokens"}:
         if names != {"dense", "tokens"} and not (n_dense == 0 and names == {"tokens"}):
@@ -557,28 +456,18 @@ def v2_to_arrays(req: V2Request, schema: Schema, max_len: int,
             raise RequestError(400, f"input 'dense' row {r} holds a NaN or infinite value",
                                field="dense", row=r)
         return np.ascontiguousarray(dense), np.ascontiguousarray(tokens)
-    known = known_fields(schema)
-    unknown = names - known
-    if unknown and not ignore_unknown:
-        raise RequestError(422, f"unknown input name(s) {sorted(unknown)}: inputs are either "
-                           "'dense' and 'tokens' or one tensor per feature field",
-                           field=sorted(unknown)[0], kind="unknown_field")
-    cols = {}
-    for nm in names & known:
-        v = req.tensors[nm]
+    cols: dict[str, Any] = {}
+    for nm, v in req.tensors.items():
         if isinstance(v, np.ndarray):
             if v.ndim == 2 and v.shape[1] != 1:
                 raise RequestError(400, f"input {nm!r}: a feature tensor must be [B] or [B, 1], "
                                    f"got {list(v.shape)}", field=nm)
             if v.dtype.kind == "b":
                 raise RequestError(400, f"input {nm!r}: BOOL is not a feature datatype", field=nm)
-            cols[nm] = v.reshape(-1).tolist()
+            cols[nm] = v.reshape(-1)
         else:
             if len(v) != req.batch:
                 raise RequestError(400, f"input {nm!r}: a feature tensor must be [B] or [B, 1] "
                                    f"({len(v)} values for {req.batch} rows)", field=nm)
             cols[nm] = v
-    rows = ([dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
-            if cols else [{} for _ in range(req.batch)])
-    dense, tokens = rows_to_arrays(schema, rows, max_len, "row")
-    return dense, tokens
+    return _check(encoder.encode_columns(cols, req.batch), "row", ignore_unknown)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lma.records import RecordEncoder
 from lma.schema import Schema
 from model_export.bundle import load_bundle
 from service.backends import Backend, open_backend
@@ -94,6 +95,7 @@ class LoadedModel:
     schema: Schema
     backend: Backend
     batcher: MicroBatcher
+    encoder: RecordEncoder
     load_s: float
     warmup_s: float = 0.0
     ready: bool = False
@@ -225,7 +227,8 @@ class ModelRegistry:
         batcher = MicroBatcher(backend.run, max_batch_rows=s.max_batch_rows,
                                max_wait_ms=s.max_wait_ms, max_queue_rows=s.max_queue_rows,
                                on_batch=on_batch, on_queue_depth=on_depth, name=name)
-        return LoadedModel(name, version, src.path, bundle, schema, backend, batcher,
+        encoder = RecordEncoder(schema, max_value_bytes=s.max_string_bytes)
+        return LoadedModel(name, version, src.path, bundle, schema, backend, batcher, encoder,
                            time.perf_counter() - t0)
 
     def discover_all(self) -> list[ModelSource]:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from lma.features import encode_table
+from lma.records import RecordEncoder
 from lma.schema import criteo_schema
 from service.batcher import DeadlineExceeded, MicroBatcher, QueueFull
 from service.decoding import encode_rows
@@ -120,8 +121,9 @@ def test_json_rows_encode_like_the_criteo_reader(shared_data):
         cells = line.rstrip("\n").split("\t")
         rows.append({n: (int(v) if n[0] == "I" else v) for n, v in zip(names, cells, strict=True)
                      if v != ""})
-    dense, tokens, errors = encode_rows(criteo_schema(labelled=False), rows, 1024)
-    assert errors == []
+    enc = encode_rows(RecordEncoder(criteo_schema(labelled=False)), rows)
+    assert enc.errors == [] and enc.unknown == []
+    dense, tokens = enc.dense, enc.tokens
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".tsv") as t:
@@ -139,16 +141,17 @@ def test_categorical_json_values_are_canonicalised():
     want = encode_table(schema, table).tokens
     for values in ([5, -3, 0.25], [5.0, -3.0, 0.25], ["5", "-3", "0.25"]):
         rows = [{"C1": v} for v in values]
-        _, tokens, errors = encode_rows(schema, rows, 1024)
-        assert errors == []
-        np.testing.assert_array_equal(tokens[:, 0], want[:, 0])
+        enc = encode_rows(RecordEncoder(schema), rows)
+        assert enc.errors == []
+        np.testing.assert_array_equal(enc.tokens[:, 0], want[:, 0])
 
 
 def test_bad_values_name_row_and_field():
     schema = criteo_schema(labelled=False)
     rows = [{"I1": 1}, {"I2": "x", "C3": [1]}, {"C4": True, "I5": float("inf")}]
-    _, _, errors = encode_rows(schema, rows, 1024)
-    assert sorted((r, f) for r, f, _ in errors) == [(1, "C3"), (1, "I2"), (2, "C4"), (2, "I5")]
+    enc = encode_rows(RecordEncoder(schema), rows)
+    assert sorted((e.row, e.field) for e in enc.errors) == [(1, "C3"), (1, "I2"), (2, "C4"),
+                                                            (2, "I5")]
 
 
 def test_discover_repository_layouts(tmp_path):

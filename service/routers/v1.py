@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.decoding import check_unknown, decode_v1, parse_json, rows_to_arrays, top_k_of
+from service.decoding import decode_v1, parse_json, rows_to_arrays, top_k_of
 from service.errors import RequestError
 from service.routers.common import body_of, json_response
 from service.state import State, deadline, resolve, score, sigmoid
@@ -69,9 +69,7 @@ async def _predict(request: Request, state: State, name: str, version: str | Non
             raise RequestError(422, "'entities' needs a feature store, and none is configured",
                                field="entities")
         warnings += await state.feature_source.fill(model.schema, req.rows, req.entities, None)
-    if not s.ignore_unknown:
-        check_unknown(model.schema, req.rows, req.where)
-    dense, tokens = rows_to_arrays(model.schema, req.rows, s.max_string_bytes, req.where)
+    dense, tokens = rows_to_arrays(model.encoder, req.rows, req.where, s.ignore_unknown)
     probs = sigmoid(await score(state, model, dense, tokens, until))
     out: dict[str, Any] = {"predictions": probs, "model": model.name, "version": model.version}
     if req.top_k is not None:

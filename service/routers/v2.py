@@ -132,7 +132,7 @@ async def _infer(request: Request, state: State, name: str, version: str | None)
     s = state.settings
     req = decode_v2(header, tail, s.max_rows, s.max_string_bytes)
     until = deadline(state, request.headers, req.timeout_ms)
-    dense, tokens = v2_to_arrays(req, model.schema, s.max_string_bytes, s.ignore_unknown)
+    dense, tokens = v2_to_arrays(req, model.encoder, s.ignore_unknown)
     logits = await score(state, model, dense, tokens, until)
     values = {"logits": logits.astype(np.float32),
               "probability": sigmoid(logits).astype(np.float32)}
