@@ -227,3 +227,20 @@ def test_past_deadline_answers_504_without_compute(slow_server):
     time.sleep(0.4)  # past the batch window: the dropped rows were never computed
     assert slow_server.metric("lma_batch_rows_sum", model=MODEL) == computed
     assert slow_server.metric("lma_errors_total", type="deadline", status="504") >= 1
+
+
+def test_graceful_shutdown_answers_queued_requests(model_repo, tmp_path):
+    """SIGTERM while requests wait for their batch: they are answered, then the process exits."""
+    import time
+
+    s = Server(str(model_repo), tmp_path / "stop.log", max_wait_ms=600).wait_ready()
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(requests.post, s.url + P, json=_rows(3), timeout=30)
+                   for _ in range(4)]
+        time.sleep(0.2)  # the requests are queued, their batch not yet run
+        code = s.stop()
+        answers = [p.result() for p in pending]
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
+    assert code in (0, -15), s.log.read_text()
+    assert "Traceback" not in s.log.read_text()

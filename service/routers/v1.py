@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.decoding import decode_v1, parse_json, rows_to_arrays, top_k_of
 from service.errors import RequestError
-from service.routers.common import body_of, json_response
+from service.routers.common import body_of, inline_schema, json_response
 from service.state import State, deadline, resolve, score, sigmoid
 
 router = APIRouter(tags=["v1 (KServe v1 / TF Serving)"])
@@ -52,7 +52,7 @@ class PredictResponse(BaseModel):
 _BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": inline_schema(PredictRequest)}},
     }
 }
 

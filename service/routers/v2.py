@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 import lma
 from service.decoding import decode_v2, split_binary, v2_to_arrays
 from service.registry import LoadedModel
-from service.routers.common import JSON, body_of, json_response
+from service.routers.common import JSON, body_of, inline_schema, json_response
 from service.state import State, deadline, resolve, score, sigmoid
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
@@ -49,7 +49,7 @@ class InferResponse(BaseModel):
 _BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": inline_schema(InferRequest)}},
     }
 }
 
