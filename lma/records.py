@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lma.features import EncodeError, derive_columns, split_bag, transform_dense
 from lma.schema import CategoricalField, Schema
@@ -258,7 +259,7 @@ class RecordEncoder:
         n = len(records)
         errors: list[RecordError] = []
         unknown: list[tuple[int, str]] = []
-        recs: Sequence[Any] = records
+        recs = records if type(records) is list else list(records)
         if not _DICT_ONLY.issuperset(set(map(type, records))):
             fixed: list[dict] = []
             for i, r in enumerate(records):
@@ -328,14 +329,14 @@ class RecordEncoder:
                 unknown = [(0, k) for k in extra]
         tokens = np.empty((n, self.n_slots), dtype=np.int64)
         if self._cat_names:
-            parts = []
-            for j, name in enumerate(self._cat_names):
-                parts.append(self._text_column(columns.get(name), n, j, errors))
-            arr = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
-            seeds = np.repeat(self._seeds, n)
-            missing = np.repeat(self._missing, n)
-            arr = self._check_lengths(arr, n, errors, row_major=False)
-            tok = hash_seeded(arr, seeds, missing).reshape(len(self._cat_names), n).T
+            cols = [columns.get(name) for name in self._cat_names]
+            if all(c is None or type(c) is list for c in cols):
+                flat = list(chain.from_iterable([None] * n if c is None else c for c in cols))
+                tok = self._hash_flat(flat, n, errors, row_major=False)
+            else:
+                parts = [self._text_column(c, n, j, errors) for j, c in enumerate(cols)]
+                arr = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+                tok = self._hash_cells(arr, n, errors, row_major=False)
             tokens[:, self._cat_slots] = tok
         for slot, f in self._bags:
             col = columns.get(f.name)
@@ -381,14 +382,25 @@ class RecordEncoder:
         self, flat: list[Any], n: int, errors: list[RecordError], row_major: bool
     ) -> np.ndarray:
         """Tokens (n, C) of the flat single-valued categorical cells (row- or field-major)."""
-        names = self._cat_names
+        c = len(self._cat_names)
         try:
-            # Arrow refuses anything but str/bytes/None here, which sends the rest to _canon.
+            # Arrow takes only str/bytes/None here; anything else sends us column by column.
             arr = pa.array(flat, pa.string())
         except (pa.ArrowException, UnicodeError):
-            arr = pa.array(self._canon_all(flat, n, errors, row_major), pa.string())
+            if row_major:
+                cols = [flat[j::c] for j in range(c)]
+            else:
+                cols = [flat[j * n : (j + 1) * n] for j in range(c)]
+            parts = [self._text_column(col, n, j, errors) for j, col in enumerate(cols)]
+            arr = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+            row_major = False
+        return self._hash_cells(arr, n, errors, row_major)
+
+    def _hash_cells(
+        self, arr: pa.Array, n: int, errors: list[RecordError], row_major: bool
+    ) -> np.ndarray:
+        c = len(self._cat_names)
         arr = self._check_lengths(arr, n, errors, row_major)
-        c = len(names)
         if row_major:
             cached = self._tile_cache.get(n)
             if cached is None:
@@ -440,35 +452,45 @@ class RecordEncoder:
             errors.append(RecordError(row, name, f"value is longer than {limit} bytes"))
         mask = np.zeros(len(arr), dtype=bool)
         mask[too_long] = True
-        return pa.compute.if_else(pa.array(mask), pa.scalar(None, pa.string()), arr)
+        return pc.if_else(pa.array(mask), pa.scalar(None, pa.string()), arr)
 
     def _text_column(self, col: Any, n: int, j: int, errors: list[RecordError]) -> pa.Array:
-        """One categorical column of :meth:`encode_columns` as a string array."""
+        """One categorical column as a string array of canonical text (bad cells null)."""
         name = self._cat_names[j]
         if col is None:
             return pa.nulls(n, pa.string())
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
+        if isinstance(col, np.ndarray):
+            col = pa.array(col) if col.dtype.kind in "iuf" else col.tolist()
         if isinstance(col, pa.Array):
             t = col.type
             if pa.types.is_string(t):
                 return col
-            if pa.types.is_large_string(t):
+            if pa.types.is_large_string(t) or pa.types.is_integer(t):
                 return col.cast(pa.string())
-            if pa.types.is_integer(t):
-                return col.cast(pa.string())
-            col = col.to_numpy(zero_copy_only=False) if not pa.types.is_null(t) else [None] * n
-        if isinstance(col, np.ndarray):
-            if col.dtype.kind in "iu":
-                return pa.array(col).cast(pa.string())
-            if col.dtype.kind == "f":
-                return self._float_text(col.astype(np.float64), name, errors)
-            col = col.tolist()
+            if pa.types.is_floating(t):
+                return self._float_text(col, name, errors)
+            if pa.types.is_null(t):
+                return pa.nulls(n, pa.string())
+            col = col.to_pylist()
         vals = list(col)
         try:
             return pa.array(vals, pa.string())
         except (pa.ArrowException, UnicodeError):
             pass
+        try:
+            inferred = pa.array(vals)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError):
+            inferred = None
+        if inferred is not None:
+            t = inferred.type
+            if pa.types.is_integer(t):
+                return inferred.cast(pa.string())
+            if pa.types.is_null(t):
+                return pa.nulls(n, pa.string())
+            if pa.types.is_floating(t) and int not in set(map(type, vals)):
+                return self._float_text(inferred, name, errors)
         for k, v in enumerate(vals):
             try:
                 vals[k] = _canon(v)
@@ -482,15 +504,18 @@ class RecordEncoder:
                 errors.append(RecordError(k, name, "value is not valid Unicode"))
         return pa.array(vals, pa.string())
 
-    def _float_text(self, v: np.ndarray, name: str, errors: list[RecordError]) -> pa.Array:
-        out: list[str | None] = [None] * len(v)
-        ok = np.isfinite(v)
-        integral = ok & (v == np.trunc(v)) & (np.abs(v) <= _EXACT_FLOAT_INT)
-        if integral.any():
-            ints = pa.array(v[integral].astype(np.int64)).cast(pa.string()).to_pylist()
-            for k, t in zip(np.flatnonzero(integral).tolist(), ints, strict=True):
-                out[k] = t
-        for k in np.flatnonzero(~integral).tolist():
+    def _float_text(self, col: pa.Array, name: str, errors: list[RecordError]) -> pa.Array:
+        """Canonical text of a float column: integer text where integral, else repr."""
+        v = np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(v), dtype=bool)
+        integral = np.isfinite(v) & (v == np.trunc(v)) & (np.abs(v) <= _EXACT_FLOAT_INT)
+        ints = np.where(integral, v, 0).astype(np.int64)
+        text = pa.array(ints, mask=~integral).cast(pa.string())
+        other = np.flatnonzero(~integral & ~null)
+        if len(other) == 0:
+            return text
+        out = text.to_pylist()
+        for k in other.tolist():
             try:
                 out[k] = _canon_float(float(v[k]))
             except _Bad as e:
@@ -546,7 +571,7 @@ class RecordEncoder:
         kept = pos < f.max_values
         limit = self.max_value_bytes
         if limit is not None and len(items):
-            lens = np.asarray(pa.compute.binary_length(items))
+            lens = np.asarray(pc.binary_length(items))
             for k in np.flatnonzero(lens > limit).tolist():
                 errors.append(
                     RecordError(int(parent[k]), f.name, f"an item is longer than {limit} bytes")
@@ -621,12 +646,26 @@ class RecordEncoder:
         names = self._dense_names
         d = len(names)
         raw: np.ndarray | None = None
-        if _NUMBER_TYPES.issuperset(set(map(type, flat))):
+        bad = np.zeros(n * d, dtype=bool)
+        types = set(map(type, flat))
+        if _NUMBER_TYPES.issuperset(types):
             try:
                 raw = pa.array(flat, pa.float64()).to_numpy(zero_copy_only=False)
             except (pa.ArrowException, OverflowError, TypeError, ValueError):
                 raw = None
-        bad = np.zeros(n * d, dtype=bool)
+        elif _TEXT_TYPES.issuperset(types):
+            raw = _parse_text(flat)
+            if raw is not None:
+                # Text 'nan' is missing (as in the training files), text 'inf' is not a number.
+                inf = np.isinf(raw)
+                if inf.any():
+                    raw = raw.copy()
+                    for k in np.flatnonzero(inf).tolist():
+                        bad[k] = True
+                        raw[k] = np.nan
+                        row, name = self._where(k, n, row_major, names)
+                        errors.append(RecordError(row, name, f"non-numeric value {flat[k]!r}"))
+                return self._shape_dense(raw, bad, n, d, errors, row_major)
         if raw is None:
             raw = np.empty(n * d, dtype=np.float64)
             for k, v in enumerate(flat):
@@ -654,6 +693,17 @@ class RecordEncoder:
                         )
                 raw = raw.copy()
                 raw[bad] = np.nan
+        return self._shape_dense(raw, bad, n, d, errors, row_major)
+
+    def _shape_dense(
+        self,
+        raw: np.ndarray,
+        bad: np.ndarray,
+        n: int,
+        d: int,
+        errors: list[RecordError],
+        row_major: bool,
+    ) -> np.ndarray:
         if row_major:
             raw, bad = raw.reshape(n, d), bad.reshape(n, d)
         else:
@@ -685,8 +735,22 @@ class RecordEncoder:
         return out
 
 
-def _flat(records: Sequence[dict], names: tuple[str, ...]) -> list[Any]:
-    """``[r.get(k) for r in records for k in names]`` without a Python step per value."""
+def _parse_text(flat: list[str | None]) -> np.ndarray | None:
+    """Dense text cells parsed as lma.features parses the training text (NaN: missing), or None
+    when Arrow cannot parse them all (the caller then goes value by value)."""
+    try:
+        arr = pa.array(flat, pa.string())
+        arr = pc.utf8_trim_whitespace(arr)
+        arr = pc.if_else(pc.equal(pc.utf8_length(arr), 0), pa.scalar(None, pa.string()), arr)
+        num = pc.cast(arr, pa.float64())
+    except (pa.ArrowException, UnicodeError):
+        return None
+    return np.asarray(num.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _flat(records: list[dict], names: tuple[str, ...]) -> list[Any]:
+    """``[r.get(k) for r in records for k in names]`` (row-major) without a Python step per
+    value."""
     m = len(names)
     return list(map(dict.get, chain.from_iterable(map(repeat, records, repeat(m))), cycle(names)))
 

@@ -96,10 +96,11 @@ def _as_text_array(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> pa
     return values
 
 
-# Values up to this many bytes are hashed from a padded (width, n) byte matrix, built for at most
-# _PAD_CELLS bytes at a time; longer values by a loop that needs no padding memory.
+# Up to _PAD_MAX_VALUES values of up to _PAD_WIDTH bytes are hashed from one padded (width, n)
+# byte matrix (fewest numpy calls: what a small request needs); more or longer values by a loop
+# over byte positions of the values sorted by length (no padding memory; faster for large n).
 _PAD_WIDTH = 48
-_PAD_CELLS = 1 << 22
+_PAD_MAX_VALUES = 8192
 
 
 def _fnv_bytes(
@@ -119,19 +120,14 @@ def _fnv_bytes(
             hv ^= mat[:, j]
             hv *= prime
         return hv
+    if n > _PAD_MAX_VALUES:
+        return _fnv_sorted(data, starts, lens, hv)
     if lmax > _PAD_WIDTH:
         long = lens > _PAD_WIDTH
         if not long.all():
             short = ~long
             hv[short] = _fnv_bytes(data, starts[short], lens[short], hv[short])
         hv[long] = _fnv_long(data, starts[long], lens[long], hv[long])
-        return hv
-    if n * lmax > _PAD_CELLS:
-        step = max(_PAD_CELLS // lmax, 1)
-        for a in range(0, n, step):
-            hv[a : a + step] = _fnv_bytes(
-                data, starts[a : a + step], lens[a : a + step], hv[a : a + step]
-            )
         return hv
     # One gather into a (width, n) matrix; the state after byte j is kept for the values that
     # end there, so padding bytes never reach a result.
@@ -158,6 +154,12 @@ def _fnv_long(data: np.ndarray, starts: np.ndarray, lens: np.ndarray, hv: np.nda
             ],
             dtype=np.uint64,
         )
+    return _fnv_sorted(data, starts, lens, hv)
+
+
+def _fnv_sorted(
+    data: np.ndarray, starts: np.ndarray, lens: np.ndarray, hv: np.ndarray
+) -> np.ndarray:
     # Sort by length, longest first: the values still active at byte j are a prefix.
     prime = np.uint64(FNV_PRIME)
     n = len(lens)

@@ -71,11 +71,12 @@ def test_hash_column_fixed_width_and_sliced() -> None:
     assert hash_column("C3", arr.slice(17, 900)).tolist() == ref[17:917]
 
 
-def test_padded_path_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("max_values", [1, 16, 10**6])
+def test_padded_and_sorted_paths_agree(monkeypatch: pytest.MonkeyPatch, max_values: int) -> None:
     import lma.tokens as tokens
 
-    monkeypatch.setattr(tokens, "_PAD_CELLS", 64)
-    vals = _values(np.random.default_rng(3), 500, 30)
+    monkeypatch.setattr(tokens, "_PAD_MAX_VALUES", max_values)
+    vals = _values(np.random.default_rng(3), 500, 60)
     assert hash_column("b", vals).tolist() == [token_hash("b", v) for v in vals]
 
 
@@ -386,3 +387,26 @@ def test_encoder_cache_and_options() -> None:
     got = unlimited.encode([{"C1": "x" * 10_000}])
     assert got.errors == []
     assert got.tokens[0, 0] == token_hash("C1", "x" * 10_000)
+
+
+def test_number_columns_in_records() -> None:
+    s = _small_schema()
+    rows = [
+        {"c": 5.0, "k": 7, "tags": [1, 2.5]},
+        {"c": None, "k": "x"},
+        {"c": 0.5, "k": 2**70},
+        {"c": 1e-05, "k": -3},
+    ]
+    text = [
+        {"c": "5", "k": "7", "tags": "1|2.5"},
+        {"k": "x"},
+        {"c": "0.5", "k": str(2**70)},
+        {"c": "1e-05", "k": "-3"},
+    ]
+    got = encode_records(s, rows)
+    assert got.errors == []
+    np.testing.assert_array_equal(got.tokens, encode_records(s, text).tokens)
+    ref = encode_table(s, _table_of(s, text))
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    cols = encode_columns(s, {k: [r.get(k) for r in rows] for k in ("c", "k", "tags")})
+    np.testing.assert_array_equal(cols.tokens, ref.tokens)
