@@ -46,7 +46,9 @@ transforms) and hashes all single-valued categorical cells of a request in one v
 
 from __future__ import annotations
 
+import datetime
 import math
+import operator
 import re
 import weakref
 from collections.abc import Mapping, Sequence
@@ -58,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lma.features import EncodeError, derive_columns, split_bag, transform_dense
+from lma.features import split_bag, transform_dense
 from lma.schema import CategoricalField, Schema
 from lma.tokens import PAD_TOKEN, field_seed, hash_column, hash_seeded, token_hash
 
@@ -73,6 +75,9 @@ _NUMBER = re.compile(
 _NONE = type(None)
 _TEXT_TYPES = frozenset({str, _NONE})
 _NUMBER_TYPES = frozenset({int, float, _NONE})
+_INT_TYPES = frozenset({int, _NONE})
+_STR_INT_TYPES = frozenset({str, int, _NONE})
+_FLOAT_TYPES = frozenset({float, _NONE})
 _DICT_ONLY = frozenset({dict})
 
 
@@ -251,6 +256,7 @@ class RecordEncoder:
             + [f.name for _, f in self._bags + self._derived]
         )
         self._tile_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._hour_cache: dict[str, tuple[str, str]] = {}
 
     # -- records ----------------------------------------------------------------------------
 
@@ -387,6 +393,17 @@ class RecordEncoder:
             # Arrow takes only str/bytes/None here; anything else sends us column by column.
             arr = pa.array(flat, pa.string())
         except (pa.ArrowException, UnicodeError):
+            arr = _str_or_int(flat)
+            if arr is not None:
+                return self._hash_cells(arr, n, errors, row_major)
+            if n * c <= 512:
+                # Few cells: canonicalising each costs less than a column-by-column pass.
+                return self._hash_cells(
+                    pa.array(self._canon_all(flat, n, errors, row_major), pa.string()),
+                    n,
+                    errors,
+                    row_major,
+                )
             if row_major:
                 cols = [flat[j::c] for j in range(c)]
             else:
@@ -475,22 +492,16 @@ class RecordEncoder:
                 return pa.nulls(n, pa.string())
             col = col.to_pylist()
         vals = list(col)
+        types = set(map(type, vals))
         try:
-            return pa.array(vals, pa.string())
-        except (pa.ArrowException, UnicodeError):
-            pass
-        try:
-            inferred = pa.array(vals)
-        except (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError):
-            inferred = None
-        if inferred is not None:
-            t = inferred.type
-            if pa.types.is_integer(t):
-                return inferred.cast(pa.string())
-            if pa.types.is_null(t):
-                return pa.nulls(n, pa.string())
-            if pa.types.is_floating(t) and int not in set(map(type, vals)):
-                return self._float_text(inferred, name, errors)
+            if _TEXT_TYPES.issuperset(types):
+                return pa.array(vals, pa.string())
+            if _INT_TYPES.issuperset(types):
+                return pa.array(vals, pa.int64()).cast(pa.string())
+            if _FLOAT_TYPES.issuperset(types):
+                return self._float_text(pa.array(vals, pa.float64()), name, errors)
+        except (pa.ArrowException, OverflowError, UnicodeError):
+            pass  # e.g. integers beyond int64, surrogates: value by value below
         for k, v in enumerate(vals):
             try:
                 vals[k] = _canon(v)
@@ -609,36 +620,35 @@ class RecordEncoder:
                     values[name][i] = _canon(v)
                 except _Bad as e:
                     errors.append(RecordError(i, name, str(e)))
-        rows: list[int] = []
-        text: list[str] = []
+        derived = self._hour_cache
+        hod, wd = values.get("hour_of_day"), values.get("weekday")
         for i, h in enumerate(hours):
             if h is None:
                 continue
             try:
-                t = _canon(h)
+                t = h if type(h) is str else _canon(h)
+                if not t:
+                    continue
+                got = derived.get(t)
+                if got is None:
+                    got = _avazu_hour(t)
+                    if len(derived) >= 4096:
+                        derived.clear()
+                    derived[t] = got
             except _Bad as e:
                 errors.append(RecordError(i, src, str(e)))
                 continue
-            if t:
-                rows.append(i)
-                text.append(t)
-        while rows:
-            table = pa.table({src: pa.array(text, pa.string())})
-            try:
-                table = derive_columns(self.schema, table)
-            except EncodeError as e:
-                bad = set(e.rows.tolist())
-                for k, r in enumerate(e.rows.tolist()):
-                    errors.append(RecordError(rows[r], src, e.reason(k)))
-                rows = [r for k, r in enumerate(rows) if k not in bad]
-                text = [t for k, t in enumerate(text) if k not in bad]
-                continue
-            for name, col in values.items():
-                for r, v in zip(rows, table.column(name).to_pylist(), strict=True):
-                    col[r] = v
-            break
-        for slot, f in self._derived:
-            tokens[:, slot] = hash_column(f.name, pa.array(values[f.name], pa.string()))
+            if hod is not None:
+                hod[i] = got[0]
+            if wd is not None:
+                wd[i] = got[1]
+        flat = list(chain.from_iterable(values[f.name] for _, f in self._derived))
+        arr = pa.array(flat, pa.string())
+        seeds = np.repeat([field_seed(f.name) for _, f in self._derived], n).astype(np.uint64)
+        missing = np.repeat([token_hash(f.name, None) for _, f in self._derived], n)
+        tok = hash_seeded(arr, seeds, missing.astype(np.int64)).reshape(len(self._derived), n)
+        for k, (slot, _) in enumerate(self._derived):
+            tokens[:, slot] = tok[k]
 
     def _dense_flat(
         self, flat: list[Any], n: int, errors: list[RecordError], row_major: bool
@@ -733,6 +743,32 @@ class RecordEncoder:
                 ~np.isfinite(out)
             ]
         return out
+
+
+def _avazu_hour(t: str) -> tuple[str, str]:
+    """Avazu's ``hour`` text (YYMMDDHH) -> (hour_of_day, weekday) text, as lma.features derives
+    them (weekday: Monday = 0)."""
+    if len(t) != 8 or not t.isascii() or not t.isdigit():
+        raise _Bad(f"expected YYMMDDHH, got {t[:40]!r}")
+    try:
+        day = datetime.date(2000 + int(t[:2]), int(t[2:4]), int(t[4:6]))
+    except ValueError:
+        raise _Bad(f"expected YYMMDDHH, got {t!r}") from None
+    if int(t[6:]) >= 24:
+        raise _Bad(f"expected YYMMDDHH, got {t!r}")
+    return t[6:], str(day.weekday())
+
+
+def _str_or_int(flat: list[Any]) -> pa.Array | None:
+    """Cells that are all str, int or None as a string array (ints as decimal text), without a
+    Python step per value; None for anything else."""
+    if not _STR_INT_TYPES.issuperset(set(map(type, flat))):
+        return None
+    try:
+        null = np.fromiter(map(operator.is_, flat, repeat(None)), dtype=bool, count=len(flat))
+        return pa.array(list(map(str, flat)), pa.string(), mask=null)
+    except (pa.ArrowException, UnicodeError, ValueError):  # surrogates, > 4300-digit ints
+        return None
 
 
 def _parse_text(flat: list[str | None]) -> np.ndarray | None:

@@ -410,3 +410,41 @@ def test_number_columns_in_records() -> None:
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     cols = encode_columns(s, {k: [r.get(k) for r in rows] for k in ("c", "k", "tags")})
     np.testing.assert_array_equal(cols.tokens, ref.tokens)
+
+
+def test_avazu_hour_rules_match_training() -> None:
+    from lma.features import encode_with_errors
+
+    schema = avazu_schema()
+    hours = [
+        "14102100",
+        "16022923",
+        "14022900",
+        "14102124",
+        "14100000",
+        "14130100",
+        "14003100",
+        "1410210",
+        "141021000",
+        "１４102100",
+        "14-02100",
+        "abcdefgh",
+        "00010100",
+        "99123123",
+    ]
+    others = {k: ["x"] * len(hours) for k in schema.categorical_names}
+    del others["hour_of_day"], others["weekday"]
+    table = pa.table(
+        {"hour": pa.array(hours, pa.string())}
+        | {k: pa.array(v, pa.string()) for k, v in others.items()}
+    )
+    ref, ref_errors = encode_with_errors(schema, table)
+    bad_ref = sorted({int(r) for e in ref_errors for r in e.rows})
+    for got in (
+        encode_records(schema, table.to_pylist()),
+        encode_columns(schema, {k: table.column(k).to_pylist() for k in table.column_names}),
+    ):
+        assert [e.row for e in got.errors] == bad_ref
+        assert all(e.field == "hour" and "YYMMDDHH" in e.reason for e in got.errors)
+        good = [i for i in range(len(hours)) if i not in bad_ref]
+        np.testing.assert_array_equal(got.tokens[good], ref.tokens[good])
