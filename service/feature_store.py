@@ -1,0 +1,419 @@
+"""Online feature store in Redis: per-entity latest feature values, loaded offline, read per batch.
+
+Key layout, version 1 (in the spirit of Feast's Redis online store: project, entity, id)::
+
+    lma:fs:v1:{project}:{entity fields}:{entity values}    a hash: field name -> value text
+    lma:fs:v1:{project}:{entity fields}:__meta__           a hash describing the last load
+
+``entity fields`` are the entity's field names sorted and joined by ``,`` (``device_id``, or
+``device_id,site_id`` for a compound entity); ``entity values`` the values in the same order,
+each percent-encoded (RFC 3986, nothing kept unescaped, so ``:`` and ``,`` never appear raw) and
+joined by ``,``. Values are the canonical text of :func:`lma.records.canonical_text`, so the JSON
+number ``15706`` and the string ``"15706"`` name the same entity, as the training text did.
+
+A hash holds the entity's latest row (latest by the schema's time column when it has one, ties and
+schemas without one going to the later row in the file): one field per stored feature, whose
+value is the text the data file held (so the service encodes it exactly as training did; empty
+cells are not stored), plus ``__ts`` (the row's time value) where the schema has a time column.
+Fields whose names start with ``__`` are the store's own and never reach a request. A reload
+replaces each entity's hash whole (no stale fields); ``--ttl`` sets an expiry per key.
+
+:func:`load_features` writes (sync client, pipelined per chunk); :class:`FeatureStore` reads
+(asyncio client with hiredis, one pipelined round trip per batch, a timeout on every call, and a
+back-off after a failure so a down server costs requests no time until it is retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from lma.records import canonical_text
+from lma.schema import Schema
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+PREFIX = f"lma:fs:v{LAYOUT_VERSION}"
+META = "__meta__"
+TS_FIELD = "__ts"
+
+
+class FeatureStoreError(RuntimeError):
+    """The store could not answer (connection refused or lost, timeout, back-off after those)."""
+
+
+def entity_prefix(project: str, entity_fields: Sequence[str]) -> str:
+    """``lma:fs:v1:{project}:{sorted entity fields}``."""
+    if not project or ":" in project:
+        raise ValueError(f"project name must be non-empty without ':', got {project!r}")
+    names = sorted(entity_fields)
+    if not names:
+        raise ValueError("at least one entity field is needed")
+    return f"{PREFIX}:{project}:{','.join(names)}"
+
+
+def entity_key(project: str, entity: Mapping[str, Any]) -> str:
+    """The Redis key of one entity, e.g. ``{"device_id": "a99f214a"}`` ->
+    ``lma:fs:v1:avazu:device_id:a99f214a``. Raises ValueError for a missing or bad value."""
+    names = sorted(entity)
+    parts = []
+    for name in names:
+        text = canonical_text(entity[name])
+        if text is None or text == "":
+            raise ValueError(f"entity field '{name}' has no value")
+        parts.append(quote(text, safe=""))
+    return f"{entity_prefix(project, names)}:{','.join(parts)}"
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadSummary:
+    project: str
+    entity: list[str]
+    fields: list[str]
+    rows: int = 0
+    rows_without_entity: int = 0
+    keys_written: int = 0
+    writes: int = 0  # hash writes (a key rewritten by a later chunk counts again)
+    seconds: float = 0.0
+    ttl_s: int | None = None
+    bad_rows: int = 0
+    prefix: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+
+
+def default_fields(schema: Schema, entity: Sequence[str]) -> list[str]:
+    """Every raw feature column the schema reads (derivation sources included), but the label
+    and the entity fields."""
+    from lma.data.readers import source_columns
+
+    skip = {schema.label, *entity}
+    return [c for c in source_columns(schema) if c not in skip]
+
+
+def _latest_per_key(keys: np.ndarray, times: np.ndarray | None) -> np.ndarray:
+    """Row index of each key's latest row in a chunk (max time, ties to the later row)."""
+    n = len(keys)
+    # Sort by (key, time, position); the last row of each key's run is its latest.
+    pos = np.arange(n)
+    order = np.lexsort((pos, keys) if times is None else (pos, times, keys))
+    k = keys[order]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = k[1:] != k[:-1]
+    return order[last]
+
+
+def load_features(
+    source: Any,
+    entity: Sequence[str],
+    redis_url: str,
+    *,
+    fields: Sequence[str] | None = None,
+    project: str | None = None,
+    ttl_s: int | None = None,
+    progress: bool = False,
+    client: Any = None,
+) -> LoadSummary:
+    """Write each entity's latest feature values from a :class:`lma.data.DataSource` into Redis.
+
+    Rows whose entity fields are empty are skipped (counted). Rows the reader rejects follow its
+    ``on_error``. Returns a summary of what was written.
+    """
+    import redis
+
+    schema: Schema = source.schema
+    entity = list(entity)
+    project = project or schema.name
+    prefix = entity_prefix(project, entity)
+    fields = list(fields) if fields is not None else default_fields(schema, entity)
+    names = sorted(entity)
+    summary = LoadSummary(project, names, fields, ttl_s=ttl_s, prefix=prefix)
+    r = client or redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10)
+    tcol = schema.time_column
+    written: dict[str, Any] = {}  # key -> time of the row stored (only with a time column)
+    t0 = time.perf_counter()
+    bar = tqdm(desc="features", unit="rows", disable=not progress)
+    try:
+        for table, _ in source.iter_tables():
+            missing = [c for c in [*entity, *fields] if c not in table.column_names]
+            if missing:
+                raise ValueError(
+                    f"{source.name}: no column(s) {missing} (it has {table.column_names})"
+                )
+            n = table.num_rows
+            summary.rows += n
+            ent = [_text(table.column(c)) for c in names]
+            ok = np.ones(n, dtype=bool)
+            for col in ent:
+                ok &= np.asarray(pc.fill_null(pc.greater(pc.utf8_length(col), 0), False))
+            summary.rows_without_entity += int(n - ok.sum())
+            quoted = [[quote(v, safe="") if v else "" for v in col.to_pylist()] for col in ent]
+            keys = np.array(
+                [f"{prefix}:{','.join(p)}" for p in zip(*quoted, strict=True)], dtype=object
+            )
+            times = None
+            if tcol and tcol in table.column_names:
+                times = _sortable_times(table.column(tcol))
+            idx = np.flatnonzero(ok)
+            if len(idx) == 0:
+                bar.update(n)
+                continue
+            pick = idx[
+                _latest_per_key(keys[idx].astype(str), None if times is None else times[idx])
+            ]
+            values = {c: _text(table.column(c)).to_pylist() for c in fields}
+            tvals = _text(table.column(tcol)).to_pylist() if times is not None else None
+            pipe = r.pipeline(transaction=False)
+            for i in pick.tolist():
+                key = keys[i]
+                if times is not None:
+                    prev = written.get(key)
+                    if prev is not None and times[i] < prev:
+                        continue
+                    written[key] = times[i]
+                else:
+                    written[key] = None
+                mapping = {c: values[c][i] for c in fields if values[c][i]}
+                if tvals is not None:
+                    mapping[TS_FIELD] = tvals[i]
+                pipe.delete(key)
+                if mapping:
+                    pipe.hset(key, mapping=mapping)
+                if ttl_s:
+                    pipe.expire(key, int(ttl_s))
+                summary.writes += 1
+            pipe.execute()
+            bar.update(n)
+        summary.keys_written = len(written)
+        summary.bad_rows = getattr(getattr(source, "errors", None), "count", 0)
+        summary.seconds = time.perf_counter() - t0
+        meta = {
+            "layout": str(LAYOUT_VERSION),
+            "schema": schema.name,
+            "entity": ",".join(names),
+            "fields": json.dumps(fields),
+            "rows": str(summary.rows),
+            "keys": str(summary.keys_written),
+            "source": str(getattr(source, "name", "")),
+            "loaded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        r.delete(f"{prefix}:{META}")
+        r.hset(f"{prefix}:{META}", mapping=meta)
+    finally:
+        bar.close()
+    return summary
+
+
+def _text(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    return arr
+
+
+def _sortable_times(col: pa.ChunkedArray) -> np.ndarray:
+    """The time column as numbers to compare (missing or unparseable values sort first)."""
+    arr = _text(col)
+    try:
+        num = pc.cast(
+            pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr), pa.float64()
+        )
+        return np.asarray(num.fill_null(-np.inf).to_numpy(zero_copy_only=False), dtype=np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = np.full(len(arr), -np.inf)
+        for i, v in enumerate(arr.to_pylist()):
+            with contextlib.suppress(TypeError, ValueError):
+                out[i] = float(v)
+        return out
+
+
+def get_features(
+    redis_url: str, project: str, entity: Mapping[str, Any], client: Any = None
+) -> dict[str, str] | None:
+    """One entity's stored hash (the store's own ``__`` fields included), or None."""
+    import redis
+
+    r = client or redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=10)
+    got = r.hgetall(entity_key(project, entity))
+    if not got:
+        return None
+    return {k.decode(): v.decode() for k, v in got.items()}
+
+
+# -- reading in the service -----------------------------------------------------------------
+
+
+@dataclass
+class StoreStats:
+    """What the service exports as metrics."""
+
+    calls: int = 0
+    keys: int = 0
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    last_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+class FeatureStore:
+    """Async reader of the layout above: ``await store.fetch(entities)`` in one round trip.
+
+    ``timeout_s`` bounds every call (connect, send, read); after a failure the store answers
+    :class:`FeatureStoreError` at once for ``backoff_s`` (doubling up to ``max_backoff_s`` while
+    failures continue), then tries the server again: a down Redis never holds a request past its
+    deadline, and the store is back by itself when Redis is. One connection pool per instance
+    (per worker process).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        project: str,
+        *,
+        timeout_s: float = 0.05,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+        max_connections: int = 64,
+    ):
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.project = project
+        self.timeout_s = float(timeout_s)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            max_connections=max_connections,
+            retry_on_timeout=False,
+        )
+        self._down_until = 0.0
+        self._next_backoff = self.backoff_s
+        self.last_error: str | None = None
+        self.stats = StoreStats()
+
+    @property
+    def available(self) -> bool:
+        """False while backing off after a failure."""
+        return time.monotonic() >= self._down_until
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self, timeout_s: float | None = None) -> bool:
+        try:
+            await self._call(self._client.ping(), timeout_s)
+            return True
+        except FeatureStoreError:
+            return False
+
+    async def fetch(
+        self, entities: Sequence[Mapping[str, Any] | None], timeout_s: float | None = None
+    ) -> list[dict[str, str] | None]:
+        """Stored fields of each entity (None: no entity given, or none stored), in order.
+
+        Equal entities are fetched once; all in one pipelined round trip. Raises ValueError for
+        an entity with an empty value, :class:`FeatureStoreError` when the store cannot answer.
+        """
+        keys: list[str | None] = [
+            None if e is None or not e else entity_key(self.project, e) for e in entities
+        ]
+        unique = list(dict.fromkeys(k for k in keys if k is not None))
+        self.stats.calls += 1
+        if not unique:
+            return [None] * len(keys)
+        t0 = time.perf_counter()
+        pipe = self._client.pipeline(transaction=False)
+        for k in unique:
+            pipe.hgetall(k)
+        try:
+            raw = await self._call(pipe.execute(), timeout_s)
+        finally:
+            dt = time.perf_counter() - t0
+            self.stats.last_seconds = dt
+            self.stats.total_seconds += dt
+        found: dict[str, dict[str, str] | None] = {}
+        for k, h in zip(unique, raw, strict=True):
+            if h:
+                found[k] = {f.decode(): v.decode() for f, v in h.items() if not f.startswith(b"__")}
+            else:
+                found[k] = None
+        self.stats.keys += len(unique)
+        hits = sum(1 for v in found.values() if v is not None)
+        self.stats.hits += hits
+        self.stats.misses += len(unique) - hits
+        return [None if k is None else found[k] for k in keys]
+
+    async def _call(self, aw: Any, timeout_s: float | None) -> Any:
+        if not self.available:
+            _close(aw)
+            self.stats.errors += 1
+            raise FeatureStoreError(
+                f"feature store {self._safe_url()} unavailable (retrying in "
+                f"{self._down_until - time.monotonic():.1f} s): {self.last_error}"
+            )
+        try:
+            async with asyncio.timeout(timeout_s if timeout_s is not None else self.timeout_s):
+                out = await aw
+        except (TimeoutError, OSError, ConnectionError, _redis_errors()) as e:
+            self.stats.errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._down_until = time.monotonic() + self._next_backoff
+            self._next_backoff = min(self._next_backoff * 2, self.max_backoff_s)
+            log.warning("feature store %s: %s", self._safe_url(), self.last_error)
+            raise FeatureStoreError(f"feature store {self._safe_url()}: {self.last_error}") from e
+        self._next_backoff = self.backoff_s
+        self.last_error = None
+        return out
+
+    def _safe_url(self) -> str:
+        """The URL without its password."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        u = urlsplit(self.url)
+        if u.password:
+            netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+            return urlunsplit(u._replace(netloc=netloc))
+        return self.url
+
+
+def _redis_errors() -> type[BaseException]:
+    import redis.exceptions
+
+    return redis.exceptions.RedisError
+
+
+def _close(aw: Any) -> None:
+    """Drop an awaitable that will not be awaited (a coroutine would warn)."""
+    close = getattr(aw, "close", None)
+    if close is not None:
+        close()
+
+
+def merge_stored(
+    rows: list[dict[str, Any]], stored: Iterable[dict[str, str] | None]
+) -> list[dict[str, Any]]:
+    """Each row with its entity's stored fields underneath (the row's own values win)."""
+    return [row if s is None else {**s, **row} for row, s in zip(rows, stored, strict=True)]
