@@ -827,7 +827,15 @@ def encoder_for(schema: Schema) -> RecordEncoder:
         return hit[1]
     enc = RecordEncoder(schema)
     key = id(schema)
-    _ENCODERS[key] = (weakref.ref(schema, lambda _: _ENCODERS.pop(key, None)), enc)
+
+    def forget(ref: weakref.ref, cache: dict = _ENCODERS) -> None:
+        # Only this schema's entry: a later schema may reuse the id. ``cache`` is bound now, as
+        # module globals may already be gone when this runs at interpreter exit.
+        entry = cache.get(key)
+        if entry is not None and entry[0] is ref:
+            del cache[key]
+
+    _ENCODERS[key] = (weakref.ref(schema, forget), enc)
     return enc
 
 

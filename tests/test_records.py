@@ -448,3 +448,17 @@ def test_avazu_hour_rules_match_training() -> None:
         assert all(e.field == "hour" and "YYMMDDHH" in e.reason for e in got.errors)
         good = [i for i in range(len(hours)) if i not in bad_ref]
         np.testing.assert_array_equal(got.tokens[good], ref.tokens[good])
+
+
+def test_encoder_cache_forgets_dropped_schemas() -> None:
+    import gc
+
+    from lma import records
+
+    s = criteo_schema()
+    encoder_for(s)
+    key = id(s)
+    assert key in records._ENCODERS
+    del s
+    gc.collect()
+    assert key not in records._ENCODERS
