@@ -213,7 +213,8 @@ class RecordEncoder:
     """Everything :func:`encode_records` needs for one schema, computed once."""
 
     def __init__(self, schema: Schema, *, max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES):
-        self.schema = schema
+        self._schema: Schema | None = schema
+        self._schema_ref: weakref.ref | None = None
         self.max_value_bytes = max_value_bytes
         derive = "avazu_hour" in schema.extra.get("derive", ())
         derived = {"hour_of_day", "weekday"} if derive else set()
@@ -257,6 +258,15 @@ class RecordEncoder:
         )
         self._tile_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._hour_cache: dict[str, tuple[str, str]] = {}
+
+    @property
+    def schema(self) -> Schema:
+        if self._schema is not None:
+            return self._schema
+        schema = self._schema_ref() if self._schema_ref is not None else None
+        if schema is None:
+            raise RuntimeError("the schema of this cached encoder is gone")
+        return schema
 
     # -- records ----------------------------------------------------------------------------
 
@@ -835,7 +845,10 @@ def encoder_for(schema: Schema) -> RecordEncoder:
         if entry is not None and entry[0] is ref:
             del cache[key]
 
-    _ENCODERS[key] = (weakref.ref(schema, forget), enc)
+    # The cache must not keep the schema alive: the encoder holds it weakly from here on.
+    enc._schema_ref = weakref.ref(schema, forget)
+    enc._schema = None
+    _ENCODERS[key] = (enc._schema_ref, enc)
     return enc
 
 
