@@ -160,3 +160,165 @@ def slot_indices(
     starts = block_starts(h, m, z, aligned)  # (N, nb)
     idx = starts[:, :, None] + np.arange(z, dtype=np.int64)
     return idx.reshape(len(keys), params.n_blocks * z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key tables: constant-time token -> value (full-table row, LMA signature, QR row)
+#
+# A bucketed two-choice (cuckoo) hash table. Buckets hold BUCKET = 8 int64 keys: one 64-byte
+# cache line. Key k may live in bucket b0(k) or b1(k), so a lookup reads two cache lines of keys
+# (and, on a hit, one value):
+#     H_r   = block hash of k for "block" r in {0, 1}, with make_params(seed, 2) (spec above)
+#     b0    = H_0 mod n_buckets
+#     b1    = (b0 + 1 + H_1 mod (n_buckets - 1)) mod n_buckets      (never equal to b0)
+#     value = values[8 b + s] for the bucket b in {b0, b1} and slot s whose key equals k; else
+#             the caller's default.
+# Empty slots hold a filler key that hashes to neither of the buckets it sits in, so no query,
+# whatever its value, can match an empty slot; keys are unique (the first value of a duplicate
+# key wins, as a left binary search would give). The build draws seeds until no bucket overflows.
+# ---------------------------------------------------------------------------------------------
+
+BUCKET = 8
+KEY_TABLE_VERSION = 1
+MIN_BUCKETS = 4  # fillers need a bucket pair disjoint from another pair
+DEFAULT_LOAD = 0.8
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """A built key table: ``slots`` (n_buckets, 8) int64 keys, ``values`` (n_buckets * 8,) int64."""
+
+    seed: int
+    slots: np.ndarray
+    values: np.ndarray
+    n_keys: int
+
+    @property
+    def n_buckets(self) -> int:
+        return int(self.slots.shape[0])
+
+    @property
+    def params(self) -> HashParams:
+        return make_params(self.seed, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.slots.nbytes + self.values.nbytes)
+
+
+def bucket_pair(keys: np.ndarray, params: HashParams, n_buckets: int) -> np.ndarray:
+    """(N,) int64 keys -> (N, 2) int64 candidate buckets (b0, b1), b0 != b1."""
+    if n_buckets < 2:
+        raise ValueError(f"a key table needs >= 2 buckets, got {n_buckets}")
+    h = block_hash(np.asarray(keys, dtype=np.int64).reshape(-1), params)  # (N, 2)
+    b0 = h[:, 0] % n_buckets
+    b1 = (b0 + 1 + h[:, 1] % (n_buckets - 1)) % n_buckets
+    return np.stack([b0, b1], axis=1)
+
+
+def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndarray | None:
+    """Choice (0/1) per key so that no bucket holds more than BUCKET keys, or None.
+
+    Parallel cuckoo placement: every key starts in b0; in each round every overfull bucket keeps
+    the BUCKET keys whose other bucket is fullest and moves the rest to their other bucket.
+    """
+    n = len(b)
+    choice = np.zeros(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(n)
+    bid = b[:, 0].copy()
+    for _ in range(max_rounds):
+        counts = np.bincount(bid, minlength=n_buckets)
+        over = np.flatnonzero(counts[bid] > BUCKET)
+        if len(over) == 0:
+            return choice
+        ob = bid[over]
+        alt = b[over, 1 - choice[over]]
+        # Keep first: keys whose alternative is fullest (ties broken at random).
+        prio = -counts[alt].astype(np.float64) + rng.random(len(over))
+        order = np.lexsort((prio, ob))
+        sb = ob[order]
+        starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]])
+        rank = np.arange(len(sb)) - np.repeat(starts, np.diff(np.r_[starts, len(sb)]))
+        move = over[order[rank >= BUCKET]]
+        choice[move] ^= 1
+        bid[move] = b[rows[move], choice[move]]
+    return None
+
+
+def _filler(keys: np.ndarray, params: HashParams, n_buckets: int,
+            avoid: set[int], start: int) -> tuple[int, tuple[int, int]]:
+    """A key not in ``keys`` whose two buckets avoid ``avoid`` (searching upward from start)."""
+    c = start
+    while True:
+        cand = np.arange(c, c + 64, dtype=np.int64)
+        if len(keys):  # keys sorted and unique
+            at = np.minimum(np.searchsorted(keys, cand), len(keys) - 1)
+            cand = cand[keys[at] != cand]
+        bp = bucket_pair(cand, params, n_buckets)
+        for k, (p, q) in zip(cand.tolist(), bp.tolist(), strict=True):
+            if p not in avoid and q not in avoid:
+                return k, (p, q)
+        c += 64
+
+
+def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
+                    load: float = DEFAULT_LOAD, max_rounds: int = 200) -> KeyTable:
+    """Key table mapping ``keys[i] -> values[i]`` (the first i of a repeated key).
+
+    ``load`` is keys per slot; buckets = max(MIN_BUCKETS, ceil(n / (8 load))). If placement fails
+    with a seed the next seed is tried, and after four seeds the load is lowered by 10%.
+    """
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    if keys.shape != values.shape:
+        raise ValueError(f"keys {keys.shape} and values {values.shape} differ in length")
+    if len(keys) and not np.all(keys[1:] >= keys[:-1]):
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], values[order]
+    first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
+    uniq, vals = keys[first], values[first]  # stable: the first value of a repeated key
+    n = len(uniq)
+    attempt = 0
+    while True:
+        n_buckets = max(MIN_BUCKETS, -(-n // max(1, int(BUCKET * load))) if n else MIN_BUCKETS)
+        n_buckets = max(n_buckets, -(-n // BUCKET) + 1)
+        s = seed + attempt
+        params = make_params(s, 2)
+        b = bucket_pair(uniq, params, n_buckets) if n else np.zeros((0, 2), np.int64)
+        choice = _place(b, n_buckets, s, max_rounds)
+        if choice is not None:
+            break
+        attempt += 1
+        if attempt % 4 == 0:
+            load *= 0.9
+    bid = b[np.arange(n), choice] if n else np.zeros(0, np.int64)
+    order = np.argsort(bid, kind="stable")
+    sb = bid[order]
+    starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]]) if n else np.zeros(0, np.int64)
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n])) if n else starts
+    flat = sb * BUCKET + rank
+    f1, pair1 = _filler(uniq, params, n_buckets, set(), 0)
+    f2, _ = _filler(uniq, params, n_buckets, set(pair1), f1 + 1)
+    slots = np.full(n_buckets * BUCKET, f1, dtype=np.int64)
+    for p in pair1:
+        slots[p * BUCKET:(p + 1) * BUCKET] = f2
+    table_vals = np.zeros(n_buckets * BUCKET, dtype=np.int64)
+    slots[flat] = uniq[order]
+    table_vals[flat] = vals[order]
+    return KeyTable(seed=s, slots=slots.reshape(n_buckets, BUCKET), values=table_vals, n_keys=n)
+
+
+def key_table_lookup(table: KeyTable, queries: np.ndarray, default: np.ndarray | int) -> np.ndarray:
+    """Reference lookup: value of each query where its key is in the table, else ``default``
+    (broadcast against ``queries``)."""
+    q = np.asarray(queries, dtype=np.int64)
+    flat_q = q.reshape(-1)
+    b = bucket_pair(flat_q, table.params, table.n_buckets)  # (N, 2)
+    cand = table.slots[b].reshape(len(flat_q), 2 * BUCKET)  # two cache lines per query
+    eq = cand == flat_q[:, None]
+    hit = eq.any(axis=1)
+    pos = np.argmax(eq, axis=1)
+    flat = b[np.arange(len(flat_q)), pos // BUCKET] * BUCKET + pos % BUCKET
+    got = table.values[flat].reshape(q.shape)
+    return np.where(hit.reshape(q.shape), got, np.broadcast_to(default, q.shape))

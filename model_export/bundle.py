@@ -215,7 +215,8 @@ def _onnx_summary(path: Path) -> dict[str, Any]:
     lookups = []
     for n in custom:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        lookups.append({k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()})
+        lookups.append({"op_type": n.op_type,
+                        **{k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}})
     return {
         "file": ONNX_FILE,
         "ir_version": int(m.ir_version),

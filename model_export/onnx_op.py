@@ -69,6 +69,25 @@ def lift_weights(w: np.ndarray, mode: str) -> np.ndarray:
     return w if mode == "lma" else robez_lift_weights(w.shape[1])
 
 
+def _key_halves() -> list[onnx.NodeProto]:
+    """``keys`` -> ``kf`` (N,) int64 and ``halves`` (N, 2) double: the low and high 32 bits of
+    each key's two's-complement bits, from one uint64 division (needs constants cm1 and ax_1)."""
+    n = helper.make_node
+    c2p32 = numpy_helper.from_array(np.asarray(1 << 32, np.uint64), "c2p32u")
+    return [
+        n("Reshape", ["keys", "cm1"], ["kf"]),
+        n("Cast", ["kf"], ["ku"], to=TensorProto.UINT64),
+        n("Constant", [], ["c2p32u"], value=c2p32),
+        n("Div", ["ku", "c2p32u"], ["k_hi"]),
+        n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
+        n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
+        n("Unsqueeze", ["k_lo", "ax_1"], ["k_lo2"]),
+        n("Unsqueeze", ["k_hi", "ax_1"], ["k_hi2"]),
+        n("Concat", ["k_lo2", "k_hi2"], ["halves_u"], axis=1),  # each < 2^32
+        n("Cast", ["halves_u"], ["halves"], to=TensorProto.DOUBLE),
+    ]
+
+
 def _body(with_values: bool) -> list[onnx.NodeProto]:
     """Nodes of the function; inputs memory, keys, A, B, W; output ``out`` or ``idx``."""
     n = helper.make_node
@@ -112,16 +131,7 @@ def _body(with_values: bool) -> list[onnx.NodeProto]:
         n("Transpose", ["B"], ["bt"], perm=[1, 0]),  # (2, nb)
         n("Reshape", ["bt", "cm1"], ["B2"]),  # (2 nb,)
         # ---- per key: 16 nibbles from one uint64 division, the rest exact in double ----
-        n("Reshape", ["keys", "cm1"], ["kf"]),  # (N,)
-        n("Cast", ["kf"], ["ku"], to=TensorProto.UINT64),  # two's-complement bits
-        const("c2p32u", 1 << 32, np.uint64),
-        n("Div", ["ku", "c2p32u"], ["k_hi"]),
-        n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
-        n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
-        n("Unsqueeze", ["k_lo", "ax_1"], ["k_lo2"]),
-        n("Unsqueeze", ["k_hi", "ax_1"], ["k_hi2"]),
-        n("Concat", ["k_lo2", "k_hi2"], ["halves_u"], axis=1),  # (N, 2), each < 2^32
-        n("Cast", ["halves_u"], ["halves"], to=dbl),
+        *_key_halves(),  # kf (N,), halves (N, 2)
         n("Unsqueeze", ["halves", "ax_last"], ["halves3"]),  # (N, 2, 1)
         const("nib_div", [16.0**q for q in range(8)], np.float64),
         n("Div", ["halves3", "nib_div"], ["f_q"]),  # exact: division by powers of two
@@ -256,6 +266,151 @@ def standalone_model(
     return model
 
 
+# ---------------------------------------------------------------- key lookup (key tables)
+
+KEY_LOOKUP_OP_TYPE = "KeyLookup"
+# spec_version: the bucket hashes are hash spec v1's block hash (bundles check it on every
+# ai.lma node); table_version: the key table layout (lma/hashspec.py).
+KEY_LOOKUP_ATTRIBUTES = ("spec_version", "table_version")
+
+
+def key_lookup_attributes() -> dict[str, int]:
+    return {"spec_version": hashspec.SPEC_VERSION, "table_version": hashspec.KEY_TABLE_VERSION}
+
+
+def _key_lookup_body() -> list[onnx.NodeProto]:
+    """Nodes of ``ai.lma::KeyLookup(keys, default, slots, values, A, B) -> out`` (hashspec "Key
+    tables"): the 16-bit limbs of each key from one uint64 division and exact double arithmetic,
+    the two bucket hashes as one double MatMul (partial sums < 2^49), the two candidate buckets'
+    16 keys as one Gather of (N, 2) rows of the (nb, 8) slots, the matching slot as a double
+    MatMul of the 0/1 matches with 1..16 (at most one slot matches), one Gather of the value.
+    Every op has a CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
+    n = helper.make_node
+    dbl = TensorProto.DOUBLE
+    i64 = TensorProto.INT64
+
+    def const(name: str, values: Any, dtype: Any) -> onnx.NodeProto:
+        return n("Constant", [], [name], value=numpy_helper.from_array(np.asarray(values, dtype), name))
+
+    return [
+        const("cm1", [-1], np.int64),
+        const("ax_1", [1], np.int64),
+        const("ax_last", [-1], np.int64),
+        const("c1", 1, np.int64),
+        const("c8", hashspec.BUCKET, np.int64),
+        const("cP", hashspec.P, np.int64),
+        # constants: At (4, 4) double with At[i, 2r + j] = A[r, j, i]; B4 (4,) = B[r, j]
+        n("Cast", ["A"], ["a_d"], to=dbl),
+        const("shape_4_4", [4, 4], np.int64),
+        n("Reshape", ["a_d", "shape_4_4"], ["a_rj_i"]),
+        n("Transpose", ["a_rj_i"], ["At"], perm=[1, 0]),
+        n("Reshape", ["B", "cm1"], ["B4"]),
+        n("Shape", ["slots"], ["s_shape"]),
+        n("Split", ["s_shape"], ["nb1", "w1"], axis=0, num_outputs=2),
+        n("Squeeze", ["nb1"], ["nb"]),
+        n("Sub", ["nb", "c1"], ["nb_m1"]),
+        # per key: limbs
+        *_key_halves(),
+        const("c2p16d", 65536.0, np.float64),
+        n("Div", ["halves", "c2p16d"], ["hq"]),
+        n("Floor", ["hq"], ["upper"]),  # (N, 2): limbs 1 and 3
+        n("Mul", ["upper", "c2p16d"], ["upper_sh"]),
+        n("Sub", ["halves", "upper_sh"], ["lower"]),  # (N, 2): limbs 0 and 2
+        n("Unsqueeze", ["lower", "ax_last"], ["lower3"]),
+        n("Unsqueeze", ["upper", "ax_last"], ["upper3"]),
+        n("Concat", ["lower3", "upper3"], ["limbs3"], axis=2),  # (N, 2, 2): [half, lo/hi]
+        const("shape_m1_4", [-1, 4], np.int64),
+        n("Reshape", ["limbs3", "shape_m1_4"], ["u"]),  # (N, 4): u0 u1 u2 u3
+        n("MatMul", ["u", "At"], ["xd"]),  # (N, 4) < 2^49: exact
+        n("Cast", ["xd"], ["xm"], to=i64),
+        n("Add", ["xm", "B4"], ["x"]),
+        n("Mod", ["x", "cP"], ["h"]),
+        const("shape_m1_2_2", [-1, 2, 2], np.int64),
+        n("Reshape", ["h", "shape_m1_2_2"], ["h3"]),
+        n("Split", ["h3"], ["g0", "g1"], axis=2, num_outputs=2),  # (N, 2, 1) each
+        n("Mul", ["g0", "cP"], ["g0p"]),
+        n("Add", ["g0p", "g1"], ["H3"]),
+        n("Squeeze", ["H3", "ax_last"], ["H"]),  # (N, 2) < 2^62
+        n("Split", ["H"], ["H0", "H1"], axis=1, num_outputs=2),  # (N, 1) each
+        n("Mod", ["H0", "nb"], ["b0"]),
+        n("Mod", ["H1", "nb_m1"], ["r1"]),
+        n("Add", ["b0", "r1"], ["b0r"]),
+        n("Add", ["b0r", "c1"], ["b1_raw"]),
+        n("Mod", ["b1_raw", "nb"], ["b1"]),
+        n("Concat", ["b0", "b1"], ["buckets"], axis=1),  # (N, 2)
+        n("Gather", ["slots", "buckets"], ["cand3"], axis=0),  # (N, 2, 8)
+        const("shape_m1_16", [-1, 2 * hashspec.BUCKET], np.int64),
+        n("Reshape", ["cand3", "shape_m1_16"], ["cand"]),
+        n("Unsqueeze", ["kf", "ax_1"], ["kf2"]),
+        n("Equal", ["cand", "kf2"], ["eq"]),
+        n("Cast", ["eq"], ["eq_d"], to=dbl),
+        const("slot_ids", np.arange(1, 2 * hashspec.BUCKET + 1, dtype=np.float64).reshape(-1, 1),
+              np.float64),
+        n("MatMul", ["eq_d", "slot_ids"], ["pos_d"]),  # (N, 1): 0 = absent, else slot + 1
+        n("Cast", ["pos_d"], ["pos"], to=i64),
+        const("c0", 0, np.int64),
+        n("Greater", ["pos", "c0"], ["hit"]),
+        n("Sub", ["pos", "c1"], ["pos0"]),
+        n("Max", ["pos0", "c0"], ["sel"]),  # absent keys read slot 0 (discarded below)
+        n("Div", ["sel", "c8"], ["which"]),  # 0: first bucket, 1: second
+        n("Mul", ["which", "c8"], ["which8"]),
+        n("Sub", ["sel", "which8"], ["slot"]),
+        n("GatherElements", ["buckets", "which"], ["bucket"], axis=1),
+        n("Mul", ["bucket", "c8"], ["bucket8"]),
+        n("Add", ["bucket8", "slot"], ["flat2"]),
+        n("Reshape", ["flat2", "cm1"], ["flat"]),
+        n("Gather", ["values", "flat"], ["got"], axis=0),
+        n("Reshape", ["hit", "cm1"], ["hit_f"]),
+        n("Shape", ["keys"], ["k_shape"]),
+        n("Reshape", ["got", "k_shape"], ["got_k"]),
+        n("Reshape", ["hit_f", "k_shape"], ["hit_k"]),
+        n("Where", ["hit_k", "got_k", "default"], ["out"]),
+    ]
+
+
+def key_lookup_function() -> onnx.FunctionProto:
+    """The model-local function implementing ``ai.lma::KeyLookup``."""
+    return helper.make_function(
+        DOMAIN,
+        KEY_LOOKUP_OP_TYPE,
+        inputs=["keys", "default", "slots", "values", "A", "B"],
+        outputs=["out"],
+        nodes=_key_lookup_body(),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        attributes=list(KEY_LOOKUP_ATTRIBUTES),
+        doc_string=_key_lookup_body.__doc__,
+    )
+
+
+def key_lookup_model(table: Any, default_shape: Sequence[int] | None = None) -> onnx.ModelProto:
+    """A model with one KeyLookup node over ``table`` (a ``hashspec.KeyTable``): inputs keys
+    (batch, slots) int64 and default (broadcastable) int64, output (batch, slots) int64."""
+    p = table.params
+    inits = [
+        numpy_helper.from_array(table.slots, "slots"),
+        numpy_helper.from_array(table.values, "values"),
+        numpy_helper.from_array(p.A, "A"),
+        numpy_helper.from_array(p.B, "B"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots_dim"]),
+        helper.make_tensor_value_info("default", TensorProto.INT64,
+                                      list(default_shape) if default_shape else ["batch", "slots_dim"]),
+    ]
+    node = helper.make_node(KEY_LOOKUP_OP_TYPE, ["keys", "default", "slots", "values", "A", "B"],
+                            ["y"], domain=DOMAIN, **key_lookup_attributes())
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "slots_dim"])
+    graph = helper.make_graph([node], "key_lookup", inputs, [out], initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        functions=[key_lookup_function()],
+        producer_name="lma-ctr",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
 # ---------------------------------------------------------------- torch.onnx.export (dynamo)
 
 _schema_registered = False
@@ -300,6 +455,18 @@ def register_schema() -> None:
         ],
     )
     onnx.defs.register_schema(schema)
+    onnx.defs.register_schema(onnx.defs.OpSchema(
+        KEY_LOOKUP_OP_TYPE,
+        DOMAIN,
+        OP_VERSION,
+        "Key table lookup (lma/hashspec.py, key tables); see model_export/onnx_op.py",
+        inputs=[fp("keys", "tensor(int64)"), fp("default", "tensor(int64)"),
+                fp("slots", "tensor(int64)"), fp("values", "tensor(int64)"),
+                fp("A", "tensor(int64)"), fp("B", "tensor(int64)")],
+        outputs=[fp("out", "tensor(int64)")],
+        attributes=[attr("spec_version", at.INT, "hash spec version of the bucket hashes"),
+                    attr("table_version", at.INT, "key table layout version")],
+    ))
     _schema_registered = True
 
 
@@ -365,6 +532,15 @@ def _translate_searchsorted(
     return lo
 
 
+def _translate_key_lookup(keys, default, slots, values, coef_a, coef_b):  # noqa: ANN001, ANN202
+    """Translation of ``lma::key_lookup``: one ``ai.lma::KeyLookup`` node (function attached by
+    :func:`finalize`)."""
+    from onnxscript import values as ov
+
+    opset = ov.Opset(DOMAIN, OP_VERSION)
+    return opset.KeyLookup(keys, default, slots, values, coef_a, coef_b, **key_lookup_attributes())
+
+
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     import lma.ops  # noqa: F401  (registers torch.ops.lma.*)
@@ -372,6 +548,7 @@ def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     register_schema()
     return {
         torch.ops.lma.hashed_gather.default: _translate_hashed_gather,
+        torch.ops.lma.key_lookup.default: _translate_key_lookup,
         torch.ops.aten.searchsorted.Tensor: _translate_searchsorted,
     }
 
@@ -382,7 +559,9 @@ def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
     have = {(f.domain, f.name) for f in model.functions}
     if (DOMAIN, OP_TYPE) in used and (DOMAIN, OP_TYPE) not in have:
         model.functions.append(function_proto())
-    if (DOMAIN, OP_TYPE) in used:
+    if (DOMAIN, KEY_LOOKUP_OP_TYPE) in used and (DOMAIN, KEY_LOOKUP_OP_TYPE) not in have:
+        model.functions.append(key_lookup_function())
+    if used & {(DOMAIN, OP_TYPE), (DOMAIN, KEY_LOOKUP_OP_TYPE)}:
         imports = {o.domain: o for o in model.opset_import}
         if DOMAIN not in imports:
             model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
@@ -407,6 +586,10 @@ def _finalize_ir(model: Any) -> None:
     """:func:`finalize` on an ``onnx_ir`` model (used for models too large for one protobuf)."""
     import onnx_ir as ir
 
+    if any((n.domain, n.op_type) == (DOMAIN, KEY_LOOKUP_OP_TYPE) for n in model.graph):
+        fn = ir.serde.deserialize_function(key_lookup_function())
+        model.functions[fn.identifier()] = fn
+        model.opset_imports[DOMAIN] = OP_VERSION
     nodes = [n for n in model.graph if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
     if nodes:
         fn = ir.serde.deserialize_function(function_proto())

@@ -69,7 +69,12 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
         assert m["onnx"]["custom_op"]["domain"] == "ai.lma"
         custom = [n for n in model.graph.node if n.op_type == "HashedGather"]
         assert len(custom) == 1 and custom[0].domain == "ai.lma"
-        assert [f.name for f in model.functions] == ["HashedGather"]
+        # lma resolves token -> signature with a key table (one KeyLookup node)
+        want = {"HashedGather", "KeyLookup"} if kind == "lma" else {"HashedGather"}
+        assert {f.name for f in model.functions} == want
+    elif kind == "full":  # token -> row by a key table
+        assert domains <= {"", "ai.lma"} and [f.name for f in model.functions] == ["KeyLookup"]
+        assert [n["op_type"] for n in m["onnx"]["custom_op"]["nodes"]] == ["KeyLookup"]
     else:
         assert domains <= {""} and not model.functions
         assert m["onnx"]["custom_op"] is None

@@ -60,11 +60,7 @@ def _dlrm(kind: str, first_order: bool) -> torch.nn.Module:
     return build_dlrm(cfg, emb, fmap).eval()
 
 
-@pytest.mark.parametrize("kind", [
-    "lma", "robez", "full", "hash",
-    pytest.param("qr", marks=pytest.mark.xfail(
-        strict=True, reason="qr reads its int32 row map with GatherND, which has no int32 CUDA kernel")),
-])
+@pytest.mark.parametrize("kind", ["lma", "robez", "full", "hash", "qr"])
 def test_exported_dlrm_has_cuda_kernels(tmp_path: Path, kind: str) -> None:
     model = _dlrm(kind, first_order=kind == "lma")
     dense = torch.randn(4, 2)

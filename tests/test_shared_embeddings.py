@@ -127,7 +127,7 @@ def test_lma_equal_signatures_share_fallback_random() -> None:
     torch.testing.assert_close(out[3], direct, rtol=0, atol=0)
     keys = _batch(fmap, 50, oov=0.5)
     np.testing.assert_array_equal(emb.resolve_keys(keys).numpy(), sig.lookup(keys.numpy()))
-    assert emb.state_bytes() == 4 * 16
+    assert emb.state_bytes() == emb.key_table.nbytes() >= 4 * 16  # the key table serving holds
 
 
 def test_lma_similar_tokens_share_more_memory() -> None:
@@ -243,3 +243,28 @@ def test_sparse_gradient_path_matches_dense(kind):
     torch.testing.assert_close(sparse.memory.grad.to_dense(), dense.memory.grad, atol=1e-5, rtol=1e-5)
     sparse.eval()
     assert torch.equal(sparse(toks), dense(toks))
+
+
+@pytest.mark.parametrize("kind", ["full", "lma", "qr"])
+def test_key_table_lookup_equals_binary_search(kind: str) -> None:
+    """lookup="table" (default) and lookup="search" (the old binary search) give the same rows /
+    signatures, extreme and unseen tokens included, and the same embeddings."""
+    fmap = _fmap()
+    tokens = _batch(fmap, 200, seed=4, oov=0.2)
+    extreme = torch.tensor([-(2**63), 2**63 - 1, 0, 1, -1], dtype=torch.int64)
+    tokens[: len(extreme), 0] = extreme
+    train = _batch(fmap, 500, seed=9, oov=0).numpy()
+    embs = [_build(kind, fmap, 1 if kind == "full" else 4, train=train, lookup=mode)
+            for mode in ("table", "search")]
+    if kind == "lma":
+        a, b = (e.resolve_keys(tokens) for e in embs)
+    else:
+        a, b = (e.rows(tokens) for e in embs)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(embs[0](tokens), embs[1](tokens))
+    assert embs[0].key_table is not None and embs[1].key_table is None
+    # The table is rebuilt, never saved: state dicts (checkpoints from before) are unchanged.
+    assert embs[0].state_dict().keys() == embs[1].state_dict().keys()
+    with pytest.raises(ValueError, match="lookup"):
+        _build(kind, fmap, 4, train=train, lookup="bogus")

@@ -24,7 +24,9 @@ import torch
 
 from lma.embeddings.base import EmbeddingSpec, register
 from lma.embeddings.robez import SharedMemoryEmbedding
+from lma.embeddings.tables import lookup_option
 from lma.features import FeatureMap
+from lma.ops.key_lookup import KeyLookup
 from lma.signatures import (
     DEFAULT_MIN_COUNT,
     DEFAULT_SAMPLE_ROWS,
@@ -53,6 +55,10 @@ class LMAEmbedding(SharedMemoryEmbedding):
         # Per-token state, saved through ``extra_state_arrays`` rather than the state dict.
         self.register_buffer("sig_tokens", torch.from_numpy(signatures.tokens.copy()), persistent=False)
         self.register_buffer("sig_values", torch.from_numpy(signatures.signatures.copy()), persistent=False)
+        # Token -> signature in constant time (option lookup="search": the old binary search).
+        self.lookup = lookup_option(spec)
+        self.key_table = (KeyLookup.build(signatures.tokens, signatures.signatures)
+                          if self.lookup == "table" else None)
 
     @classmethod
     def prepare(cls, spec: EmbeddingSpec, feature_map: FeatureMap, train_tokens: Any,
@@ -85,7 +91,9 @@ class LMAEmbedding(SharedMemoryEmbedding):
 
     def resolve_keys(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S) int64 tokens -> (B, S) int64 keys: the signature where the token has one, else
-        the token hash. ``torch.searchsorted`` based, so it traces and exports."""
+        the token hash (``lma::key_lookup`` over a key table, or a binary search)."""
+        if self.key_table is not None:
+            return self.key_table(tokens, tokens)
         n = self.sig_tokens.shape[0]
         if n == 0:
             return tokens
@@ -102,7 +110,10 @@ class LMAEmbedding(SharedMemoryEmbedding):
                               self.signature_meta)
 
     def state_bytes(self) -> int:
-        """The signature table: 8 bytes of token hash + 8 bytes of signature per signed token."""
+        """The signature lookup serving holds: the key table (slots + signatures), or for
+        lookup="search" 8 bytes of token hash + 8 bytes of signature per signed token."""
+        if self.key_table is not None:
+            return self.key_table.nbytes()
         return int(self.sig_tokens.numel() * 8 + self.sig_values.numel() * 8)
 
     def extra_state_arrays(self) -> dict[str, np.ndarray]:
@@ -115,4 +126,5 @@ class LMAEmbedding(SharedMemoryEmbedding):
             "set_kind": self.set_kind,
             "sample_rows": self.sample_rows,
             "sig_min_count": self.sig_min_count,
+            "lookup": self.lookup,
         }

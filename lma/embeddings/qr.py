@@ -27,7 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lma.embeddings.base import Embedding, EmbeddingSpec, register
+from lma.embeddings.tables import lookup_option
 from lma.features import FeatureMap
+from lma.ops.key_lookup import KeyLookup
 
 
 def _candidates(n: int) -> list[tuple[int, ...]]:
@@ -107,6 +109,10 @@ class QREmbedding(Embedding):
         order = np.argsort(all_tok, kind="stable")
         self.register_buffer("vocab", torch.from_numpy(np.ascontiguousarray(all_tok[order])))
         self.register_buffer("local_row", torch.from_numpy(local[order].astype(np.int32)))
+        self.lookup = lookup_option(spec)
+        self.key_table = (KeyLookup.build(all_tok[order], local[order].astype(np.int64))
+                          if self.lookup == "table" else None)
+        self.register_buffer("oov_row", torch.zeros(1, dtype=torch.int64), persistent=False)
 
         # Component tables: table j stacks component j of every field with >= j + 1 components.
         n_slots = len(slot_fields)
@@ -150,6 +156,8 @@ class QREmbedding(Embedding):
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S) tokens -> (B, S) int64 row of the token in its field's table (0 = OOV)."""
+        if self.key_table is not None:
+            return self.key_table(tokens, self.oov_row)
         n = self.vocab.shape[0]
         if n == 0:
             return torch.zeros_like(tokens)
@@ -170,7 +178,9 @@ class QREmbedding(Embedding):
         return out
 
     def state_bytes(self) -> int:
-        """Sorted vocabulary (int64) and each token's row in its field (int32)."""
+        """The key table (or the sorted vocabulary (int64) and each token's row (int32))."""
+        if self.key_table is not None:
+            return self.key_table.nbytes()
         return int(self.vocab.numel() * 8 + self.local_row.numel() * 4)
 
     def extra_state_arrays(self) -> dict[str, np.ndarray]:

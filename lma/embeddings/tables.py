@@ -10,9 +10,22 @@ from torch import nn
 
 from lma.embeddings.base import Embedding, EmbeddingSpec, register
 from lma.features import FeatureMap
+from lma.ops.key_lookup import KeyLookup
 
 # Tables above this many floats train with sparse gradients (dense Adam state would dominate).
 SPARSE_THRESHOLD = 4_000_000
+
+# How tokens find their row (option ``lookup``): "table", a key table read in constant time
+# (two cache lines per token, lma/hashspec.py), or "search", the binary search over the sorted
+# vocabulary that it replaced (kept to measure one against the other).
+LOOKUPS = ("table", "search")
+
+
+def lookup_option(spec: EmbeddingSpec) -> str:
+    mode = str(spec.options.get("lookup", "table"))
+    if mode not in LOOKUPS:
+        raise ValueError(f"option lookup must be one of {LOOKUPS}, got {mode!r}")
+    return mode
 
 
 def _init_rows(weight: torch.Tensor, generator: torch.Generator) -> None:
@@ -28,7 +41,8 @@ class FullTables(Embedding):
 
     Rows of all fields live in one ``nn.Embedding``; a token's row is its position in the sorted
     array of all vocabulary tokens (token hashes embed the field, so they are globally unique),
-    and a token outside the vocabulary reads its field's OOV row.
+    and a token outside the vocabulary reads its field's OOV row. The token -> row map is a key
+    table built from the vocabulary (non-persistent, so the state dict holds the vocabulary only).
     """
 
     kind = "full"
@@ -39,6 +53,9 @@ class FullTables(Embedding):
         self.register_buffer("vocab", torch.from_numpy(np.ascontiguousarray(vocab[order])))
         self.register_buffer("slot_fields", torch.tensor(slot_fields, dtype=torch.int64))
         self.n_vocab = len(vocab)
+        self.lookup = lookup_option(spec)
+        self.key_table = (KeyLookup.build(vocab[order], np.arange(self.n_vocab))
+                          if self.lookup == "table" else None)
         rows = self.n_vocab + n_fields
         self.sparse = rows * spec.dim > SPARSE_THRESHOLD
         self.table = nn.Embedding(rows, spec.dim, sparse=self.sparse)
@@ -52,6 +69,8 @@ class FullTables(Embedding):
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S) tokens -> (B, S) row indices (OOV row of the slot's field when absent)."""
+        if self.key_table is not None:
+            return self.key_table(tokens, self.n_vocab + self.slot_fields)
         if self.n_vocab == 0:
             return (self.n_vocab + self.slot_fields).expand_as(tokens)
         pos = torch.searchsorted(self.vocab, tokens).clamp_(max=self.n_vocab - 1)
@@ -65,6 +84,9 @@ class FullTables(Embedding):
         return self.table.weight.numel()
 
     def state_bytes(self) -> int:
+        """What serving holds besides the rows: the key table (or the sorted vocabulary)."""
+        if self.key_table is not None:
+            return self.key_table.nbytes()
         return 8 * self.n_vocab  # the sorted vocabulary (int64 token hashes)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
