@@ -375,13 +375,8 @@ class RecordEncoder:
                 if num is not None:
                     raw[:, j] = num
                     continue
-                for i, v in enumerate(_to_list(col)):
-                    try:
-                        raw[i, j] = _dense_value(v)
-                    except _Bad as e:
-                        raw[i, j] = np.nan
-                        bad[i, j] = True
-                        errors.append(RecordError(i, name, str(e)))
+                r, b = self._dense_raw(_to_list(col), n, (name,), errors, row_major=False)
+                raw[:, j], bad[:, j] = r, b
             dense = self._dense_from_raw(raw, bad, errors)
         else:
             dense = np.zeros((n, 0), dtype=np.float32)
@@ -663,10 +658,21 @@ class RecordEncoder:
     def _dense_flat(
         self, flat: list[Any], n: int, errors: list[RecordError], row_major: bool
     ) -> np.ndarray:
-        names = self._dense_names
-        d = len(names)
+        d = len(self._dense_names)
+        raw, bad = self._dense_raw(flat, n, self._dense_names, errors, row_major)
+        return self._shape_dense(raw, bad, n, d, errors, row_major)
+
+    def _dense_raw(
+        self,
+        flat: list[Any],
+        n: int,
+        names: Sequence[str],
+        errors: list[RecordError],
+        row_major: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw float64 of flat dense cells (NaN: missing or bad) and the mask of bad ones."""
         raw: np.ndarray | None = None
-        bad = np.zeros(n * d, dtype=bool)
+        bad = np.zeros(len(flat), dtype=bool)
         types = set(map(type, flat))
         if _NUMBER_TYPES.issuperset(types):
             try:
@@ -685,9 +691,9 @@ class RecordEncoder:
                         raw[k] = np.nan
                         row, name = self._where(k, n, row_major, names)
                         errors.append(RecordError(row, name, f"non-numeric value {flat[k]!r}"))
-                return self._shape_dense(raw, bad, n, d, errors, row_major)
+                return raw, bad
         if raw is None:
-            raw = np.empty(n * d, dtype=np.float64)
+            raw = np.empty(len(flat), dtype=np.float64)
             for k, v in enumerate(flat):
                 try:
                     raw[k] = _dense_value(v)
@@ -696,24 +702,22 @@ class RecordEncoder:
                     bad[k] = True
                     row, name = self._where(k, n, row_major, names)
                     errors.append(RecordError(row, name, str(e)))
-        else:
-            # Arrow keeps NaN and inf as numbers (None became null = NaN): those are errors.
-            nonfinite = ~np.isfinite(raw)
-            if nonfinite.any():
-                for k in np.flatnonzero(nonfinite).tolist():
-                    if flat[k] is not None:
-                        bad[k] = True
-                        row, name = self._where(k, n, row_major, names)
-                        errors.append(
-                            RecordError(
-                                row,
-                                name,
-                                f"{flat[k]!r} is not a number; send null for a missing value",
-                            )
+            return raw, bad
+        # Arrow keeps NaN and inf as numbers (None became null = NaN): those are errors.
+        nonfinite = ~np.isfinite(raw)
+        if nonfinite.any():
+            for k in np.flatnonzero(nonfinite).tolist():
+                if flat[k] is not None:
+                    bad[k] = True
+                    row, name = self._where(k, n, row_major, names)
+                    errors.append(
+                        RecordError(
+                            row, name, f"{flat[k]!r} is not a number; send null for a missing value"
                         )
-                raw = raw.copy()
-                raw[bad] = np.nan
-        return self._shape_dense(raw, bad, n, d, errors, row_major)
+                    )
+            raw = raw.copy()
+            raw[bad] = np.nan
+        return raw, bad
 
     def _shape_dense(
         self,
