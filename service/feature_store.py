@@ -417,3 +417,64 @@ def merge_stored(
 ) -> list[dict[str, Any]]:
     """Each row with its entity's stored fields underneath (the row's own values win)."""
     return [row if s is None else {**s, **row} for row, s in zip(rows, stored, strict=True)]
+
+
+class RedisFeatureSource:
+    """The service's feature-source hook (:class:`service.decoding.FeatureSource`) on a store.
+
+    For each row, its own entity mapping (per candidate) or else the request's: the entity's
+    stored fields are added where the row has no value (the request wins), and the entity fields
+    themselves too when they are model features. One round trip per request. When the store
+    cannot answer, the rows keep only their own values and the answer carries a warning, or,
+    with ``required=True``, the request fails with 503. Entities without stored features are
+    warned about, not refused (their rows take the missing values, as unseen values do).
+    """
+
+    def __init__(self, store: FeatureStore, *, required: bool = False):
+        self.store = store
+        self.required = required
+
+    async def fill(
+        self,
+        schema: Schema,
+        rows: list[dict[str, Any]],
+        entities: dict[str, Any] | None,
+        row_entities: list[dict[str, Any] | None] | None,
+    ) -> list[str]:
+        from lma.records import encoder_for
+        from service.errors import RequestError
+
+        per_row = [
+            (row_entities[i] if row_entities is not None and row_entities[i] else entities)
+            for i in range(len(rows))
+        ]
+        try:
+            stored = await self.store.fetch(per_row)
+        except ValueError as e:
+            raise RequestError(422, f"entities: {e}", field="entities", kind="bad_entity") from None
+        except FeatureStoreError as e:
+            if self.required:
+                raise RequestError(
+                    503, str(e), kind="feature_store", headers={"Retry-After": "1"}
+                ) from None
+            return [f"feature store unavailable, stored features left out: {e}"]
+        known = encoder_for(schema).known
+        misses = []
+        for i, (row, ent, got) in enumerate(zip(rows, per_row, stored, strict=True)):
+            if not ent:
+                continue
+            for k, v in ent.items():
+                if k in known and row.get(k) is None:
+                    row[k] = v
+            if got is None:
+                misses.append(i)
+                continue
+            for k, v in got.items():
+                if k in known and row.get(k) is None:
+                    row[k] = v
+        if misses:
+            return [
+                f"no stored features for the entities of {len(misses)} row(s) "
+                f"(first: row {misses[0]}, {per_row[misses[0]]})"
+            ]
+        return []

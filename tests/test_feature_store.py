@@ -382,3 +382,49 @@ def test_redis_killed_and_restarted(tmp_path: Path) -> None:
         assert asyncio.run(go()) == [{"c": "y"}]
     finally:
         srv.kill()
+
+
+@needs_redis
+def test_feature_source_hook(server: RedisServer, avazu_path: Path) -> None:
+    from service.errors import RequestError
+    from service.feature_store import RedisFeatureSource
+
+    load_features(open_source(f"avazu:{avazu_path}"), ["device_id"], server.url)
+    latest = _latest_rows(avazu_path, "device_id")
+    devices = [d for d in latest if d != "a99f214a"][:3]
+    schema = avazu_schema()
+
+    async def go(url: str, required: bool, rows: list[dict], entities, row_entities):
+        src = RedisFeatureSource(FeatureStore(url, "avazu", timeout_s=0.5), required=required)
+        try:
+            return await src.fill(schema, rows, entities, row_entities)
+        finally:
+            await src.store.close()
+
+    # Request-level entity: every row gets the device's stored fields and device_id itself;
+    # a row's own value wins.
+    rows = [{"hour": "14102300", "C1": "9999"}, {"hour": "14102300"}]
+    warnings = asyncio.run(go(server.url, False, rows, {"device_id": devices[0]}, None))
+    assert warnings == []
+    want = latest[devices[0]]
+    assert rows[0]["C1"] == "9999" and rows[1]["C1"] == want["C1"]
+    assert rows[1]["device_id"] == devices[0] and rows[1]["device_model"] == want["device_model"]
+    assert rows[1]["hour"] == "14102300"
+    # Per-row entities; an unknown entity is a warning.
+    rows = [{}, {}, {}]
+    per_row = [{"device_id": devices[1]}, {"device_id": "nope"}, None]
+    warnings = asyncio.run(go(server.url, False, rows, {"device_id": devices[2]}, per_row))
+    assert rows[0]["device_model"] == latest[devices[1]]["device_model"]
+    assert rows[1] == {"device_id": "nope"}
+    assert rows[2]["device_model"] == latest[devices[2]]["device_model"]
+    assert len(warnings) == 1 and "row 1" in warnings[0]
+    # Store down: a warning, or 503 when it is required; a bad entity value is a 422.
+    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    warnings = asyncio.run(go(dead, False, [{}], {"device_id": devices[0]}, None))
+    assert len(warnings) == 1 and "unavailable" in warnings[0]
+    with pytest.raises(RequestError) as e:
+        asyncio.run(go(dead, True, [{}], {"device_id": devices[0]}, None))
+    assert e.value.status == 503
+    with pytest.raises(RequestError) as e:
+        asyncio.run(go(server.url, False, [{}], {"device_id": ""}, None))
+    assert e.value.status == 422 and e.value.field == "entities"
