@@ -123,6 +123,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "already encoded there from the same source are reused")
     g.add_argument("--epoch-rows", type=int, default=None,
                    help="train on at most this many (shuffled) training rows per epoch")
+    g.add_argument("--vocab-from", default=None, metavar="DIR",
+                   help="add the tokens and counts of this feature map (a folder with "
+                        "feature_map.json/.npz, e.g. from `lma data synth --feature-map`) to the "
+                        "training rows': a vocabulary of more rows than are trained on")
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model and optimisation options shared by ``lma train`` and ``lma sweep`` (the TrainConfig
@@ -189,6 +193,7 @@ def train_config_from_args(args: argparse.Namespace):
         split=args.split, options=_kv_options(args.option), on_error=args.on_error,
         device=args.device, out=args.out, progress=not args.quiet, stream=args.stream,
         work_dir=args.work_dir, epoch_rows=args.epoch_rows, fractions=_fractions(args.fractions),
+        vocab_from=args.vocab_from,
         **model_kwargs(args),
     )
 

@@ -437,6 +437,22 @@ class FeatureMap:
                 acc_t[f], acc_c[f] = _merge_counts([acc_t[f], *pend_t[f]], [acc_c[f], *pend_c[f]])
         return cls(schema, acc_t, acc_c, n_rows)
 
+    def merged(self, other: FeatureMap) -> FeatureMap:
+        """This map with ``other``'s tokens added (counts of equal tokens summed); the schemas'
+        categorical fields must agree. ``meta["merged"]`` records ``other``'s meta."""
+        names = [f.name for f in self.schema.categorical]
+        if names != [f.name for f in other.schema.categorical]:
+            raise ValueError("feature maps with different categorical fields cannot be merged: "
+                             f"{names} vs {[f.name for f in other.schema.categorical]}")
+        tokens, counts = [], []
+        for f in range(len(names)):
+            t, c = _merge_counts([self.tokens[f], other.tokens[f]],
+                                 [self.counts[f], other.counts[f]])
+            tokens.append(t)
+            counts.append(c)
+        meta = {**self.meta, "merged": {"n_rows": other.n_rows, **other.meta}}
+        return FeatureMap(self.schema, tokens, counts, self.n_rows, meta)
+
     def vocab(self, min_count: int = 1) -> list[np.ndarray]:
         """Sorted token hashes with at least ``min_count`` occurrences, per field."""
         return [t[c >= min_count] for t, c in zip(self.tokens, self.counts, strict=True)]

@@ -87,7 +87,7 @@ class SignatureTable:
                 f"signature table: tokens {self.tokens.shape} and signatures "
                 f"{self.signatures.shape} must be 1-D of one length"
             )
-        if len(self.tokens) > 1 and not (np.diff(self.tokens) > 0).all():
+        if len(self.tokens) > 1 and not (self.tokens[1:] > self.tokens[:-1]).all():
             raise ValueError("signature table: tokens must be strictly increasing (sorted, unique)")
 
     @classmethod

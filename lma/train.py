@@ -89,6 +89,9 @@ class TrainConfig:
     stream: bool = False
     work_dir: str | None = None
     epoch_rows: int | None = None  # train on at most this many (shuffled) rows per epoch
+    # A feature map whose tokens join the training rows' (e.g. the value set of a larger
+    # dataset from `lma data synth --feature-map`): the vocabulary of more rows than are trained.
+    vocab_from: str | None = None
 
     def validate(self) -> None:
         if self.embedding not in EMBEDDINGS:
@@ -569,6 +572,10 @@ def _train(cfg: TrainConfig, data: _Data, source: DataSource | None, work_dir: P
            t_load: float) -> TrainResult:
     t0 = time.perf_counter()
     fmap = FeatureMap.build(data.schema, data.train_chunks())
+    if cfg.vocab_from:
+        extra = FeatureMap.load(cfg.vocab_from)
+        fmap = fmap.merged(extra)
+        del extra
     t_fmap = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = build_model(cfg, fmap, data.train_tokens)
@@ -638,6 +645,7 @@ def _train(cfg: TrainConfig, data: _Data, source: DataSource | None, work_dir: P
         "rows": {"train": data.n_train, "val": data.n_val, "test": data.n_test},
         "rows_trained_per_epoch": min(data.n_train, cfg.epoch_rows or data.n_train),
         "vocabulary": sum(fmap.vocab_sizes(cfg.min_count)),
+        "vocab_from": cfg.vocab_from,
         "seed": cfg.seed,
         "data": cfg.data,
         "stream": cfg.stream,

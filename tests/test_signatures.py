@@ -199,3 +199,11 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert back.meta == table.meta and back.meta["set_kind"] == "cooccur"
     again = SignatureTable.from_arrays(table.to_arrays())
     np.testing.assert_array_equal(again.signatures, table.signatures)
+
+
+def test_table_accepts_tokens_far_apart():
+    # Sorted int64 hashes more than 2^63 apart: a difference-based check would overflow.
+    from lma.signatures import SignatureTable
+
+    t = SignatureTable(np.array([-(2**63) + 5, 2**63 - 7], dtype=np.int64), np.array([1, 2]))
+    assert t.lookup(np.array([2**63 - 7]))[0] == 2

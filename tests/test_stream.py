@@ -127,3 +127,15 @@ def test_encoded_rows_are_reused_only_for_the_same_source(tmp_path):
     c = EncodedStore.open_or_write(open_source("synth:2500:1"), tmp_path / "rows")
     assert len(c) == 2500
     c.close()
+
+
+def test_vocab_from_adds_a_value_set_to_the_vocabulary(tmp_path):
+    from lma.data.synthetic import SynthConfig, value_set_feature_map
+
+    value_set_feature_map(SynthConfig(seed=1), 200_000).save(tmp_path / "vs")
+    plain = train_model(_cfg(epochs=1))
+    wide = train_model(_cfg(epochs=1, stream=True, vocab_from=str(tmp_path / "vs")))
+    assert wide.metrics["vocabulary"] > 2 * plain.metrics["vocabulary"]
+    for f in range(26):  # every training token keeps its row
+        assert np.isin(plain.feature_map.tokens[f], wide.feature_map.tokens[f]).all()
+    assert wide.feature_map.meta["merged"]["untrained"]
