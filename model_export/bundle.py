@@ -24,12 +24,10 @@ fails with a message naming the file at fault.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import platform
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,86 +35,33 @@ import numpy as np
 
 import lma
 from lma import hashspec
+from lma.bundle import (
+    BUNDLE_FORMAT,
+    FEATURE_FILES,
+    HASHED_KINDS,
+    INPUT_NAMES,
+    MANIFEST,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    PROGRAM_FILE,
+    SAMPLE_FILE,
+    STATE_FILE,
+    Bundle,
+    BundleError,
+    load_bundle,
+    sha256_file,
+)
 from lma.jsonio import json_default
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = 1
-MANIFEST = "manifest.json"
-ONNX_FILE = "model.onnx"
-PROGRAM_FILE = "model.pt2"
-SAMPLE_FILE = "sample.npz"
-STATE_FILE = "embedding_state.npz"
-FEATURE_FILES = ("feature_map.json", "feature_map.npz")
-INPUT_NAMES = ("dense", "tokens")
-OUTPUT_NAMES = ("logits",)
 DEFAULT_SAMPLE_ROWS = 256
-HASHED_KINDS = ("lma", "robez")
 
-
-class BundleError(ValueError):
-    """A bundle that cannot be used: missing or modified file, unknown version."""
-
-
-@dataclass
-class Bundle:
-    """A checked bundle folder."""
-
-    path: Path
-    manifest: dict[str, Any]
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def kind(self) -> str:
-        return str(self.manifest["embedding"]["kind"])
-
-    def sample(self) -> dict[str, np.ndarray]:
-        """The rows saved at export: dense (N, n_dense), tokens (N, S), logits (N,)."""
-        with np.load(self.file(SAMPLE_FILE), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-
-    def onnx_session(self, providers: list[str] | None = None) -> Any:
-        import onnxruntime as ort
-
-        key = f"ort:{providers}"
-        if key not in self._cache:
-            self._cache[key] = ort.InferenceSession(
-                str(self.file(ONNX_FILE)), providers=providers or ["CPUExecutionProvider"]
-            )
-        return self._cache[key]
-
-    def program(self) -> Any:
-        """The ``torch.export`` program (an ``ExportedProgram``)."""
-        import torch
-
-        import lma.ops  # noqa: F401  (registers lma::hashed_gather before loading)
-
-        if "program" not in self._cache:
-            self._cache["program"] = torch.export.load(str(self.file(PROGRAM_FILE)))
-        return self._cache["program"]
-
-    def eager_model(self) -> Any:
-        """The DLRM rebuilt in eager torch from the manifest's config, the feature map, the
-        per-token state and the program's weights (eval mode)."""
-        if "eager" not in self._cache:
-            self._cache["eager"] = _eager_model(self)
-        return self._cache["eager"]
-
-    def feature_map(self) -> Any:
-        from lma.features import FeatureMap
-
-        return FeatureMap.load(self.path)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = [
+    "BUNDLE_FORMAT", "DEFAULT_SAMPLE_ROWS", "FEATURE_FILES", "HASHED_KINDS", "INPUT_NAMES",
+    "MANIFEST", "ONNX_FILE", "OUTPUT_NAMES", "PROGRAM_FILE", "SAMPLE_FILE", "STATE_FILE",
+    "Bundle", "BundleError", "export_bundle", "library_versions", "load_bundle", "sha256_file",
+]
 
 
 def library_versions() -> dict[str, str]:
@@ -202,6 +147,21 @@ def _param_breakdown(model: Any) -> dict[str, Any]:
     out["embedding_state"] = {"bytes": int(emb.state_bytes())}
     total = sum(groups.values())
     out["total"] = {"count": total, "bytes": 4 * total + int(emb.state_bytes())}
+    return out
+
+
+def _component_bytes(model: Any) -> dict[str, int]:
+    """Bytes of the eager model's tensors by component (see ``Bundle.component_bytes``)."""
+    from lma.bundle import _MLP_MODULES
+
+    out = {"embedding": 0, "key_lookup": 0, "mlp": 0, "other": 0}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        part = "embedding" if top == "embedding" else "mlp" if top in _MLP_MODULES else "other"
+        out[part] += p.numel() * p.element_size()
+    for name, b in model.named_buffers():
+        part = "key_lookup" if name.split(".")[0] == "embedding" else "other"
+        out[part] += b.numel() * b.element_size()
     return out
 
 
@@ -332,88 +292,10 @@ def export_bundle(
         "library_versions": library_versions(),
         "training_versions": ck.config.get("versions", {}),
         "parameters": _param_breakdown(model),
+        "components": _component_bytes(model),
         "metrics": ck.metrics,
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
     logger.info("bundle written to %s (%d files)", out, len(files) + 1)
     return out
-
-
-
-
-# ---------------------------------------------------------------- load
-
-
-def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
-    """Open a bundle folder, checking the format, the versions and every file's sha256.
-
-    Needs neither torch nor onnx: a serving-only install (the ``serve`` extra) opens bundles and
-    runs them with onnxruntime."""
-    from model_export import onnx_spec
-
-    d = Path(path)
-    mf = d / MANIFEST
-    if not mf.is_file():
-        raise BundleError(f"{d}: not a bundle ({MANIFEST} is missing)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{mf}: not valid JSON ({exc})") from exc
-    fmt = manifest.get("bundle_format")
-    if fmt != BUNDLE_FORMAT:
-        raise BundleError(
-            f"{mf}: bundle_format {fmt!r} is not supported (this build reads {BUNDLE_FORMAT})"
-        )
-    kind = manifest.get("embedding", {}).get("kind")
-    spec = manifest.get("hash_spec_version")
-    if kind in HASHED_KINDS and spec != hashspec.SPEC_VERSION:
-        raise BundleError(
-            f"{mf}: hash_spec_version {spec!r} does not match this build's hash spec "
-            f"v{hashspec.SPEC_VERSION}; the slot indices would differ, so the bundle is refused"
-        )
-    custom = (manifest.get("onnx") or {}).get("custom_op")
-    if custom:
-        if custom.get("domain") != onnx_spec.DOMAIN or custom.get("version") != onnx_spec.OP_VERSION:
-            raise BundleError(
-                f"{mf}: custom op {custom.get('domain')} v{custom.get('version')} is not "
-                f"{onnx_spec.DOMAIN} v{onnx_spec.OP_VERSION}"
-            )
-        for node in custom.get("nodes", []):
-            if node.get("spec_version") != hashspec.SPEC_VERSION:
-                raise BundleError(
-                    f"{mf}: a {onnx_spec.OP_TYPE} node has spec_version {node.get('spec_version')!r}, "
-                    f"this build implements v{hashspec.SPEC_VERSION}"
-                )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or ONNX_FILE not in files:
-        raise BundleError(f"{mf}: the file list is missing or has no {ONNX_FILE}")
-    if verify_checksums:
-        for name, info in files.items():
-            f = d / name
-            if not f.is_file():
-                raise BundleError(f"{f}: listed in {MANIFEST} but missing")
-            got = sha256_file(f)
-            if got != info.get("sha256"):
-                raise BundleError(
-                    f"{f}: sha256 {got[:16]}... does not match the manifest's "
-                    f"{str(info.get('sha256'))[:16]}...: the file was changed after export"
-                )
-    return Bundle(path=d, manifest=manifest)
-
-
-def _eager_model(bundle: Bundle) -> Any:
-    from lma.checkpoint import rebuild_model
-    from lma.features import FeatureMap
-
-    model = rebuild_model(bundle.manifest["model"]["config"],
-                          bundle.manifest["embedding"]["config"],
-                          FeatureMap.load(bundle.path), bundle.file(STATE_FILE))
-    sd = bundle.program().state_dict
-    missing, unexpected = model.load_state_dict(dict(sd), strict=False)
-    if missing or unexpected:
-        raise BundleError(
-            f"{bundle.file(PROGRAM_FILE)}: weights do not fit the model config "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return model.eval()

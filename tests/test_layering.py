@@ -16,12 +16,12 @@ def test_serving_side_core_modules_do_not_import_torch():
     code = (
         "import sys\n"
         "import lma.schema, lma.tokens, lma.features, lma.data, lma.hashspec, lma.signatures, "
-        "lma.metrics\n"
-        "print('torch' in sys.modules)\n"
+        "lma.metrics, lma.bundle, lma.predictor\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def test_core_does_not_import_export_or_service():
@@ -56,10 +56,13 @@ def test_a_bundle_serves_without_torch_or_onnx(tmp_path):
         "sys.modules['torch'] = None; sys.modules['onnx'] = None  # importing them now fails\n"
         "import numpy as np\n"
         "from lma.data import open_source\n"
-        "from model_export.predict import Predictor\n"
+        "from lma.predictor import Predictor\n"
         f"p = Predictor.open({str(bundle)!r}, 'onnx')\n"
         "d = open_source('synth:50:9').read_all()\n"
         "got = p.predict(d.dense, d.tokens)\n"
+        "p.warmup(rows=64)\n"
+        "assert p.providers_in_use() == ['CPUExecutionProvider']\n"
+        "assert p.bundle.component_bytes()['total'] > 0 and p.bundle.schema.n_token_slots\n"
         f"assert np.allclose(got, np.load({str(tmp_path / 'expected.npy')!r}), atol=1e-6)\n"
         "from lma.cli import main\n"
         f"assert main(['-q', 'predict', {str(bundle)!r}, '--data', 'synth:50:9', '--out', "

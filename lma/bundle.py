@@ -1,0 +1,287 @@
+"""Reading exported model bundles: the contract between offline (export) and online (serving).
+
+A bundle is a folder written by ``model_export.bundle.export_bundle`` (see its docstring for the
+layout). This module opens and checks one; it imports neither torch nor onnx nor onnxruntime, so
+a serving-only install (core + onnxruntime) can use it. The torch-only views of a bundle (the
+torch program, the eager model) import torch when called.
+
+:func:`load_bundle` checks the manifest's format and versions and every file's checksum, and
+fails with a :class:`BundleError` naming the file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lma import hashspec
+from lma.schema import Schema
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+READABLE_FORMATS = (1,)
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+PROGRAM_FILE = "model.pt2"
+SAMPLE_FILE = "sample.npz"
+STATE_FILE = "embedding_state.npz"
+FEATURE_JSON = "feature_map.json"
+FEATURE_FILES = (FEATURE_JSON, "feature_map.npz")
+INPUT_NAMES = ("dense", "tokens")
+OUTPUT_NAMES = ("logits",)
+HASHED_KINDS = ("lma", "robez")
+
+# The custom ONNX op a bundle may use. model_export.onnx_spec names the same op for the writer;
+# tests/test_bundle.py checks the two agree (the core cannot import model_export).
+CUSTOM_OP_DOMAIN = "ai.lma"
+CUSTOM_OP_TYPE = "HashedGather"
+CUSTOM_OP_VERSION = 1
+
+# Top-level DLRM modules whose parameters are MLP weights (component_bytes).
+_MLP_MODULES = ("bottom", "top", "wide", "linear")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing or modified file, unknown version."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A checked bundle folder."""
+
+    path: Path
+    manifest: dict[str, Any]
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model"]["version"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["embedding"]["kind"])
+
+    @property
+    def format(self) -> int:
+        return int(self.manifest["bundle_format"])
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.file(ONNX_FILE)
+
+    @property
+    def program_path(self) -> Path | None:
+        """The torch program's file, or None when the bundle was exported without one."""
+        return self.file(PROGRAM_FILE) if PROGRAM_FILE in self.manifest.get("files", {}) else None
+
+    @cached_property
+    def schema(self) -> Schema:
+        """The schema the model was trained with, from the small JSON (no vocabulary is read)."""
+        f = self.file(FEATURE_JSON)
+        try:
+            info = json.loads(f.read_text())
+            return Schema.from_dict(info["schema"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"{f}: cannot read the schema ({exc})") from exc
+
+    @property
+    def n_dense(self) -> int:
+        return int(self._input("dense")["shape"][1])
+
+    @property
+    def n_token_slots(self) -> int:
+        return int(self._input("tokens")["shape"][1])
+
+    def _input(self, name: str) -> dict[str, Any]:
+        for i in self.manifest["inputs"]:
+            if i["name"] == name:
+                return i
+        raise BundleError(f"{self.file(MANIFEST)}: no input named {name!r}")
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """The rows saved at export: dense (N, n_dense), tokens (N, S), logits (N,)."""
+        with np.load(self.file(SAMPLE_FILE), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def component_bytes(self) -> dict[str, int]:
+        """Bytes a server holds by component: ``embedding`` (shared memory or tables),
+        ``key_lookup`` (the full tables' vocabulary or LMA's signature table; 0 for kinds that
+        need neither), ``mlp`` (bottom, top and wide layers), ``other`` (first-order term, dense
+        statistics, ...), and ``total``."""
+        comp = self.manifest.get("components")
+        if isinstance(comp, dict):
+            out = {k: int(v) for k, v in comp.items()}
+        else:
+            # Format 1 manifests list float parameters by top-level module only.
+            params = self.manifest.get("parameters", {})
+            out = {"embedding": 0, "key_lookup": 0, "mlp": 0, "other": 0}
+            for top, info in params.items():
+                if top in ("total", "embedding_state"):
+                    continue
+                b = int(info.get("bytes", 0))
+                if top == "embedding":
+                    out["embedding"] += b
+                elif top in _MLP_MODULES:
+                    out["mlp"] += b
+                else:
+                    out["other"] += b
+            out["key_lookup"] = int(params.get("embedding_state", {}).get("bytes", 0))
+        out["total"] = sum(v for k, v in out.items() if k != "total")
+        return out
+
+    def file_bytes(self) -> dict[str, int]:
+        """Bytes of each file of the bundle, as the manifest lists them (plus the manifest)."""
+        out = {n: int(i["bytes"]) for n, i in self.manifest.get("files", {}).items()}
+        out[MANIFEST] = self.file(MANIFEST).stat().st_size
+        return out
+
+    def feature_map(self) -> Any:
+        """The full :class:`lma.features.FeatureMap` (schema and vocabulary counts)."""
+        from lma.features import FeatureMap
+
+        return FeatureMap.load(self.path)
+
+    # Torch-side views: they import torch (and lma.ops) only when called.
+
+    def onnx_session(self, providers: list[str] | None = None) -> Any:
+        import onnxruntime as ort
+
+        key = f"ort:{providers}"
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = ort.InferenceSession(
+                    str(self.onnx_path), providers=providers or ["CPUExecutionProvider"]
+                )
+            return self._cache[key]
+
+    def program(self) -> Any:
+        """The ``torch.export`` program (an ``ExportedProgram``)."""
+        import torch
+
+        import lma.ops  # noqa: F401  (registers lma::hashed_gather before loading)
+
+        path = self.program_path
+        if path is None:
+            raise BundleError(f"{self.path}: the bundle has no torch program ({PROGRAM_FILE})")
+        with self._lock:
+            if "program" not in self._cache:
+                self._cache["program"] = torch.export.load(str(path))
+            return self._cache["program"]
+
+    def eager_model(self) -> Any:
+        """The DLRM rebuilt in eager torch from the manifest's config, the feature map, the
+        per-token state and the saved weights (eval mode)."""
+        with self._lock:
+            if "eager" not in self._cache:
+                self._cache["eager"] = _eager_model(self)
+            return self._cache["eager"]
+
+
+def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
+    fmt = manifest.get("bundle_format")
+    if fmt not in READABLE_FORMATS:
+        raise BundleError(
+            f"{mf}: bundle_format {fmt!r} is not supported (this build reads "
+            f"{', '.join(map(str, READABLE_FORMATS))}); re-export the model with this version"
+        )
+    kind = manifest.get("embedding", {}).get("kind")
+    spec = manifest.get("hash_spec_version")
+    if kind in HASHED_KINDS and spec != hashspec.SPEC_VERSION:
+        raise BundleError(
+            f"{mf}: hash_spec_version {spec!r} does not match this build's hash spec "
+            f"v{hashspec.SPEC_VERSION}; the slot indices would differ, so the bundle is refused"
+        )
+    custom = (manifest.get("onnx") or {}).get("custom_op")
+    if custom:
+        if custom.get("domain") != CUSTOM_OP_DOMAIN or custom.get("version") != CUSTOM_OP_VERSION:
+            raise BundleError(
+                f"{mf}: custom op {custom.get('domain')} v{custom.get('version')} is not "
+                f"{CUSTOM_OP_DOMAIN} v{CUSTOM_OP_VERSION}"
+            )
+        for node in custom.get("nodes", []):
+            if node.get("spec_version") != hashspec.SPEC_VERSION:
+                raise BundleError(
+                    f"{mf}: a {CUSTOM_OP_TYPE} node has spec_version "
+                    f"{node.get('spec_version')!r}, this build implements v{hashspec.SPEC_VERSION}"
+                )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or ONNX_FILE not in files:
+        raise BundleError(f"{mf}: the file list is missing or has no {ONNX_FILE}")
+
+
+def _verify_files(d: Path, files: dict[str, Any]) -> None:
+    for name, info in files.items():
+        f = d / name
+        if not f.is_file():
+            raise BundleError(f"{f}: listed in {MANIFEST} but missing")
+        got = sha256_file(f)
+        if got != info.get("sha256"):
+            raise BundleError(
+                f"{f}: sha256 {got[:16]}... does not match the manifest's "
+                f"{str(info.get('sha256'))[:16]}...: the file was changed after export"
+            )
+
+
+def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
+    """Open a bundle folder, checking the format, the versions and every file's sha256.
+
+    Needs neither torch nor onnx nor onnxruntime."""
+    if isinstance(path, Bundle):
+        return path
+    d = Path(path)
+    mf = d / MANIFEST
+    if not mf.is_file():
+        raise BundleError(f"{d}: not a bundle ({MANIFEST} is missing)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mf}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mf}: expected a JSON object")
+    _check_manifest(mf, manifest)
+    if verify_checksums:
+        _verify_files(d, manifest["files"])
+    else:
+        logger.warning("%s: checksums not verified (verify_checksums=False)", d)
+    return Bundle(path=d, manifest=manifest)
+
+
+def _eager_model(bundle: Bundle) -> Any:
+    from lma.checkpoint import rebuild_model
+
+    model = rebuild_model(bundle.manifest["model"]["config"],
+                          bundle.manifest["embedding"]["config"],
+                          bundle.feature_map(), bundle.file(STATE_FILE))
+    sd = bundle.program().state_dict
+    missing, unexpected = model.load_state_dict(dict(sd), strict=False)
+    if missing or unexpected:
+        raise BundleError(
+            f"{bundle.file(PROGRAM_FILE)}: weights do not fit the model config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model.eval()
