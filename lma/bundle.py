@@ -14,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +42,10 @@ FEATURE_FILES = (FEATURE_JSON, "feature_map.npz")
 INPUT_NAMES = ("dense", "tokens")
 OUTPUT_NAMES = ("logits",)
 HASHED_KINDS = ("lma", "robez")
+# The verified-once marker: beside the bundle, or under the user cache dir when the bundle's
+# folder is read-only (see marker_path).
+MARKER_FILE = ".lma-verified.json"
+MARKER_VERSION = 1
 
 # The custom ONNX op a bundle may use. model_export.onnx_spec names the same op for the writer;
 # tests/test_bundle.py checks the two agree (the core cannot import model_export).
@@ -68,6 +75,8 @@ class Bundle:
 
     path: Path
     manifest: dict[str, Any]
+    # What load_bundle checked: {"verified": [...], "trusted": [...], "seconds": s, "marker": p}
+    verification: dict[str, Any] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -224,6 +233,12 @@ def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
                 f"{CUSTOM_OP_DOMAIN} v{CUSTOM_OP_VERSION}"
             )
         for node in custom.get("nodes", []):
+            table = node.get("table_version")
+            if table is not None and table != hashspec.KEY_TABLE_VERSION:
+                raise BundleError(
+                    f"{mf}: a {node.get('op_type', CUSTOM_OP_TYPE)} node has table_version "
+                    f"{table!r}, this build reads key tables v{hashspec.KEY_TABLE_VERSION}"
+                )
             if node.get("spec_version") != hashspec.SPEC_VERSION:
                 raise BundleError(
                     f"{mf}: a {CUSTOM_OP_TYPE} node has spec_version "
@@ -234,21 +249,129 @@ def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
         raise BundleError(f"{mf}: the file list is missing or has no {ONNX_FILE}")
 
 
-def _verify_files(d: Path, files: dict[str, Any]) -> None:
+def _cache_dir() -> Path:
+    base = os.environ.get("LMA_CACHE_DIR")
+    if base:
+        return Path(base) / "verified"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lma" / "verified"
+
+
+def _cache_marker(d: Path) -> Path:
+    return _cache_dir() / (hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:32] + ".json")
+
+
+def marker_path(path: str | Path) -> Path:
+    """Where the verified-once marker of bundle ``path`` is written: ``<bundle>/.lma-verified.json``
+    when the folder is writable (or already holds one), else a file named after the bundle's
+    resolved path under ``$LMA_CACHE_DIR/verified`` (default ``~/.cache/lma/verified``)."""
+    d = Path(path).resolve()
+    local = d / MARKER_FILE
+    return local if local.exists() or os.access(d, os.W_OK) else _cache_marker(d)
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)]
+
+
+def _read_markers(d: Path, manifest_sha: str) -> tuple[list[Path], dict[str, list[Any]]]:
+    """Entries of the markers (beside the bundle and in the cache dir) written for this very
+    manifest: file name -> [(sha256, stat key), ...]."""
+    found: list[Path] = []
+    entries: dict[str, list[Any]] = {}
+    for p in dict.fromkeys([Path(d).resolve() / MARKER_FILE, _cache_marker(Path(d))]):
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if (not isinstance(m, dict) or m.get("version") != MARKER_VERSION
+                or m.get("manifest_sha256") != manifest_sha or not isinstance(m.get("files"), dict)):
+            continue
+        found.append(p)
+        for name, e in m["files"].items():
+            if isinstance(e, dict):
+                entries.setdefault(name, []).append((e.get("sha256"), e.get("stat")))
+    return found, entries
+
+
+def write_marker(path: str | Path, files: dict[str, str]) -> Path | None:
+    """Record that the files of bundle ``path`` had the given sha256 (name -> hex digest) at
+    their current size, mtime and inode. Returns the marker's path, or None when neither the
+    bundle's folder nor the cache dir can be written (the next load then hashes again)."""
+    d = Path(path)
+    entries = {name: {"sha256": digest, "stat": _stat_key((d / name).stat())}
+               for name, digest in files.items()}
+    payload = json.dumps({"version": MARKER_VERSION, "manifest_sha256": sha256_file(d / MANIFEST),
+                          "bundle": str(d.resolve()), "written": time.time(),
+                          "files": entries}, indent=1)
+    for target in dict.fromkeys([marker_path(d), _cache_marker(d)]):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(payload)
+            os.replace(tmp, target)
+            return target
+        except OSError as exc:
+            logger.debug("cannot write the verified-once marker %s (%s)", target, exc)
+    logger.warning("%s: cannot write a verified-once marker; the next load hashes again", d)
+    return None
+
+
+def _verify_files(d: Path, files: dict[str, Any], trust_marker: bool,
+                  workers: int | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    markers, marked = (_read_markers(d, sha256_file(d / MANIFEST)) if trust_marker
+                       else ([], {}))
+    trusted, todo = [], []
     for name, info in files.items():
         f = d / name
         if not f.is_file():
             raise BundleError(f"{f}: listed in {MANIFEST} but missing")
-        got = sha256_file(f)
-        if got != info.get("sha256"):
+        st = f.stat()
+        if "bytes" in info and int(info["bytes"]) != st.st_size:
             raise BundleError(
-                f"{f}: sha256 {got[:16]}... does not match the manifest's "
-                f"{str(info.get('sha256'))[:16]}...: the file was changed after export"
+                f"{f}: {st.st_size} bytes, the manifest says {info['bytes']}: the file was "
+                "changed after export"
             )
+        if (info.get("sha256"), _stat_key(st)) in marked.get(name, []):
+            trusted.append(name)
+        else:
+            todo.append(name)
+    n = max(1, min(len(todo), workers or min(4, os.cpu_count() or 1)))
+    # hashlib releases the GIL on large blocks, so threads hash several files at once.
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        digests = dict(zip(todo, pool.map(lambda name: sha256_file(d / name), todo), strict=True))
+    for name in todo:
+        want = str(files[name].get("sha256"))
+        if digests[name] != want:
+            raise BundleError(
+                f"{d / name}: sha256 {digests[name][:16]}... does not match the manifest's "
+                f"{want[:16]}...: the file was changed after export"
+            )
+    written = write_marker(d, {k: str(v["sha256"]) for k, v in files.items()}) if todo else None
+    secs = time.perf_counter() - t0
+    where = ", ".join(map(str, markers)) or "none"
+    if todo:
+        logger.info("%s: verified sha256 of %s in %.2f s%s", d, ", ".join(todo), secs,
+                    f"; trusted {', '.join(trusted)} (unchanged since verified; marker {where})"
+                    if trusted else "")
+    else:
+        logger.info("%s: trusted sha256 of %s: size, mtime and inode unchanged since they were "
+                    "verified (marker %s; load_bundle(trust_marker=False) re-hashes)",
+                    d, ", ".join(trusted), where)
+    return {"verified": todo, "trusted": trusted, "seconds": secs,
+            "marker": str(written) if written else (str(markers[0]) if markers else None)}
 
 
-def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
+def load_bundle(path: str | Path | Bundle, verify_checksums: bool = True, *,
+                trust_marker: bool = True, workers: int | None = None) -> Bundle:
     """Open a bundle folder, checking the format, the versions and every file's sha256.
+
+    A file whose size, mtime and inode are those recorded in a verified-once marker when its
+    sha256 last matched this manifest is trusted without re-hashing (``trust_marker=False``
+    hashes everything); the others are hashed, on up to ``workers`` threads (default: up to 4),
+    and the marker is updated. The log names the files verified and those trusted, and
+    ``Bundle.verification`` records them. An already loaded :class:`Bundle` is returned as is.
 
     Needs neither torch nor onnx nor onnxruntime."""
     if isinstance(path, Bundle):
@@ -265,10 +388,12 @@ def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:
         raise BundleError(f"{mf}: expected a JSON object")
     _check_manifest(mf, manifest)
     if verify_checksums:
-        _verify_files(d, manifest["files"])
+        verification = _verify_files(d, manifest["files"], trust_marker, workers)
     else:
-        logger.warning("%s: checksums not verified (verify_checksums=False)", d)
-    return Bundle(path=d, manifest=manifest)
+        logger.warning("%s: checksums NOT verified (verify_checksums=False)", d)
+        verification = {"verified": [], "trusted": [], "seconds": 0.0, "marker": None,
+                        "skipped": sorted(manifest["files"])}
+    return Bundle(path=d, manifest=manifest, verification=verification)
 
 
 def _eager_model(bundle: Bundle) -> Any:

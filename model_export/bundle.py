@@ -41,6 +41,7 @@ from lma.bundle import (
     HASHED_KINDS,
     INPUT_NAMES,
     MANIFEST,
+    MARKER_FILE,
     ONNX_FILE,
     OUTPUT_NAMES,
     PROGRAM_FILE,
@@ -50,6 +51,7 @@ from lma.bundle import (
     BundleError,
     load_bundle,
     sha256_file,
+    write_marker,
 )
 from lma.jsonio import json_default
 
@@ -219,7 +221,7 @@ def export_bundle(
     model = ck.model.eval()
     kind = str(ck.config["embedding_config"]["kind"])
     out.mkdir(parents=True, exist_ok=True)
-    stale = [MANIFEST, ONNX_FILE, PROGRAM_FILE, SAMPLE_FILE, STATE_FILE, *FEATURE_FILES]
+    stale = [MANIFEST, MARKER_FILE, ONNX_FILE, PROGRAM_FILE, SAMPLE_FILE, STATE_FILE, *FEATURE_FILES]
     for f in stale:
         (out / f).unlink(missing_ok=True)
 
@@ -297,5 +299,7 @@ def export_bundle(
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
+    # The files were hashed just now: the first load trusts them instead of hashing again.
+    write_marker(out, {f: info["sha256"] for f, info in files.items()})
     logger.info("bundle written to %s (%d files)", out, len(files) + 1)
     return out

@@ -66,18 +66,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """One line per scored row, in input order: the probability (``%.8g``), or, with ids
+    (``--ids yes``, the default under ``--on-error skip``), ``ID<TAB>probability`` where ID is
+    the row's 1-based line in a text file or its 1-based row in Parquet / synthetic data, so
+    that rows dropped as bad (or blank lines) leave no doubt which output belongs to which row."""
     from lma.data import open_source
-    from model_export.predict import Predictor
+    from lma.predictor import Predictor
 
-    pred = Predictor.open(args.bundle, engine=args.engine)
+    pred = Predictor.open(args.bundle, engine=args.engine, intra_op_threads=args.threads)
     src = open_source(args.data, args.schema, on_error=args.on_error)
     pred.check_schema(src.schema)
+    ids = args.ids == "yes" or (args.ids == "auto" and args.on_error == "skip")
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     n = 0
     try:
+        if ids:
+            out.write(f"# {src.unit}\tprobability\n")
         for enc in src.iter_chunks():
             probs = pred.predict(enc.dense, enc.tokens)
-            out.write("".join(f"{p:.8g}\n" for p in probs))
+            if ids:
+                lines = enc.line_numbers
+                if lines is None:
+                    lines = np.arange(n + 1, n + 1 + len(probs))
+                out.write("".join(f"{ln}\t{p:.8g}\n" for ln, p in zip(lines, probs, strict=True)))
+            else:
+                out.write("".join(f"{p:.8g}\n" for p in probs))
             n += len(probs)
     finally:
         if args.out:
@@ -137,8 +150,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--on-error",
         choices=["fail", "skip"],
         default="fail",
-        help="malformed lines: stop (fail) or skip them (their rows get no output line)",
+        help="malformed lines: stop (fail) or skip them (their rows get no output line; "
+        "with skip, each output line starts with the row's input line number, see --ids)",
     )
+    p.add_argument(
+        "--ids",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="write ID<TAB>probability lines (ID: 1-based input line of text files, row of "
+        "Parquet/synthetic data) after a '# line<TAB>probability' header; auto: with "
+        "--on-error skip only (default)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the engine")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("bench", help="benchmarks")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -111,7 +113,7 @@ def test_component_bytes(bundles: dict[str, Path]) -> None:
     del m["components"]
     old = Bundle(full.path, m).component_bytes()
     assert old["embedding"] == comp["embedding"] and old["mlp"] == comp["mlp"]
-    assert old["key_lookup"] == 8 * model.embedding.n_vocab
+    assert old["key_lookup"] == model.embedding.state_bytes()
 
 
 @pytest.mark.parametrize("engine", ["onnx", "program", "eager"])
@@ -206,3 +208,162 @@ def test_open_accepts_a_loaded_bundle(bundles: dict[str, Path]) -> None:
     b = load_bundle(bundles["lma"])
     p = Predictor.open(b)
     assert p.bundle is b
+
+
+# ---------------------------------------------------------------- checksums and the marker
+
+
+def _fresh_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / ".lma-verified.json").unlink(missing_ok=True)
+    return dst
+
+
+def test_export_hashes_once_and_the_first_load_trusts_it(bundles: dict[str, Path]) -> None:
+    b = load_bundle(bundles["lma"])
+    assert b.verification["verified"] == []
+    assert sorted(b.verification["trusted"]) == sorted(b.manifest["files"])
+
+
+def test_marker_written_then_trusted(bundles: dict[str, Path], tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    d = _fresh_copy(bundles["full"], tmp_path / "b")
+    files = sorted(json.loads((d / "manifest.json").read_text())["files"])
+    with caplog.at_level(logging.INFO, logger="lma.bundle"):
+        first = load_bundle(d)
+    assert sorted(first.verification["verified"]) == files and first.verification["trusted"] == []
+    assert (d / ".lma-verified.json").is_file()
+    assert "verified sha256 of" in caplog.text and "model.onnx" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lma.bundle"):
+        second = load_bundle(d)
+    assert second.verification["verified"] == [] and sorted(second.verification["trusted"]) == files
+    assert "trusted sha256 of" in caplog.text and "unchanged since they were verified" in caplog.text
+    everything = load_bundle(d, trust_marker=False, workers=3)
+    assert sorted(everything.verification["verified"]) == files
+
+
+def test_marker_invalidated_when_a_file_changes(bundles: dict[str, Path], tmp_path: Path) -> None:
+    d = _fresh_copy(bundles["lma"], tmp_path / "b")
+    load_bundle(d)
+    f = d / "model.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, new mtime
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx.*sha256.*changed after export"):
+        load_bundle(d)
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert "model.onnx" in load_bundle(d).verification["verified"]
+    # A file replaced (new inode) by identical bytes with the old mtime is hashed, not trusted.
+    st = f.stat()
+    tmp = d / "copy.tmp"
+    shutil.copyfile(f, tmp)
+    os.replace(tmp, f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert load_bundle(d).verification["verified"] == ["model.onnx"]
+    # Different content at the same size, mtime and inode defeats the marker (as it would
+    # defeat make or git's index); trust_marker=False is the full check.
+    data[len(data) // 2] ^= 0x01
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.write(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert load_bundle(d).verification["verified"] == []
+    with pytest.raises(BundleError, match="changed after export"):
+        load_bundle(d, trust_marker=False)
+
+
+def test_marker_of_another_manifest_is_ignored(bundles: dict[str, Path], tmp_path: Path) -> None:
+    d = _fresh_copy(bundles["full"], tmp_path / "b")
+    load_bundle(d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["model"]["version"] = "8"
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert sorted(load_bundle(d).verification["verified"]) == sorted(m["files"])
+
+
+def test_read_only_bundle_keeps_its_marker_in_the_cache_dir(
+        bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lma.bundle as reader
+
+    d = _fresh_copy(bundles["full"], tmp_path / "b")
+    monkeypatch.setenv("LMA_CACHE_DIR", str(tmp_path / "cache"))
+    real_access = os.access
+    monkeypatch.setattr(reader.os, "access", lambda p, mode: False if Path(p) == d.resolve()
+                        else real_access(p, mode))
+    first = load_bundle(d)
+    assert first.verification["verified"]
+    assert Path(first.verification["marker"]).parent == tmp_path / "cache" / "verified"
+    assert not (d / ".lma-verified.json").exists()
+    assert load_bundle(d).verification["verified"] == []
+
+
+def test_predictor_open_hashes_each_file_at_most_once(
+        bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lma.bundle as reader
+
+    d = _fresh_copy(bundles["lma"], tmp_path / "b")
+    calls: list[str] = []
+    real = reader.sha256_file
+
+    def counting(path: Path, chunk: int = 1 << 20) -> str:
+        calls.append(Path(path).name)
+        return real(path, chunk)
+
+    monkeypatch.setattr(reader, "sha256_file", counting)
+    Predictor.open(d, "onnx").warmup()
+    data_calls = [c for c in calls if c != "manifest.json"]
+    assert sorted(data_calls) == sorted(json.loads((d / "manifest.json").read_text())["files"])
+    calls.clear()
+    Predictor.open(d, "onnx")
+    assert [c for c in calls if c != "manifest.json"] == []
+
+
+def test_unverified_open_says_so(bundles: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="lma.bundle"):
+        b = load_bundle(bundles["full"], verify_checksums=False)
+    assert "NOT verified" in caplog.text and b.verification["skipped"]
+
+
+# ---------------------------------------------------------------- lma predict
+
+
+def test_predict_skip_writes_the_input_line_of_each_row(
+        bundles: dict[str, Path], tmp_path: Path, shared_data: Path) -> None:
+    from model_export import cli
+
+    lines = (shared_data / "criteo" / "train_10k.tsv").read_text().splitlines()[:30]
+    bad = list(lines)
+    cols = bad[4].split("\t")
+    cols[1] = "not-a-number"  # I1 of input line 5
+    bad[4] = "\t".join(cols)
+    bad[11] = "too\tfew\tcolumns"  # line 12
+    (tmp_path / "bad.tsv").write_text("\n".join(bad) + "\n")
+    good = [ln for i, ln in enumerate(lines) if i not in (4, 11)]
+    (tmp_path / "good.tsv").write_text("\n".join(good) + "\n")
+    out = tmp_path / "skip.txt"
+    assert cli.main(["predict", str(bundles["lma"]), "--data", f"criteo:{tmp_path / 'bad.tsv'}",
+                     "--on-error", "skip", "--out", str(out)]) == 0
+    text = out.read_text().splitlines()
+    assert text[0] == "# line\tprobability"
+    ids = [int(t.split("\t")[0]) for t in text[1:]]
+    assert ids == [i for i in range(1, 31) if i not in (5, 12)]
+    got = np.array([float(t.split("\t")[1]) for t in text[1:]])
+    plain = tmp_path / "plain.txt"
+    assert cli.main(["predict", str(bundles["lma"]), "--data", f"criteo:{tmp_path / 'good.tsv'}",
+                     "--out", str(plain)]) == 0
+    want = np.loadtxt(plain)
+    assert want.shape == (28,)
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    # The same rows through Predictor directly: one prediction path.
+    d = open_source(f"criteo:{tmp_path / 'good.tsv'}").read_all()
+    np.testing.assert_allclose(Predictor.open(bundles["lma"]).predict(d.dense, d.tokens), want,
+                               atol=1e-7)
+    # Without skip, no ids unless asked; synthetic rows are numbered by row.
+    ids_out = tmp_path / "ids.txt"
+    assert cli.main(["predict", str(bundles["lma"]), "--data", "synth:7:2", "--ids", "yes",
+                     "--out", str(ids_out)]) == 0
+    rows = ids_out.read_text().splitlines()
+    assert rows[0] == "# row\tprobability" and [r.split("\t")[0] for r in rows[1:]] == [
+        str(i) for i in range(1, 8)]
