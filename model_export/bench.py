@@ -113,26 +113,25 @@ def run_bench(
         for lm in log2ms:
             m = 1 << lm
             cfg = HashedGatherConfig(dim=D, z=z, mode="lma", aligned=False, m=m, seed=1)
-            a, b_, w = cfg.param_tensors()
+            consts = cfg.param_tensors()
             mem = torch.randn(m)
             sess = None
             if "onnx" in impls:
                 sess = _ort_session(cfg, mem.numpy())
             for b in batches:
                 ks = keys[b]
-                cfg_args = (D, z, "lma", False)
                 fns: dict[str, Callable[[], Any]] = {}
                 if "torch" in impls:
                     fns["torch"] = cycling(
-                        [partial(hashed_gather_reference, mem, k, a, b_, w, *cfg_args) for k in ks]
+                        [partial(hashed_gather_reference, mem, k, consts, cfg) for k in ks]
                     )
                 if "cpp" in impls:
                     fns["cpp"] = cycling(
-                        [partial(hashed_gather, mem, k, a, b_, w, *cfg_args) for k in ks]
+                        [partial(hashed_gather, mem, k, consts, cfg) for k in ks]
                     )
                 if compiled is not None:
                     fns["compile"] = cycling(
-                        [partial(compiled, mem, k, a, b_, w, *cfg_args) for k in ks]
+                        [partial(compiled, mem, k, consts, cfg) for k in ks]
                     )
                 if sess is not None:
                     fns["onnx"] = cycling(
@@ -197,13 +196,13 @@ def _bench_target(batches: list[int], repeats: int) -> list[dict[str, Any]]:
 
     m = 1 << 25
     cfg = HashedGatherConfig(dim=D, z=16, mode="lma", aligned=True, m=m, seed=1)
-    a, b_, w = cfg.param_tensors()
+    consts = cfg.param_tensors()
     mem = torch.randn(m)
     rows = []
     with torch.no_grad():
         for b in batches:
             ks = [_keys(b, 1000 * b + i) for i in range(POOL)]
-            fn = cycling([partial(hashed_gather, mem, k, a, b_, w, D, 16, "lma", True) for k in ks])
+            fn = cycling([partial(hashed_gather, mem, k, consts, cfg) for k in ks])
             rows.append(_row("cpp-aligned", b, 16, m, time_it(fn, repeats), 4 * m))
     return rows
 

@@ -217,20 +217,16 @@ def verify_bundle(
         with torch.no_grad():
             keys = emb.resolve_keys(tt) if hasattr(emb, "resolve_keys") else tt
         flat = keys.reshape(-1)
-        a, b, w = emb.coef_a, emb.coef_b, emb.nibble_w
+        consts = emb.gather_constants()
         impls = {
             "numpy spec": hashspec.slot_indices(
                 flat.numpy(), cfg.params(), cfg.m, cfg.z, cfg.mode, cfg.aligned
             ),
-            "torch reference": slot_indices_torch(
-                flat, a, b, w, cfg.m, cfg.z, cfg.mode, cfg.aligned
-            ).numpy(),
+            "torch reference": slot_indices_torch(flat, consts, cfg).numpy(),
         }
         # Without native kernels here, the other implementations are still compared.
         with contextlib.suppress(RuntimeError):
-            impls["C++ op"] = slot_indices(
-                flat, a, b, w, cfg.m, cfg.z, cfg.mode, cfg.aligned, backend="cpp"
-            ).numpy()
+            impls["C++ op"] = slot_indices(flat, consts, cfg, backend="cpp").numpy()
         file_model, lookups = _onnx_lookup_inputs(bundle, dense, tokens)
         for i, lk in enumerate(lookups):
             checks = dict(impls)

@@ -48,11 +48,12 @@ def measure(m: int) -> list[float]:
         F.embedding(idx, mem.view(-1, 1)).sum().backward()
 
     def op(z: int):
-        a, b, w = HashedGatherConfig(D, z, "robez", False, m).param_tensors()
+        cfg = HashedGatherConfig(D, z, "robez", False, m)
+        consts = cfg.param_tensors()
 
         def run() -> None:
             mem.grad = None
-            hashed_gather(mem, keys, a, b, w, D, z, "robez", False).sum().backward()
+            hashed_gather(mem, keys, consts, cfg).sum().backward()
 
         return run
 

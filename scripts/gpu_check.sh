@@ -78,18 +78,18 @@ for mode in ("lma", "robez"):
         for aligned in (False, True):
             cfg = HashedGatherConfig(dim=16, z=z, mode=mode, aligned=aligned, m=m, seed=11)
             a, b, w = cfg.param_tensors()
-            want_idx = slot_indices_torch(keys_cpu.view(-1), a, b, w, m, z, mode, aligned)
+            want_idx = slot_indices_torch(keys_cpu.view(-1), (a, b, w), cfg)
             spec_idx = hashspec.slot_indices(keys_cpu.view(-1).numpy(), cfg.params(), m, z, mode, aligned)
             keys = keys_cpu.to(dev)
-            idx = tk.slot_indices(keys, a, b, w, m, z, mode, aligned, 16).cpu()
+            idx = tk.slot_indices(keys, (a, b, w), cfg).cpu()
             same = torch.equal(idx, want_idx) and bool((idx.numpy() == spec_idx).all())
             mem_cpu = torch.randn(m, generator=g)
-            out = tk.forward(mem_cpu.to(dev), keys, a, b, w, 16, z, mode, aligned).cpu()
-            ref = hashed_gather_reference(mem_cpu, keys_cpu, a, b, w, 16, z, mode, aligned)
+            out = tk.forward(mem_cpu.to(dev), keys, (a, b, w), cfg).cpu()
+            ref = hashed_gather_reference(mem_cpu, keys_cpu, (a, b, w), cfg)
             fwd = (out - ref).abs().max().item()
             grad_out = torch.randn(ref.shape, generator=g)
-            gk = tk.backward(grad_out.to(dev), keys, a, b, w, m, 16, z, mode, aligned).cpu()
-            gr = hashed_gather_backward_reference(grad_out, keys_cpu, a, b, w, m, 16, z, mode, aligned)
+            gk = tk.backward(grad_out.to(dev), keys, (a, b, w), cfg).cpu()
+            gr = hashed_gather_backward_reference(grad_out, keys_cpu, (a, b, w), cfg)
             bwd = (gk - gr).abs().max().item()
             ok = same and fwd <= 1e-6 and bwd <= 1e-5
             if not ok:
@@ -103,18 +103,18 @@ cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=1 << 16, seed
 a, b, w = (t.to(dev) for t in cfg.param_tensors())
 mem = torch.randn(cfg.m, device=dev, requires_grad=True)
 keys = keys_cpu[:32].to(dev)
-out = hashed_gather(mem, keys, a, b, w, 16, 4, "lma", False)
+out = hashed_gather(mem, keys, (a, b, w), cfg)
 (out * out).sum().backward()
 g_eager = mem.grad.clone()
 ref_mem = mem.detach().cpu().requires_grad_()
-ref = hashed_gather_reference(ref_mem, keys.cpu(), a.cpu(), b.cpu(), w.cpu(), 16, 4, "lma", False)
+ref = hashed_gather_reference(ref_mem, keys.cpu(), (a.cpu(), b.cpu(), w.cpu()), cfg)
 (ref * ref).sum().backward()
 auto_ok = torch.allclose(g_eager.cpu(), ref_mem.grad, atol=1e-5)
 compile_ok = "skipped (dry run)"
 if dev.type == "cuda":
     try:
         mem.grad = None
-        f = torch.compile(lambda mm, kk: (hashed_gather(mm, kk, a, b, w, 16, 4, "lma", False) ** 2).sum(),
+        f = torch.compile(lambda mm, kk: (hashed_gather(mm, kk, (a, b, w), cfg) ** 2).sum(),
                           fullgraph=True)
         f(mem, keys).backward()
         compile_ok = "yes" if torch.allclose(mem.grad, g_eager, atol=1e-5) else "NO (gradients differ)"
@@ -182,11 +182,11 @@ for z in (1, 4, 16):
 
         def fwd():
             with torch.no_grad():
-                return hashed_gather(mem, keys, a, b, w, 16, z, "lma", False)
+                return hashed_gather(mem, keys, (a, b, w), cfg)
 
         def step():
             mem.grad = None
-            hashed_gather(mem, keys, a, b, w, 16, z, "lma", False).sum().backward()
+            hashed_gather(mem, keys, (a, b, w), cfg).sum().backward()
 
         f_ms = timed(fwd, reps)
         b_ms = timed(step, reps)

@@ -523,7 +523,7 @@ def test_prebuilt_native_op_loads_read_only_without_a_compiler(tmp_path):
         a, b, w = cfg.param_tensors()
         keys = torch.randint(-(1 << 62), 1 << 62, (101,), dtype=torch.int64)
         got = ext.slot_indices(keys, a, b, w, cfg.m, cfg.z, True, False)
-        assert torch.equal(got, slot_indices_torch(keys, a, b, w, cfg.m, cfg.z, "lma", False))
+        assert torch.equal(got, slot_indices_torch(keys, (a, b, w), cfg))
         """
     )
     env = dict(

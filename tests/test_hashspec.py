@@ -122,7 +122,7 @@ def test_torch_matches_numpy(mode: str, z: int, aligned: bool, m: int) -> None:
     )
     cfg = HashedGatherConfig(dim=16, z=z, mode=mode, aligned=aligned, m=m, n_subkeys=6, seed=99)
     a, b, w = cfg.param_tensors()
-    got = slot_indices_torch(torch.from_numpy(keys), a, b, w, m, z, mode, aligned)
+    got = slot_indices_torch(torch.from_numpy(keys), (a, b, w), cfg)
     want = hs.slot_indices(keys, cfg.params(), m, z, mode, aligned)
     assert got.dtype == torch.int64
     np.testing.assert_array_equal(got.numpy(), want)

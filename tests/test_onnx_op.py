@@ -51,9 +51,7 @@ def test_function_indices_and_outputs_match_reference(mode: str, z: int, aligned
     assert model.ir_version <= 10
     (out,) = _session(model).run(None, {"keys": keys})
     a, b, w = cfg.param_tensors()
-    ref = hashed_gather_reference(
-        torch.from_numpy(mem), torch.from_numpy(keys), a, b, w, 16, z, mode, aligned
-    )
+    ref = hashed_gather_reference(torch.from_numpy(mem), torch.from_numpy(keys), (a, b, w), cfg)
     assert out.shape == (33, 26, 16)
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-6, rtol=0)
 
@@ -89,8 +87,8 @@ class _TwoLookups(nn.Module):
         self.head = nn.Linear(24, 1)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        e1 = hashed_gather(self.m1, keys, self.a0, self.b0, self.w0, 16, 4, "lma", False)
-        e2 = hashed_gather(self.m2, keys, self.a1, self.b1, self.w1, 8, 1, "robez", True)
+        e1 = hashed_gather(self.m1, keys, (self.a0, self.b0, self.w0), self.c1)
+        e2 = hashed_gather(self.m2, keys, (self.a1, self.b1, self.w1), self.c2)
         return self.head(torch.cat([e1, e2], -1).sum(1)).squeeze(-1)
 
 

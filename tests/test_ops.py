@@ -62,8 +62,8 @@ def test_cpp_indices_match_numpy_spec_and_torch(
     a, b, w = cfg.param_tensors()
     keys = _keys((37, 26), seed=z).reshape(-1)
     want = hashspec.slot_indices(keys.numpy(), cfg.params(), cfg.m, z, mode, aligned)
-    ref = slot_indices_torch(keys, a, b, w, cfg.m, z, mode, aligned)
-    cpp = slot_indices(keys, a, b, w, cfg.m, z, mode, aligned, backend="cpp")
+    ref = slot_indices_torch(keys, (a, b, w), cfg)
+    cpp = slot_indices(keys, (a, b, w), cfg, backend="cpp")
     assert np.array_equal(ref.numpy(), want)
     assert np.array_equal(cpp.numpy(), want)
     assert cpp.min() >= 0 and cpp.max() < cfg.m
@@ -80,13 +80,13 @@ def test_cpp_forward_and_backward_match_reference(
     keys = _keys((64, 26), seed=100 + z)
     assert backend_for(torch.device("cpu")) == "cpp"
     mem = torch.randn(cfg.m, requires_grad=True)
-    out = hashed_gather(mem, keys, a, b, w, 16, z, mode, aligned)
-    ref = hashed_gather_reference(mem, keys, a, b, w, 16, z, mode, aligned)
+    out = hashed_gather(mem, keys, (a, b, w), cfg)
+    ref = hashed_gather_reference(mem, keys, (a, b, w), cfg)
     assert out.shape == (64, 26, 16)
     assert torch.equal(out, ref)
     g = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, mem, g)
-    want = hashed_gather_backward_reference(g, keys, a, b, w, cfg.m, 16, z, mode, aligned)
+    want = hashed_gather_backward_reference(g, keys, (a, b, w), cfg)
     # Explicit scatter-add from the numpy spec's indices.
     idx = hashspec.slot_indices(keys.reshape(-1).numpy(), cfg.params(), cfg.m, z, mode, aligned)
     manual = np.zeros(cfg.m, dtype=np.float64)
@@ -101,7 +101,7 @@ def test_cpp_backward_strategies_agree(native: None, strategy: str) -> None:
     a, b, w = cfg.param_tensors()
     keys = _keys((512, 26), seed=3)
     g = torch.randn(512, 26, 16, dtype=torch.float64)
-    want = hashed_gather_backward_reference(g, keys, a, b, w, cfg.m, 16, 4, "robez", False)
+    want = hashed_gather_backward_reference(g, keys, (a, b, w), cfg)
     ext = _native.native_module()
     got = ext.backward(g, keys, a, b, w, cfg.m, 16, 4, False, False, strategy)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
@@ -114,7 +114,7 @@ def test_gradcheck(mode: str, z: int) -> None:
     keys = _keys((3, 5), seed=11)
     mem = torch.randn(cfg.m, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda m: hashed_gather(m, keys, a, b, w, 16, z, mode, False), (mem,)
+        lambda m: hashed_gather(m, keys, (a, b, w), cfg), (mem,)
     )
 
 
@@ -123,11 +123,11 @@ def test_double_and_empty_batch(native: None) -> None:
     a, b, w = cfg.param_tensors()
     mem = torch.randn(cfg.m, dtype=torch.float64)
     keys = torch.zeros((0, 26), dtype=torch.int64)
-    assert hashed_gather(mem, keys, a, b, w, 16, 4, "lma", True).shape == (0, 26, 16)
+    assert hashed_gather(mem, keys, (a, b, w), cfg).shape == (0, 26, 16)
     keys = _keys((2, 3))
-    out = hashed_gather(mem, keys, a, b, w, 16, 4, "lma", True)
+    out = hashed_gather(mem, keys, (a, b, w), cfg)
     assert out.dtype == torch.float64
-    assert torch.equal(out, hashed_gather_reference(mem, keys, a, b, w, 16, 4, "lma", True))
+    assert torch.equal(out, hashed_gather_reference(mem, keys, (a, b, w), cfg))
 
 
 def test_bad_arguments_raise() -> None:
@@ -135,11 +135,16 @@ def test_bad_arguments_raise() -> None:
     a, b, w = cfg.param_tensors()
     mem = torch.randn(cfg.m)
     with pytest.raises(TypeError, match="int64"):
-        hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int32), a, b, w, 16, 4, "robez", False)
+        hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int32), (a, b, w), cfg)
     with pytest.raises(ValueError, match="mode"):
-        hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int64), a, b, w, 16, 4, "bogus", False)
+        hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int64), (a, b, w),
+                      HashedGatherConfig(dim=16, z=4, mode="bogus", aligned=False, m=cfg.m))
     with pytest.raises(ValueError, match="Z"):
-        hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int64), a, b, w, 16, 8, "robez", False)
+        hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int64), (a, b, w),
+                      HashedGatherConfig(dim=16, z=8, mode="robez", aligned=False, m=cfg.m))
+    with pytest.raises(ValueError, match="mode"):  # the op's own check of its flat arguments
+        torch.ops.lma.hashed_gather(mem, torch.zeros(2, 3, dtype=torch.int64), a, b, w, 16, 4,
+                                    "bogus", False)
 
 
 class _Tiny(nn.Module):
@@ -154,17 +159,7 @@ class _Tiny(nn.Module):
         self.head = nn.Linear(16, 1)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        e = hashed_gather(
-            self.memory,
-            keys,
-            self.coef_a,
-            self.coef_b,
-            self.nibble_w,
-            16,
-            self.cfg.z,
-            self.cfg.mode,
-            False,
-        )
+        e = hashed_gather(self.memory, keys, (self.coef_a, self.coef_b, self.nibble_w), self.cfg)
         return self.head(e.sum(1)).squeeze(-1)
 
 
@@ -206,8 +201,8 @@ def test_fallback_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_native.DISABLE_ENV, "1")
     try:
         assert backend_for(torch.device("cpu")) == "torch"
-        out = hashed_gather(mem, keys, a, b, w, 16, 4, "lma", False)
-        assert torch.equal(out, hashed_gather_reference(mem, keys, a, b, w, 16, 4, "lma", False))
+        out = hashed_gather(mem, keys, (a, b, w), cfg)
+        assert torch.equal(out, hashed_gather_reference(mem, keys, (a, b, w), cfg))
         out.sum().backward()
         assert mem.grad is not None and mem.grad.sum().item() == pytest.approx(
             out.numel(), rel=1e-4
@@ -231,8 +226,8 @@ def test_fallback_warns_without_compiler(
         a, b, w = cfg.param_tensors()
         keys = _keys((4, 26))
         mem = torch.randn(cfg.m)
-        out = hashed_gather(mem, keys, a, b, w, 16, 1, "robez", False)
-        assert torch.equal(out, hashed_gather_reference(mem, keys, a, b, w, 16, 1, "robez", False))
+        out = hashed_gather(mem, keys, (a, b, w), cfg)
+        assert torch.equal(out, hashed_gather_reference(mem, keys, (a, b, w), cfg))
     finally:
         monkeypatch.undo()
         _native.reset()
@@ -263,15 +258,15 @@ def test_triton_kernels_in_interpreter() -> None:
                     a, b, w = cfg.param_tensors()
                     keys = torch.randint(-(1 << 63), (1 << 63) - 1, (5, 7), dtype=torch.int64)
                     keys.view(-1)[:4] = torch.tensor([0, -1, -(1 << 63), (1 << 63) - 1])
-                    idx = tk.slot_indices(keys, a, b, w, cfg.m, z, mode, al, dim)
+                    idx = tk.slot_indices(keys, (a, b, w), cfg)
                     want = hashspec.slot_indices(keys.view(-1).numpy(), cfg.params(), cfg.m, z, mode, al)
                     assert np.array_equal(idx.numpy(), want), (mode, z, al)
                     mem = torch.randn(cfg.m)
-                    out = tk.forward(mem, keys, a, b, w, dim, z, mode, al)
-                    assert torch.equal(out, hashed_gather_reference(mem, keys, a, b, w, dim, z, mode, al))
+                    out = tk.forward(mem, keys, (a, b, w), cfg)
+                    assert torch.equal(out, hashed_gather_reference(mem, keys, (a, b, w), cfg))
                     g = torch.randn_like(out)
-                    got = tk.backward(g, keys, a, b, w, cfg.m, dim, z, mode, al)
-                    ref = hashed_gather_backward_reference(g, keys, a, b, w, cfg.m, dim, z, mode, al)
+                    got = tk.backward(g, keys, (a, b, w), cfg)
+                    ref = hashed_gather_backward_reference(g, keys, (a, b, w), cfg)
                     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         print("ok")
         """
@@ -292,12 +287,12 @@ def test_cuda_matches_cpu(mode: str, z: int, aligned: bool) -> None:
     keys = _keys((256, 26), seed=z)
     mem = torch.randn(cfg.m, requires_grad=True)
     mem_cuda = mem.detach().cuda().requires_grad_()
-    idx = slot_indices(keys.cuda(), a, b, w, cfg.m, z, mode, aligned)
+    idx = slot_indices(keys.cuda(), (a, b, w), cfg)
     assert torch.equal(
-        idx.cpu(), slot_indices_torch(keys.view(-1), a, b, w, cfg.m, z, mode, aligned)
+        idx.cpu(), slot_indices_torch(keys.view(-1), (a, b, w), cfg)
     )
-    out = hashed_gather(mem_cuda, keys.cuda(), a, b, w, 16, z, mode, aligned)
-    ref = hashed_gather_reference(mem, keys, a, b, w, 16, z, mode, aligned)
+    out = hashed_gather(mem_cuda, keys.cuda(), (a, b, w), cfg)
+    ref = hashed_gather_reference(mem, keys, (a, b, w), cfg)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=0)
     g = torch.randn_like(ref)
     (gc,) = torch.autograd.grad(out, mem_cuda, g.cuda())

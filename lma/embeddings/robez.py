@@ -24,7 +24,7 @@ from torch import nn
 from lma.embeddings.base import Embedding, EmbeddingSpec, register
 from lma.embeddings.tables import SPARSE_THRESHOLD
 from lma.features import FeatureMap
-from lma.ops import HashedGatherConfig, hashed_gather, slot_indices
+from lma.ops import GatherConstants, HashedGatherConfig, hashed_gather, slot_indices
 
 # Default block size: Z = 1 is HashedNet, the baseline of the LMA paper and the finest sharing.
 DEFAULT_Z = 1
@@ -79,16 +79,17 @@ class SharedMemoryEmbedding(Embedding):
         sparse_opt = opts.get("sparse", "auto")
         self.sparse = m > SPARSE_THRESHOLD if sparse_opt in ("auto", None) else bool(sparse_opt)
 
+    def gather_constants(self) -> GatherConstants:
+        """The hash constants (buffers, on the module's device)."""
+        return GatherConstants(self.coef_a, self.coef_b, self.nibble_w)
+
     def gather(self, keys: torch.Tensor) -> torch.Tensor:
         """(B, S) int64 keys -> (B, S, d) blocks of the memory."""
+        consts = self.gather_constants()
         if self.sparse and self.training and torch.is_grad_enabled():
-            idx = slot_indices(keys.reshape(-1), self.coef_a, self.coef_b, self.nibble_w,
-                               self.memory.shape[0], self.z, self.mode, self.aligned)  # (N, d)
+            idx = slot_indices(keys.reshape(-1), consts, self.gather_config)  # (N, d)
             return _SparseGather.apply(self.memory, idx).reshape(*keys.shape, self.dim)
-        return hashed_gather(
-            self.memory, keys, self.coef_a, self.coef_b, self.nibble_w,
-            self.dim, self.z, self.mode, self.aligned,
-        )
+        return hashed_gather(self.memory, keys, consts, self.gather_config)
 
     def resolved_options(self) -> dict[str, Any]:
         return {"z": self.z, "aligned": self.aligned, "seed": self.hash_seed}

@@ -1,28 +1,34 @@
-"""The ``lma::hashed_gather`` custom operator (torch.library) and its implementation dispatch.
+"""The ``lma::hashed_gather`` custom operator (torch.library) and its one device dispatch.
 
-Ops:
+Ops (their schemas are fixed: saved programs, ``model.pt2``, refer to them):
     lma::hashed_gather(memory (M,), keys (...) int64, coef_a (nb,2,4), coef_b (nb,2),
                        nibble_w (16,nb), dim, z, mode, aligned) -> (..., dim)
     lma::hashed_gather_backward(grad (..., dim), keys, coef_a, coef_b, nibble_w, m, dim, z, mode,
                                 aligned) -> (M,) dense gradient (scatter-add)
 
 Both have fake (meta) implementations, so they trace under ``torch.compile`` and ``torch.export``;
-the forward's autograd formula calls the backward op. Implementations, chosen per call:
-CUDA tensors -> Triton kernels (``triton_kernels.py``, imported lazily); CPU tensors -> the C++
-extension (``csrc/hashed_gather.cpp``); otherwise (no triton, no compiler, other devices, or
-``LMA_DISABLE_NATIVE_OPS=1``) the pure-torch reference, with one logged warning.
+the forward's autograd formula calls the backward op. Inside, the flat arguments become one
+:class:`HashedGatherConfig` and one :class:`GatherConstants`, and :func:`implementation` picks,
+once per call, the :class:`Backend` for the tensors' device: CUDA -> Triton kernels
+(``triton_kernels.py``, imported lazily); CPU -> the C++ extension (``csrc/hashed_gather.cpp``);
+otherwise (no triton, no compiler, other devices, or ``LMA_DISABLE_NATIVE_OPS=1``) the pure-torch
+reference, with one logged warning. ``lma::key_lookup`` (``key_lookup.py``) uses the same
+dispatch.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from lma.ops import _native
 from lma.ops.reference import (
+    GatherConstants,
+    HashedGatherConfig,
     hashed_gather_backward_reference,
     hashed_gather_reference,
     slot_indices_torch,
@@ -71,20 +77,77 @@ def backend_for(device: torch.device) -> str:
     return "torch"
 
 
-def _check(
-    memory: torch.Tensor, keys: torch.Tensor, coef_a: torch.Tensor, dim: int, z: int, mode: str
-) -> None:
+class Backend(NamedTuple):
+    """One implementation of the ops, all with the same signatures."""
+
+    name: str
+    forward: Callable[[torch.Tensor, torch.Tensor, GatherConstants, HashedGatherConfig], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, GatherConstants, HashedGatherConfig], torch.Tensor]
+    slot_indices: Callable[[torch.Tensor, GatherConstants, HashedGatherConfig], torch.Tensor]
+    key_lookup: Callable[..., torch.Tensor]
+
+
+def _cpp_backend(ext: ModuleType) -> Backend:
+    def fwd(memory, keys, c, cfg):  # noqa: ANN001, ANN202
+        return ext.forward(memory, keys, *c, cfg.dim, cfg.z, cfg.mode == "lma", cfg.aligned)
+
+    def bwd(grad, keys, c, cfg):  # noqa: ANN001, ANN202
+        return ext.backward(grad, keys, *c, cfg.m, cfg.dim, cfg.z, cfg.mode == "lma",
+                            cfg.aligned, "auto")
+
+    def idx(keys, c, cfg):  # noqa: ANN001, ANN202
+        return ext.slot_indices(keys, *c, cfg.m, cfg.z, cfg.mode == "lma", cfg.aligned)
+
+    return Backend("cpp", fwd, bwd, idx, ext.key_lookup)
+
+
+def _torch_backend() -> Backend:
+    from lma.ops.key_lookup import key_lookup_reference
+
+    def fwd(memory, keys, c, cfg):  # noqa: ANN001, ANN202
+        dev = memory.device
+        return hashed_gather_reference(memory, keys.to(dev), GatherConstants(*c).to(dev), cfg)
+
+    def bwd(grad, keys, c, cfg):  # noqa: ANN001, ANN202
+        dev = grad.device
+        return hashed_gather_backward_reference(grad, keys.to(dev), GatherConstants(*c).to(dev), cfg)
+
+    return Backend("torch", fwd, bwd, slot_indices_torch, key_lookup_reference)
+
+
+def implementation(device: torch.device, name: str | None = None) -> Backend:
+    """The one device dispatch: the backend for ``device`` (or the one named, if available)."""
+    name = name or backend_for(device)
+    if name == "cpp":
+        ext = _native.native_module()
+        if ext is None:
+            raise RuntimeError(f"native CPU kernels unavailable: {_native.native_error()}")
+        return _cpp_backend(ext)
+    if name == "triton":
+        tk = triton_module()
+        if tk is None:
+            raise RuntimeError("triton kernels unavailable")
+        return Backend("triton", tk.forward, tk.backward, tk.slot_indices, tk.key_lookup)
+    if name == "torch":
+        return _torch_backend()
+    raise ValueError(f"unknown backend {name!r}; choose cpp, triton or torch")
+
+
+def _check(memory: torch.Tensor, keys: torch.Tensor, consts: GatherConstants,
+           cfg: HashedGatherConfig) -> None:
     if memory.dim() != 1:
         raise ValueError(f"memory must be 1-d (M,), got shape {tuple(memory.shape)}")
     if keys.dtype != torch.int64:
         raise TypeError(f"keys must be int64, got {keys.dtype}")
+    cfg.check(consts)
+
+
+def _config(m: int, dim: int, z: int, mode: str, aligned: bool) -> HashedGatherConfig:
     if mode not in ("lma", "robez"):
         raise ValueError(f"mode must be 'lma' or 'robez', got {mode!r}")
-    if z < 1 or dim % z or coef_a.shape[0] != dim // z:
-        raise ValueError(
-            f"need Z | dim and coef_a.shape[0] == dim / Z (dim={dim}, Z={z}, "
-            f"coef_a {tuple(coef_a.shape)})"
-        )
+    if z < 1 or dim % z:
+        raise ValueError(f"need Z | dim (dim={dim}, Z={z})")
+    return HashedGatherConfig.of_op(m, dim, z, mode, aligned)
 
 
 @torch.library.custom_op("lma::hashed_gather", mutates_args=())
@@ -100,28 +163,10 @@ def hashed_gather_op(
     aligned: bool,
 ) -> torch.Tensor:
     """(M,) memory, (...) int64 keys -> (..., dim) gathered blocks (see module docstring)."""
-    _check(memory, keys, coef_a, dim, z, mode)
-    backend = backend_for(memory.device)
-    if backend == "cpp":
-        ext = _native.native_module()
-        assert ext is not None
-        return ext.forward(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode == "lma", aligned)
-    if backend == "triton":
-        tk = triton_module()
-        assert tk is not None
-        return tk.forward(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned)
-    dev = memory.device
-    return hashed_gather_reference(
-        memory,
-        keys.to(dev),
-        coef_a.to(dev),
-        coef_b.to(dev),
-        nibble_w.to(dev),
-        dim,
-        z,
-        mode,
-        aligned,
-    )
+    cfg = _config(memory.shape[0], dim, z, mode, aligned)
+    consts = GatherConstants(coef_a, coef_b, nibble_w)
+    _check(memory, keys, consts, cfg)
+    return implementation(memory.device).forward(memory, keys, consts, cfg)
 
 
 @hashed_gather_op.register_fake
@@ -143,30 +188,9 @@ def hashed_gather_backward_op(
     aligned: bool,
 ) -> torch.Tensor:
     """grad (..., dim), keys (...) -> (M,) dense memory gradient (scatter-add via the slots)."""
-    backend = backend_for(grad.device)
-    if backend == "cpp":
-        ext = _native.native_module()
-        assert ext is not None
-        return ext.backward(
-            grad, keys, coef_a, coef_b, nibble_w, m, dim, z, mode == "lma", aligned, "auto"
-        )
-    if backend == "triton":
-        tk = triton_module()
-        assert tk is not None
-        return tk.backward(grad, keys, coef_a, coef_b, nibble_w, m, dim, z, mode, aligned)
-    dev = grad.device
-    return hashed_gather_backward_reference(
-        grad,
-        keys.to(dev),
-        coef_a.to(dev),
-        coef_b.to(dev),
-        nibble_w.to(dev),
-        m,
-        dim,
-        z,
-        mode,
-        aligned,
-    )
+    cfg = _config(m, dim, z, mode, aligned)
+    consts = GatherConstants(coef_a, coef_b, nibble_w)
+    return implementation(grad.device).backward(grad, keys, consts, cfg)
 
 
 @hashed_gather_backward_op.register_fake
@@ -182,44 +206,18 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> N
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     keys, coef_a, coef_b, nibble_w = ctx.saved_tensors
-    m, dim, z, mode, aligned = ctx.cfg
     g = None
     if ctx.needs_input_grad[0]:
-        g = hashed_gather_backward_op(
-            grad.contiguous(), keys, coef_a, coef_b, nibble_w, m, dim, z, mode, aligned
-        )
+        g = hashed_gather_backward_op(grad.contiguous(), keys, coef_a, coef_b, nibble_w, *ctx.cfg)
     return g, None, None, None, None, None, None, None, None
 
 
 hashed_gather_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def slot_indices(
-    keys: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    nibble_w: torch.Tensor,
-    m: int,
-    z: int,
-    mode: str,
-    aligned: bool,
-    backend: str | None = None,
-) -> torch.Tensor:
+def slot_indices(keys: torch.Tensor, consts: GatherConstants, cfg: HashedGatherConfig,
+                 backend: str | None = None) -> torch.Tensor:
     """(N,) int64 keys -> (N, nb * Z) int64 slot indices with the chosen (or automatic) backend."""
-    backend = backend or backend_for(keys.device)
-    flat = keys.reshape(-1)
-    dim = coef_a.shape[0] * z
-    if backend == "cpp":
-        ext = _native.native_module()
-        if ext is None:
-            raise RuntimeError(f"native CPU kernels unavailable: {_native.native_error()}")
-        return ext.slot_indices(flat, coef_a, coef_b, nibble_w, m, z, mode == "lma", aligned)
-    if backend == "triton":
-        tk = triton_module()
-        if tk is None:
-            raise RuntimeError("triton kernels unavailable")
-        return tk.slot_indices(flat, coef_a, coef_b, nibble_w, m, z, mode, aligned, dim)
-    dev = keys.device
-    return slot_indices_torch(
-        flat, coef_a.to(dev), coef_b.to(dev), nibble_w.to(dev), m, z, mode, aligned
-    )
+    consts = GatherConstants(*consts)
+    cfg.check(consts)
+    return implementation(keys.device, backend).slot_indices(keys.reshape(-1), consts, cfg)

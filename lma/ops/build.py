@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("building the LMA C++ kernels failed: %s", exc)
         return 1
     cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=1 << 12)
-    a, b, w = cfg.param_tensors()
+    consts = cfg.param_tensors()
     keys = torch.randint(-(1 << 62), 1 << 62, (257,), dtype=torch.int64)
-    got = ext.slot_indices(keys, a, b, w, cfg.m, cfg.z, True, False)
-    want = slot_indices_torch(keys, a, b, w, cfg.m, cfg.z, "lma", False)
+    got = ext.slot_indices(keys, *consts, cfg.m, cfg.z, True, False)
+    want = slot_indices_torch(keys, consts, cfg)
     if not torch.equal(got, want):
         logger.error("the LMA C++ kernels built but disagree with the reference")
         return 1

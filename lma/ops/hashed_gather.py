@@ -12,26 +12,18 @@ from __future__ import annotations
 import torch
 
 from lma.ops._op import hashed_gather_op
-from lma.ops.reference import HashedGatherConfig, slot_indices_torch
+from lma.ops.reference import GatherConstants, HashedGatherConfig, slot_indices_torch
 
-__all__ = ["HashedGatherConfig", "hashed_gather", "slot_indices_torch"]
+__all__ = ["GatherConstants", "HashedGatherConfig", "hashed_gather", "slot_indices_torch"]
 
 
-def hashed_gather(
-    memory: torch.Tensor,
-    keys: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    nibble_w: torch.Tensor,
-    dim: int,
-    z: int,
-    mode: str,
-    aligned: bool,
-) -> torch.Tensor:
+def hashed_gather(memory: torch.Tensor, keys: torch.Tensor, consts: GatherConstants,
+                  cfg: HashedGatherConfig) -> torch.Tensor:
     """(M,) float memory, (B, S) int64 keys -> (B, S, dim). Differentiable in ``memory``.
 
-    coef_a (nb, 2, 4), coef_b (nb, 2), nibble_w (16, nb) are the int64 spec-v1 constants
-    (``HashedGatherConfig.param_tensors``); nb = dim / z. ``mode`` is "lma" (keys are 64-bit
-    minhash signatures) or "robez" (keys are token ids); ``aligned`` puts blocks at multiples of z.
+    ``consts`` are the int64 spec-v1 constants (``cfg.param_tensors()``, or a module's buffers);
+    ``cfg.mode`` is "lma" (keys are 64-bit minhash signatures) or "robez" (token ids).
     """
-    return hashed_gather_op(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned)
+    a, b, w = consts
+    cfg.check(GatherConstants(a, b, w))
+    return hashed_gather_op(memory, keys, a, b, w, *cfg.op_args())

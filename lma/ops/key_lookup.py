@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from lma import hashspec
-from lma.ops import _native
-from lma.ops._op import backend_for, triton_module
+from lma.ops._op import implementation
 
 
 def bucket_pair_torch(keys: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor,
@@ -61,16 +60,7 @@ def key_lookup_op(keys: torch.Tensor, default: torch.Tensor, slots: torch.Tensor
     """(...) int64 keys -> (...) int64 values (default where absent); see the module docstring."""
     if keys.dtype != torch.int64:
         raise TypeError(f"keys must be int64, got {keys.dtype}")
-    backend = backend_for(keys.device)
-    if backend == "cpp":
-        ext = _native.native_module()
-        assert ext is not None
-        return ext.key_lookup(keys, default, slots, values, coef_a, coef_b)
-    if backend == "triton":
-        tk = triton_module()
-        assert tk is not None
-        return tk.key_lookup(keys, default, slots, values, coef_a, coef_b)
-    return key_lookup_reference(keys, default, slots, values, coef_a, coef_b)
+    return implementation(keys.device).key_lookup(keys, default, slots, values, coef_a, coef_b)
 
 
 @key_lookup_op.register_fake

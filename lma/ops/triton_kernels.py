@@ -9,6 +9,8 @@ With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (used by the tes
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -195,53 +197,21 @@ def _launch(
     return out
 
 
-def slot_indices(
-    keys: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    nibble_w: torch.Tensor,
-    m: int,
-    z: int,
-    mode: str,
-    aligned: bool,
-    dim: int,
-) -> torch.Tensor:
-    """(N,) int64 keys -> (N, dim) int64 slot indices."""
-    return _launch(2, keys, coef_a, coef_b, nibble_w, m, dim, z, mode, aligned)
+def slot_indices(keys: torch.Tensor, consts: Any, cfg: Any) -> torch.Tensor:
+    """(N,) int64 keys -> (N, dim) int64 slot indices (``consts``/``cfg``: see reference.py)."""
+    return _launch(2, keys, *consts, cfg.m, cfg.dim, cfg.z, cfg.mode, cfg.aligned)
 
 
-def forward(
-    memory: torch.Tensor,
-    keys: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    nibble_w: torch.Tensor,
-    dim: int,
-    z: int,
-    mode: str,
-    aligned: bool,
-) -> torch.Tensor:
+def forward(memory: torch.Tensor, keys: torch.Tensor, consts: Any, cfg: Any) -> torch.Tensor:
     """memory (M,), keys (...) -> (..., dim)."""
-    out = _launch(
-        0, keys, coef_a, coef_b, nibble_w, memory.shape[0], dim, z, mode, aligned, memory=memory
-    )
-    return out.reshape(*keys.shape, dim)
+    out = _launch(0, keys, *consts, memory.shape[0], cfg.dim, cfg.z, cfg.mode, cfg.aligned,
+                  memory=memory)
+    return out.reshape(*keys.shape, cfg.dim)
 
 
-def backward(
-    grad: torch.Tensor,
-    keys: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    nibble_w: torch.Tensor,
-    m: int,
-    dim: int,
-    z: int,
-    mode: str,
-    aligned: bool,
-) -> torch.Tensor:
+def backward(grad: torch.Tensor, keys: torch.Tensor, consts: Any, cfg: Any) -> torch.Tensor:
     """grad (..., dim), keys (...) -> dense (M,) gradient (atomic scatter-add)."""
-    return _launch(1, keys, coef_a, coef_b, nibble_w, m, dim, z, mode, aligned, grad=grad)
+    return _launch(1, keys, *consts, cfg.m, cfg.dim, cfg.z, cfg.mode, cfg.aligned, grad=grad)
 
 
 @triton.jit

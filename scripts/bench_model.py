@@ -1,0 +1,340 @@
+"""Model latency at the Criteo-Kaggle vocabulary: full vs LMA 16x vs ROBE-Z 16x, onnxruntime and
+the torch program, key lookup before (binary search) and after (key table), and the share of key
+resolution; also LMA's block size Z (1, 4, 16; aligned or not).
+
+    flock /tmp/lma-bigjob.lock python scripts/bench_model.py --out /tmp/bench_model [--quick]
+
+Models are UNTRAINED: built through the project's API (``build_embedding`` + ``build_dlrm`` with
+``lma train``'s default DLRM) on a synthetic feature map of the Kaggle vocabulary
+(``lma.data.synthetic.value_set_feature_map``, preset ``kaggle``, 45,840,617 rows: ~33.7M tokens);
+LMA's signature table signs the most frequent tokens (as many as a 125k-row sample signs: 107k)
+with random signatures. Latency does not depend on training; AUC does and is not measured here.
+
+Every measurement is its own process (one engine per process), pinned to core 0 (``taskset``)
+with one thread: ``prepare`` builds the feature map once; ``export`` builds a model and writes its
+ONNX files (whole model and key resolution alone); ``time`` loads one engine and times 1, 100 and
+1000 rows (token draws follow the value counts, 5% unseen; 8 batches cycled; median). The torch
+program engine is ``torch.export`` of the eager model, built in the timing process. Peak RSS of
+each process is recorded (``ru_maxrss``). Writes ``results.json`` and ``results.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ROWS = [1, 100, 1000]
+N_SIGNED = 107_000  # tokens a 125k-row sample signs at this vocabulary (issue 9)
+UNSEEN = 0.05
+
+
+def variants(quick: bool) -> dict[str, dict[str, Any]]:
+    v = {
+        "full/search": {"kind": "full", "options": {"lookup": "search"}},
+        "full/table": {"kind": "full", "options": {"lookup": "table"}},
+        "lma16/search": {"kind": "lma", "options": {"lookup": "search"}},
+        "lma16/table": {"kind": "lma", "options": {"lookup": "table"}},
+        "robez16": {"kind": "robez", "options": {}},
+    }
+    zs = [(1, False), (4, False), (4, True), (16, False), (16, True)]
+    for z, al in zs[: 2 if quick else None]:
+        v[f"lma16/z{z}{'a' if al else ''}"] = {"kind": "lma", "options": {"lookup": "table", "z": z,
+                                                                          "aligned": al}}
+        v[f"robez16/z{z}{'a' if al else ''}"] = {"kind": "robez", "options": {"z": z, "aligned": al}}
+    return v
+
+
+def _fmap(out: Path):  # noqa: ANN202
+    from lma.features import FeatureMap
+
+    return FeatureMap.load(out / "feature_map")
+
+
+def _model(out: Path, spec: dict[str, Any]):  # noqa: ANN202
+    import torch
+
+    from lma.embeddings import EmbeddingSpec, build_embedding
+    from lma.model import DLRMConfig, build_dlrm
+    from lma.signatures import SignatureTable
+
+    fmap = _fmap(out)
+    dim = 16
+    full = fmap.full_table_rows(1) * dim
+    kind = spec["kind"]
+    n_params = full if kind == "full" else full // 16
+    es = EmbeddingSpec(kind=kind, dim=dim, n_params=n_params, seed=0, options=dict(spec["options"]))
+    state = {}
+    if kind == "lma":
+        sig = np.load(out / "signatures.npz")
+        state = {"signatures": SignatureTable(sig["tokens"], sig["signatures"], {"untrained": True})}
+    with torch.no_grad():
+        emb = build_embedding(es, fmap, **state)
+        cfg = DLRMConfig(n_dense=13, slot_fields=fmap.schema.slot_fields(), dim=dim)
+        model = build_dlrm(cfg, emb, fmap).eval()
+    return model, fmap
+
+
+class _Resolve:
+    """Key resolution alone: tokens -> rows (full) or keys (lma), as the model does it."""
+
+    @staticmethod
+    def module(model):  # noqa: ANN001, ANN205
+        import torch
+
+        emb = model.embedding
+
+        class R(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.emb = emb
+
+            def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+                return self.emb.resolve_keys(tokens) if hasattr(self.emb, "resolve_keys") \
+                    else self.emb.rows(tokens)
+
+        return R().eval()
+
+
+def _batches(fmap, rows: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:  # noqa: ANN001
+    rng = np.random.default_rng(seed)
+    sf = fmap.schema.slot_fields()
+    cdf = []
+    for f in range(len(fmap.tokens)):
+        c = np.cumsum(np.asarray(fmap.counts[f], dtype=np.float64))
+        cdf.append(c / c[-1])
+    out = []
+    for _ in range(8):
+        cols = []
+        for f in sf:
+            idx = np.minimum(np.searchsorted(cdf[f], rng.random(rows)), len(cdf[f]) - 1)
+            cols.append(fmap.tokens[f][idx])
+        tok = np.stack(cols, axis=1).astype(np.int64)
+        unseen = rng.random(tok.shape) < UNSEEN
+        tok[unseen] = rng.integers(-(2**63), 2**63 - 1, int(unseen.sum()), dtype=np.int64)
+        dense = rng.standard_normal((rows, 13)).astype(np.float32)
+        out.append((dense, tok))
+    return out
+
+
+def _time(fn, batches) -> float:  # noqa: ANN001
+    for b in batches:
+        fn(b)
+    once = time.perf_counter()
+    fn(batches[0])
+    once = time.perf_counter() - once
+    n = int(max(15, min(300, 1.5 / max(once, 1e-6))))
+    ts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(batches[i % len(batches)])
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def cmd_prepare(out: Path, rows: int) -> dict[str, Any]:
+    from lma.data.synthetic import SynthConfig, value_set_feature_map
+
+    t0 = time.perf_counter()
+    fmap = value_set_feature_map(SynthConfig(preset="kaggle"), rows)
+    fmap.save(out / "feature_map")
+    toks = np.concatenate(fmap.tokens)
+    cnt = np.concatenate(fmap.counts)
+    top = np.argsort(-cnt, kind="stable")[:N_SIGNED]
+    rng = np.random.default_rng(0)
+    sig_tok = np.sort(toks[top])
+    sigs = rng.integers(-(2**63), 2**63 - 1, len(sig_tok), dtype=np.int64)
+    np.savez(out / "signatures.npz", tokens=sig_tok, signatures=sigs)
+    occ = float(cnt[top].sum() / cnt.sum())
+    return {"tokens": int(len(toks)), "signed": int(len(sig_tok)), "signed_occurrence_share": occ,
+            "seconds": time.perf_counter() - t0}
+
+
+def cmd_export(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from model_export import onnx_op
+
+    t0 = time.perf_counter()
+    model, fmap = _model(out, spec)
+    build_s = time.perf_counter() - t0
+    d = out / name.replace("/", "_")
+    d.mkdir(parents=True, exist_ok=True)
+    dense, tok = _batches(fmap, 8, 0)[0]
+    td, tt = torch.from_numpy(dense), torch.from_numpy(tok)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with torch.no_grad():
+        prog = torch.export.export(model, (td, tt), dynamic_shapes=({0: batch}, {0: batch}))
+        onnx_op.export_onnx(prog, (td, tt), d / "model.onnx", ["dense", "tokens"], ["logits"])
+        if spec["kind"] != "robez":
+            res = _Resolve.module(model)
+            rp = torch.export.export(res, (tt,), dynamic_shapes=({0: batch},))
+            onnx_op.export_onnx(rp, (tt,), d / "resolve.onnx", ["tokens"], ["keys"])
+    emb = model.embedding
+    return {"build_s": build_s, "export_s": time.perf_counter() - t0 - build_s,
+            "state_bytes": int(emb.state_bytes()), "params": int(emb.parameter_count())}
+
+
+def cmd_time(out: Path, name: str, spec: dict[str, Any], engine: str, part: str) -> dict[str, Any]:
+    d = out / name.replace("/", "_")
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        fmap = _fmap(out)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(d / f"{part}.onnx"), so, providers=["CPUExecutionProvider"])
+        if part == "model":
+            def fn(b):  # noqa: ANN001, ANN202
+                return sess.run(None, {"dense": b[0], "tokens": b[1]})
+        else:
+            def fn(b):  # noqa: ANN001, ANN202
+                return sess.run(None, {"tokens": b[1]})
+    else:
+        import torch
+
+        torch.set_num_threads(1)
+        model, fmap = _model(out, spec)
+        dense, tok = _batches(fmap, 8, 0)[0]
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        with torch.no_grad():
+            if part == "model":
+                prog = torch.export.export(model, (torch.from_numpy(dense), torch.from_numpy(tok)),
+                                           dynamic_shapes=({0: batch}, {0: batch})).module()
+            else:
+                prog = torch.export.export(_Resolve.module(model), (torch.from_numpy(tok),),
+                                           dynamic_shapes=({0: batch},)).module()
+
+        def fn(b):  # noqa: ANN001, ANN202
+            with torch.no_grad():
+                if part == "model":
+                    return prog(torch.from_numpy(b[0]), torch.from_numpy(b[1]))
+                return prog(torch.from_numpy(b[1]))
+    res = {}
+    for rows in ROWS:
+        res[str(rows)] = _time(fn, _batches(fmap, rows, 100 + rows))
+    return res
+
+
+def _run(args: list[str], pin: bool = True) -> dict[str, Any]:
+    cmd = (["taskset", "-c", "0"] if pin else []) + [sys.executable, __file__, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": p.stderr[-1500:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def worker(argv: list[str]) -> int:
+    cmd, out = argv[0], Path(argv[1])
+    if cmd == "prepare":
+        res = cmd_prepare(out, int(argv[2]))
+    else:
+        name, spec = argv[2], json.loads(argv[3])
+        res = cmd_export(out, name, spec) if cmd == "export" else cmd_time(out, name, spec,
+                                                                          argv[4], argv[5])
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    sys.stdout.write(json.dumps(res) + "\n")
+    return 0
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="/tmp/bench_model")
+    ap.add_argument("--quick", action="store_true", help="fewer Z variants")
+    ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--fmap-rows", type=int, default=45_840_617,
+                    help="rows whose value set makes the vocabulary (default: Criteo Kaggle's)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"meta": {"created": time.strftime("%Y-%m-%d %H:%M"),
+                                        "load_avg_before": os.getloadavg()[0]}}
+    rpath = out / "results.json"
+    if rpath.exists():
+        results = json.loads(rpath.read_text())
+    if not (out / "feature_map").exists():
+        results["prepare"] = _run(["--worker", "prepare", str(out), str(args.fmap_rows)], pin=False)
+        rpath.write_text(json.dumps(results, indent=1))
+    vs = variants(args.quick)
+    if args.only:
+        vs = {k: v for k, v in vs.items() if k in args.only.split(",")}
+    for name, spec in vs.items():
+        r = results.setdefault("variants", {}).setdefault(name, {"spec": spec})
+        if "export" not in r or "error" in r["export"]:
+            r["export"] = _run(["--worker", "export", str(out), name, json.dumps(spec)], pin=False)
+            rpath.write_text(json.dumps(results, indent=1))
+        for engine in ("onnxruntime", "torch"):
+            parts = ["model"] if spec["kind"] == "robez" or "/z" in name else ["model", "resolve"]
+            for part in parts:
+                key = f"{engine}/{part}"
+                if key in r and "error" not in r[key]:
+                    continue
+                r[key] = _run(["--worker", "time", str(out), name, json.dumps(spec), engine, part])
+                rpath.write_text(json.dumps(results, indent=1))
+                sys.stderr.write(f"{name} {key}: {r[key]}\n")
+    results["meta"]["load_avg_after"] = os.getloadavg()[0]
+    rpath.write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(report(results))
+    sys.stdout.write(report(results))
+    return 0
+
+
+def report(results: dict[str, Any]) -> str:
+    v = results.get("variants", {})
+    lines = ["| model | lookup | engine | 1 row ms | 100 rows ms | 1000 rows ms | key resolution "
+             "ms at 1000 (share) | vs full/table at 1000 |", "|---|---|---|---|---|---|---|---|"]
+    for engine in ("onnxruntime", "torch"):
+        ref = v.get("full/table", {}).get(f"{engine}/model", {}).get("1000")
+        for name in ("full/search", "full/table", "lma16/search", "lma16/table", "robez16"):
+            r = v.get(name, {})
+            m = r.get(f"{engine}/model", {})
+            if "1000" not in m:
+                continue
+            res = r.get(f"{engine}/resolve", {})
+            share = (f"{res['1000']:.2f} ({100 * res['1000'] / m['1000']:.0f}%)"
+                     if "1000" in res else "-")
+            kind, _, lk = name.partition("/")
+            ratio = f"{m['1000'] / ref:.2f}" if ref else "-"
+            lines.append(f"| {kind} | {lk or '-'} | {engine} | {m['1']:.3f} | {m['100']:.2f} | "
+                         f"{m['1000']:.2f} | {share} | {ratio} |")
+    zs = [k for k in v if "/z" in k]
+    if zs:
+        lines += ["", "| model | Z | engine | 1 row ms | 100 rows ms | 1000 rows ms |",
+                  "|---|---|---|---|---|---|"]
+        for engine in ("onnxruntime", "torch"):
+            for name in zs:
+                m = v[name].get(f"{engine}/model", {})
+                if "1000" in m:
+                    kind, _, z = name.partition("/")
+                    lines.append(f"| {kind} | {z[1:]} | {engine} | {m['1']:.3f} | {m['100']:.2f} "
+                                 f"| {m['1000']:.2f} |")
+    lines += ["", "Build / export / peak RSS per process (GB):", ""]
+    for name, r in v.items():
+        e = r.get("export", {})
+        peaks = [r[k].get("peak_rss_gb") for k in r if "/" in k and isinstance(r[k], dict)]
+        lines.append(f"- {name}: build {e.get('build_s', float('nan')):.0f} s, export "
+                     f"{e.get('export_s', float('nan')):.0f} s, serving state "
+                     f"{e.get('state_bytes', 0) / 1e6:.0f} MB, peak RSS export "
+                     f"{e.get('peak_rss_gb', float('nan')):.1f}, timing "
+                     f"{max([p for p in peaks if p] or [float('nan')]):.1f}"
+                     + (f"; ERROR {e['error'][-300:]}" if "error" in e else ""))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
