@@ -44,6 +44,9 @@ def resolve(state: AppState, name: str, version: str | None = None) -> LoadedMod
         raise RequestError(404, f"model {name!r} has no version {version!r} (versions: "
                            f"{state.registry.versions(name)})", field="version", kind="unknown_version")
     if not state.registry.ready and any(s.name == name for s in state.registry.sources):
+        if state.registry.error:
+            raise RequestError(503, f"model {name!r} could not be loaded: "
+                               f"{state.registry.error}", kind="not_ready")
         raise RequestError(503, f"model {name!r} is still loading", kind="not_ready",
                            headers={"Retry-After": "1"})
     raise RequestError(404, f"unknown model {name!r} (models: {state.registry.names()})",

@@ -122,3 +122,38 @@ def test_metrics_count_what_happened(ort_server, criteo_rows):
     assert ort_server.metric("lma_errors_total", type="bad_value", status="422") == before_bad + 1
     assert ort_server.metric("lma_batch_rows_count", model=MODEL) > 0
     assert ort_server.metric("lma_compute_seconds_count", model=MODEL) > 0
+
+
+def test_a_tampered_bundle_keeps_the_server_unready(criteo_bundle, tmp_path):
+    """Readiness is 503 (with the reason) until every model is loaded and warm; a bundle whose
+    file was changed after export never gets there, while liveness still answers."""
+    import shutil
+    import time
+
+    from tests.service_fixtures import Server
+
+    bad = tmp_path / "bad"
+    shutil.copytree(criteo_bundle, bad)
+    with open(bad / "sample.npz", "ab") as f:
+        f.write(b"\0")
+    s = Server(str(bad), tmp_path / "bad.log")
+    try:
+        t_end = time.monotonic() + 60
+        body = {}
+        while time.monotonic() < t_end:
+            try:
+                r = requests.get(f"{s.url}/v2/health/ready", timeout=2)
+                body = r.json()
+                if "error" in body:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.2)
+        assert r.status_code == 503
+        assert "sample.npz" in body["error"] and "sha256" in body["error"]
+        assert requests.get(f"{s.url}/v2/health/live", timeout=2).status_code == 200
+        r = requests.post(f"{s.url}/v1/models/{MODEL}:predict", json={"instances": [{}]},
+                          timeout=5)
+        assert r.status_code == 503 and "could not be loaded" in r.json()["error"]
+    finally:
+        s.stop()

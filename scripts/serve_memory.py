@@ -1,0 +1,151 @@
+"""Resident memory of `lma serve --workers N` per worker, for the bundles given.
+
+For each bundle and each N: start `lma serve BUNDLE --workers N`, wait until ready, send
+requests whose tokens are drawn from the model's vocabulary (so the weights that serving touches
+are resident, not just mapped), then read every worker process's RSS and USS (private memory,
+which N workers pay N times) with psutil. Writes a markdown table.
+
+    python scripts/serve_memory.py BUNDLE [BUNDLE...] --workers 1,2,4 --out docs/bench/serve_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vocab_rows(bundle: Path, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    info = json.loads((bundle / "feature_map.json").read_text())
+    cats = info["schema"]["categorical"]
+    n_dense = len(info["schema"]["dense"])
+    with np.load(bundle / "feature_map.npz") as z:
+        vocab = [z[f"tokens_{i}"] for i in range(len(cats))]
+    tokens = np.stack([v[rng.integers(0, len(v), n)] if len(v) else np.ones(n, np.int64)
+                       for v in vocab], axis=1).astype(np.int64)
+    dense = np.abs(rng.standard_normal((n, n_dense))).astype(np.float32)
+    return dense, tokens
+
+
+def measure(bundle: Path, workers: int, requests_n: int, rows: int) -> dict:
+    name = json.loads((bundle / "manifest.json").read_text())["model"]["name"]
+    port = _port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lma.cli", "-q", "serve", str(bundle), "--port", str(port),
+         "--workers", str(workers), "--threads", "1", "--log-level", "warning"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t_end = time.monotonic() + 300
+        while time.monotonic() < t_end:
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{bundle}: not ready")
+        time.sleep(2.0 * workers)  # let every worker finish loading and warming
+        rng = np.random.default_rng(0)
+        for _ in range(requests_n):
+            d, t = _vocab_rows(bundle, rows, rng)
+            body = {"inputs": [
+                {"name": "dense", "shape": list(d.shape), "datatype": "FP32",
+                 "data": d.ravel().tolist()},
+                {"name": "tokens", "shape": list(t.shape), "datatype": "INT64",
+                 "data": t.ravel().tolist()}]}
+            with requests.Session() as s:  # a new connection each time: spread over workers
+                r = s.post(f"{url}/v2/models/{name}/infer", json=body, timeout=60)
+            r.raise_for_status()
+        time.sleep(1.0)
+        parent = psutil.Process(proc.pid)
+        # uvicorn's workers are spawned processes; leave out multiprocessing's resource tracker.
+        kids = [k for k in parent.children(recursive=True)
+                if "spawn_main" in " ".join(k.cmdline())]
+        others = [k for k in parent.children(recursive=True) if k not in kids]
+        procs = kids if workers > 1 else [parent]
+        rss = [p.memory_info().rss for p in procs]
+        uss = [p.memory_full_info().uss for p in procs]
+        supervisor = (parent.memory_info().rss + sum(k.memory_info().rss for k in others)
+                      if workers > 1 else 0)
+        return {"bundle": str(bundle), "model": name, "workers": workers,
+                "rss_per_worker_mb": [round(x / 2**20, 1) for x in rss],
+                "uss_per_worker_mb": [round(x / 2**20, 1) for x in uss],
+                "supervisor_rss_mb": round(supervisor / 2**20, 1),
+                "total_rss_mb": round((sum(rss) + supervisor) / 2**20, 1)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--requests", type=int, default=40, help="requests per measurement")
+    ap.add_argument("--rows", type=int, default=1000, help="rows per request")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    results = []
+    for b in args.bundles:
+        m = json.loads((b / "manifest.json").read_text())
+        comp = m["parameters"]
+        for n in (int(x) for x in args.workers.split(",")):
+            r = measure(b, n, args.requests, args.rows)
+            r["kind"] = m["embedding"]["kind"]
+            r["model_mb"] = round(comp["total"]["bytes"] / 2**20, 1)
+            r["embedding_mb"] = round(comp["embedding"]["bytes"] / 2**20, 1)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    lines = [
+        "# Resident memory per `lma serve` worker",
+        "",
+        f"Command: `python scripts/serve_memory.py {' '.join(map(str, args.bundles))} "
+        f"--workers {args.workers} --requests {args.requests} --rows {args.rows}`; machine: "
+        f"{platform.machine()} Linux, shared 2-core machine (contended), onnxruntime CPU, one "
+        "intra-op thread. Memory read after the requests (tokens drawn from each model's "
+        "vocabulary). USS is a worker's private memory: what each additional worker costs.",
+        "",
+        "| model | kind | model bytes (MB) | workers | RSS per worker (MB) | USS per worker (MB) "
+        "| total RSS (MB) |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['kind']} | {r['model_mb']} | {r['workers']} | "
+            f"{', '.join(map(str, r['rss_per_worker_mb']))} | "
+            f"{', '.join(map(str, r['uss_per_worker_mb']))} | {r['total_rss_mb']} |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
