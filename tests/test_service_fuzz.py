@@ -27,7 +27,7 @@ def test_openapi_fuzz_finds_no_server_error(ort_server, tmp_path):
         [exe, "--config-file", str(config), "run", f"{ort_server.url}/openapi.json",
          "--checks", "not_a_server_error", "--max-examples", "10", "--max-time", "30",
          "--seed", "1", "--no-shrink", "--workers", "1", "--request-timeout", "10"],
-        capture_output=True, text=True, timeout=240)
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache stays out of the repo
     summary = out.stdout[-3000:]
     assert out.returncode == 0, summary + out.stderr[-2000:]
     assert " passed" in summary and "failed" not in summary.split("SUMMARY")[-1], summary
