@@ -153,11 +153,20 @@ def test_body_limit_counts_the_streamed_body(ort_server):
 
 
 def test_client_gone_mid_body_leaves_server_healthy(ort_server):
+    import time
+
+    gone = ort_server.metric("lma_errors_total", type="client_disconnected", status="400")
     host, port = ort_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST " + P.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                   b"\r\nContent-Length: 100000\r\n\r\n{\"instances\": [")
     assert requests.post(ort_server.url + P, json={"instances": [ROW]}, timeout=30).ok
+    t_end = time.monotonic() + 5
+    while time.monotonic() < t_end and ort_server.metric(
+            "lma_errors_total", type="client_disconnected", status="400") == gone:
+        time.sleep(0.05)
+    assert ort_server.metric("lma_errors_total", type="client_disconnected", status="400") == gone + 1
+    assert ort_server.metric("lma_errors_total", type="internal", status="500") == 0
 
 
 # ---------------------------------------------------------------- batching, queue, deadline

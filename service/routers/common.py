@@ -8,6 +8,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from service.decoding import read_body
 from service.errors import RequestError
@@ -57,5 +58,10 @@ async def body_of(request: Request, state: AppState, allowed: tuple[str, ...] = 
         raise RequestError(415, "compressed request bodies are not accepted "
                            f"(Content-Encoding {request.headers['content-encoding']!r})",
                            field="Content-Encoding", kind="content_type")
-    return await read_body(request.stream(), request.headers.get("content-length"),
-                           state.settings.max_body_bytes)
+    try:
+        return await read_body(request.stream(), request.headers.get("content-length"),
+                               state.settings.max_body_bytes)
+    except ClientDisconnect:
+        # Nobody reads this answer; it is counted, and the request costs nothing more.
+        raise RequestError(400, "the client disconnected before sending the whole body",
+                           kind="client_disconnected") from None
