@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from lma.bundle import load_bundle
 from lma.records import RecordEncoder
 from lma.schema import Schema
-from model_export.bundle import load_bundle
 from service.backends import Backend, open_backend
 from service.batcher import BatchStats, MicroBatcher
 from service.settings import ServeSettings
@@ -114,6 +114,7 @@ class LoadedModel:
         emb = m.get("embedding", {})
         metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
         p = self.backend.placement
+        comp = self.bundle.component_bytes()
         return {
             "name": self.name,
             "version": self.version,
@@ -121,12 +122,14 @@ class LoadedModel:
             "ready": self.ready,
             "kind": emb.get("kind"),
             "compression": metrics.get("compression"),
-            "bytes": _component_bytes(m),
+            "bytes": comp,
             "backend": self.backend.name,
             "providers": p.providers,
             "device": p.device,
-            "embedding_memory": {"location": p.memory, "bytes": _component_bytes(m)["embedding"],
+            "embedding_memory": {"location": p.memory, "bytes": comp["embedding"],
                                  **p.memory_bytes},
+            "checksums": {k: v for k, v in (self.bundle.verification or {}).items()
+                          if k in ("verified", "trusted", "skipped", "seconds")},
             "inputs": {"dense": self.n_dense, "tokens": self.n_slots},
             "fields": {"dense": self.schema.dense_names,
                        "categorical": self.schema.categorical_names},
@@ -134,26 +137,6 @@ class LoadedModel:
             "warmup_seconds": round(self.warmup_s, 4),
             "test_auc": metrics.get("test_auc"),
         }
-
-
-def _component_bytes(manifest: dict[str, Any]) -> dict[str, int]:
-    """Bytes by component from the manifest: embedding memory or tables, key lookup (signatures
-    or vocabulary), MLPs, other; and the total."""
-    params = manifest.get("parameters", {})
-    out = {"embedding": 0, "key_lookup": 0, "mlp": 0, "other": 0}
-    for top, info in params.items():
-        if top in ("total", "embedding_state") or not isinstance(info, dict):
-            continue
-        b = int(info.get("bytes", 0))
-        if top == "embedding":
-            out["embedding"] += b
-        elif top in ("bottom", "top", "wide", "linear"):
-            out["mlp"] += b
-        else:
-            out["other"] += b
-    out["key_lookup"] = int(params.get("embedding_state", {}).get("bytes", 0))
-    out["total"] = sum(out.values())
-    return out
 
 
 class ModelRegistry:
@@ -211,7 +194,7 @@ class ModelRegistry:
         s = self.settings
         t0 = time.perf_counter()
         bundle = load_bundle(src.path, verify_checksums=s.verify_checksums)
-        schema = bundle.feature_map().schema
+        schema = bundle.schema
         backend = open_backend(s.backend, bundle, s.device, s.threads)
         name, version = src.name, src.version
         metrics = self.metrics

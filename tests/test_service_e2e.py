@@ -150,7 +150,7 @@ def test_a_tampered_bundle_keeps_the_server_unready(criteo_bundle, tmp_path):
                 pass
             time.sleep(0.2)
         assert r.status_code == 503
-        assert "sample.npz" in body["error"] and "sha256" in body["error"]
+        assert "sample.npz" in body["error"] and "changed after export" in body["error"]
         assert requests.get(f"{s.url}/v2/health/live", timeout=2).status_code == 200
         r = requests.post(f"{s.url}/v1/models/{MODEL}:predict", json={"instances": [{}]},
                           timeout=5)

@@ -25,7 +25,7 @@ def test_openapi_fuzz_finds_no_server_error(ort_server, tmp_path):
     config.write_text(f'[parameters]\n"path.name" = "{MODEL}"\n"path.version" = "1"\n')
     out = subprocess.run(
         [exe, "--config-file", str(config), "run", f"{ort_server.url}/openapi.json",
-         "--checks", "not_a_server_error", "--max-examples", "10", "--max-time", "30",
+         "--checks", "not_a_server_error", "--max-examples", "8", "--max-time", "20",
          "--seed", "1", "--no-shrink", "--workers", "1", "--request-timeout", "10"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache stays out of the repo
     summary = out.stdout[-3000:]

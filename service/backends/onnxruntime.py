@@ -43,7 +43,7 @@ class OnnxRuntimeBackend:
             ]
         else:
             providers = [CPU_EP]
-        path = bundle.file("model.onnx")
+        path = bundle.onnx_path
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         used = self.session.get_providers()
         if want_cuda and CUDA_EP not in used:

@@ -29,7 +29,10 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        program = torch.export.load(str(bundle.file("model.pt2")))
+        if bundle.program_path is None:
+            raise ValueError(f"{bundle.path}: the bundle has no torch program; use the "
+                             "onnxruntime backend")
+        program = torch.export.load(str(bundle.program_path))
         self.module = program.module().to(self.device)
         tensors = [*self.module.parameters(), *self.module.buffers()]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
