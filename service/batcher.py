@@ -76,7 +76,7 @@ class MicroBatcher:
         run: RunFn,
         *,
         max_batch_rows: int = 1024,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue_rows: int = 65536,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,

@@ -22,7 +22,7 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--workers", "workers", int, "worker processes, each loading every model (default 1)"),
     ("--threads", "threads", int, "intra-op threads per model (default 0: the library's)"),
     ("--max-batch-rows", "max_batch_rows", int, "rows per model call (default 1024)"),
-    ("--max-wait-ms", "max_wait_ms", float, "how long a batch waits for more rows (default 2)"),
+    ("--max-wait-ms", "max_wait_ms", float, "how long a batch waits for more rows (default 0: batches form from requests that arrive while the model is busy)"),
     ("--max-queue-rows", "max_queue_rows", int, "rows waiting per model before 503 (default 65536)"),
     ("--timeout-ms", "timeout_ms", float, "default request deadline, 504 past it (default 1000)"),
     ("--max-body-bytes", "max_body_bytes", int, "request body limit (default 16 MiB)"),

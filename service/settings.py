@@ -15,7 +15,7 @@ variable                        meaning                                         
 ``LMA_SERVE_WORKERS``           worker processes, each loading every model              1
 ``LMA_SERVE_THREADS``           intra-op threads of each model (0: the library default)  0
 ``LMA_SERVE_MAX_BATCH_ROWS``    rows per model call; larger requests are split           1024
-``LMA_SERVE_MAX_WAIT_MS``       how long a batch waits for more rows                     2
+``LMA_SERVE_MAX_WAIT_MS``       how long a batch waits for more rows (0: see below)      0
 ``LMA_SERVE_MAX_QUEUE_ROWS``    rows waiting per model before 503 + Retry-After          65536
 ``LMA_SERVE_TIMEOUT_MS``        default request deadline (504 past it)                   1000
 ``LMA_SERVE_MAX_BODY_BYTES``    request body limit (413), counted on the streamed body   16 MiB
@@ -25,6 +25,10 @@ variable                        meaning                                         
 ``LMA_SERVE_VERIFY_CHECKSUMS``  check every bundle file's sha256 at load                  true
 ``LMA_SERVE_WARMUP_ROWS``       rows of the warm-up batch run before readiness           64
 ==============================  =======================================================  =========
+
+With ``LMA_SERVE_MAX_WAIT_MS=0`` a request adds no wait of its own: batches form from the requests
+that arrived while the model was busy with the previous batch (under load they grow by themselves).
+A positive wait trades that much latency at low load for larger batches.
 
 A request may set its own deadline with the ``X-Timeout-Ms`` header (v1 and v2) or the v2
 request parameter ``timeout_ms``; it is capped at ``LMA_SERVE_TIMEOUT_MS`` * 10.
@@ -52,7 +56,7 @@ class ServeSettings(BaseSettings):
     workers: int = Field(1, ge=1)
     threads: int = Field(0, ge=0)
     max_batch_rows: int = Field(1024, ge=1)
-    max_wait_ms: float = Field(2.0, ge=0)
+    max_wait_ms: float = Field(0.0, ge=0)
     max_queue_rows: int = Field(65536, ge=1)
     timeout_ms: float = Field(1000.0, gt=0)
     max_body_bytes: int = Field(16 << 20, ge=1)

@@ -191,3 +191,21 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("LMA_SERVE_BACKEND", "tensorflow")
     with pytest.raises(ValueError, match="backend"):
         ServeSettings()
+
+
+def test_batcher_without_wait_batches_what_arrives_while_busy():
+    """max_wait_ms=0: a lone request runs at once; those that arrive while the model computes
+    run together next."""
+    rec = Recorder(delay=0.1)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_rows=100, max_wait_ms=0)
+        far = time.monotonic() + 10
+        first = asyncio.ensure_future(b.submit(*_rows(0, 2), far))
+        await asyncio.sleep(0.03)  # the first batch is computing
+        rest = [asyncio.ensure_future(b.submit(*_rows(10 * i, 3), far)) for i in range(1, 4)]
+        await asyncio.gather(first, *rest)
+        await b.close()
+
+    asyncio.run(main())
+    assert rec.calls == [2, 9]
