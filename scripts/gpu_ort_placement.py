@@ -1,4 +1,4 @@
-"""GPU check: every node of the HashedGather function (and of any bundles given) runs on
+"""GPU check: every node of the HashedGather and KeyLookup functions (and of any bundles given) runs on
 onnxruntime's CUDA EP, with answers equal to the CPU EP's.
 
 Run on a machine with onnxruntime-gpu (the CPU wheel has no CUDA EP; the script then says SKIP and
@@ -106,6 +106,18 @@ def main() -> int:
                 what = "indices" if indices_only else "gather"
                 ok &= check(ort, f"HashedGather {mode} Z={z} aligned={aligned} {what}",
                             model.SerializeToString(), {"keys": keys})
+    from lma import hashspec
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1000, 200_000):
+        vocab = rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64, endpoint=True)
+        vocab[: min(n, 2)] = [-(1 << 63), (1 << 63) - 1][: min(n, 2)]
+        table = hashspec.build_key_table(vocab, rng.integers(0, 1 << 40, n, dtype=np.int64))
+        keys = np.concatenate([vocab[:4000], _keys((40, 26), seed=n).reshape(-1)])
+        keys = keys[: len(keys) - len(keys) % 26].reshape(-1, 26)
+        model = onnx_op.key_lookup_model(table)
+        ok &= check(ort, f"KeyLookup over {n} keys", model.SerializeToString(),
+                    {"keys": keys, "default": np.full_like(keys, -1)})
     for b in args.bundles:
         path = Path(b) / "model.onnx"
         sample = np.load(Path(b) / "sample.npz")
