@@ -157,3 +157,45 @@ def test_a_tampered_bundle_keeps_the_server_unready(criteo_bundle, tmp_path):
         assert r.status_code == 503 and "could not be loaded" in r.json()["error"]
     finally:
         s.stop()
+
+
+def test_lma_serve_with_two_workers(model_repo, tmp_path):
+    """`lma serve REPO --workers 2`: options reach every worker through LMA_SERVE_*; each worker
+    answers; SIGTERM stops them all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.service_fixtures import REPO_ROOT, free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMA_SERVE_")}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lma.cli", "-q", "serve", str(model_repo), "--port", str(port),
+         "--workers", "2", "--threads", "1", "--max-rows", "5", "--log-level", "warning"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t_end = time.monotonic() + 120
+        ready = 0
+        while time.monotonic() < t_end and ready < 10:
+            try:  # new connections, spread over both workers
+                ready = ready + 1 if requests.get(f"{url}/v2/health/ready", timeout=2).ok else 0
+            except (requests.ConnectionError, requests.Timeout):
+                ready = 0
+            time.sleep(0.2)
+        assert ready >= 10, (tmp_path / "serve.log").read_text()
+        for _ in range(6):
+            r = requests.post(f"{url}/v1/models/{MODEL}:predict",
+                              json={"instances": [{"I1": 1}] * 6}, timeout=10)
+            assert r.status_code == 413 and "LMA_SERVE_MAX_ROWS" in r.json()["error"]
+            assert requests.post(f"{url}/v1/models/{MODEL}:predict",
+                                 json={"instances": [{"I1": 1}]}, timeout=10).ok
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+    assert proc.returncode in (0, -15)
