@@ -150,9 +150,21 @@ def _start_server(bundle: Path, backend: str, wait_ms: float, cpu: int | None) -
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    cmd = [sys.executable, "-m", "uvicorn", "latency_app:app", "--app-dir", str(REPO / "scripts"),
-           "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level",
-           "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "latency_app:app",
+        "--app-dir",
+        str(REPO / "scripts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
     preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, preexec_fn=preexec)  # noqa: PLW1509
     deadline = time.monotonic() + 300
@@ -171,8 +183,13 @@ def _start_server(bundle: Path, backend: str, wait_ms: float, cpu: int | None) -
     raise SystemExit("the server did not become ready in 300 s")
 
 
-def _model_time(bundle: Path, backend: str, merged: dict[int, list[dict[str, Any]]],
-                schema: Any, reps: dict[int, int]) -> dict[int, list[float]]:
+def _model_time(
+    bundle: Path,
+    backend: str,
+    merged: dict[int, list[dict[str, Any]]],
+    schema: Any,
+    reps: dict[int, int],
+) -> dict[int, list[float]]:
     from lma.records import encode_records
     from model_export.bundle import load_bundle
     from service.backends import open_backend
@@ -197,7 +214,9 @@ def _model_time(bundle: Path, backend: str, merged: dict[int, list[dict[str, Any
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", default=None, help="bundle folder (default: train a quick-start one)")
+    ap.add_argument(
+        "--bundle", default=None, help="bundle folder (default: train a quick-start one)"
+    )
     ap.add_argument("--backends", default="onnxruntime,torch")
     ap.add_argument("--wait-ms", default="2,0", help="LMA_SERVE_MAX_WAIT_MS values to run")
     ap.add_argument("--requests", type=int, default=300, help="requests per cell (1000 rows: /3)")
@@ -210,11 +229,31 @@ def main() -> None:
     if args.bundle is None:
         tmp = Path(tempfile.mkdtemp(prefix="lma-latency-"))
         lma = [sys.executable, "-m", "lma.cli"]
-        subprocess.run([*lma, "train", "--data", f"synth:{args.train_rows}:0", "--embedding", "lma",
-                        "--compression", "16", "--epochs", "1", "--batch-size", "1024", "--out",
-                        str(tmp / "model")], check=True, cwd=REPO)
-        subprocess.run([*lma, "export", str(tmp / "model"), "--out", str(tmp / "bundle"),
-                        "--name", "ctr"], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                *lma,
+                "train",
+                "--data",
+                f"synth:{args.train_rows}:0",
+                "--embedding",
+                "lma",
+                "--compression",
+                "16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "1024",
+                "--out",
+                str(tmp / "model"),
+            ],
+            check=True,
+            cwd=REPO,
+        )
+        subprocess.run(
+            [*lma, "export", str(tmp / "model"), "--out", str(tmp / "bundle"), "--name", "ctr"],
+            check=True,
+            cwd=REPO,
+        )
         bundle = tmp / "bundle"
     else:
         bundle = Path(args.bundle).resolve()
@@ -248,8 +287,9 @@ def main() -> None:
         for wait in [float(w) for w in args.wait_ms.split(",")]:
             proc, port = _start_server(bundle, backend, wait, server_cpu)
             try:
-                lines += _run_cell(backend, wait, port, model_name, requests, merged, model, reps,
-                                   schema, bundle)
+                lines += _run_cell(
+                    backend, wait, port, model_name, requests, merged, model, reps, schema, bundle
+                )
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -259,10 +299,18 @@ def main() -> None:
         Path(args.out).write_text(text + "\n")
 
 
-def _run_cell(backend: str, wait: float, port: int, model_name: str,
-              requests: dict[int, dict[str, tuple[str, bytes, dict]]],
-              merged: dict[int, list[dict[str, Any]]], model: dict[int, list[float]],
-              reps: dict[int, int], schema: Any, bundle: Path) -> list[str]:
+def _run_cell(
+    backend: str,
+    wait: float,
+    port: int,
+    model_name: str,
+    requests: dict[int, dict[str, tuple[str, bytes, dict]]],
+    merged: dict[int, list[dict[str, Any]]],
+    model: dict[int, list[float]],
+    reps: dict[int, int],
+    schema: Any,
+    bundle: Path,
+) -> list[str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     out = [
         f"**{backend}**, `LMA_SERVE_MAX_WAIT_MS={wait:g}`",
@@ -300,9 +348,13 @@ def _run_cell(backend: str, wait: float, port: int, model_name: str,
                     if dur:
                         server.setdefault(name, []).append(float(dur) / 1e3)
             total = server["total"]
-            staged = [sum(server.get(k, [0.0] * len(total))[j] for k in
-                          ("body", "parse", "encode", "score", "response"))
-                      for j in range(len(total))]
+            staged = [
+                sum(
+                    server.get(k, [0.0] * len(total))[j]
+                    for k in ("body", "parse", "encode", "score", "response")
+                )
+                for j in range(len(total))
+            ]
             other = [t - s for t, s in zip(total, staged, strict=True)]
             med = {k: (_pct(v, 50) if v else float("nan")) for k, v in server.items()}
             mp50 = _pct(model[n], 50)
@@ -310,7 +362,8 @@ def _run_cell(backend: str, wait: float, port: int, model_name: str,
             cells = [f"{med.get(k, float('nan')):.3f}" for k in STAGES]
             out.append(
                 f"| {form} | {n} | {_pct(e2e, 50):.3f} / {_pct(e2e, 99):.3f} | "
-                f"{_pct(total, 50):.3f} / {_pct(total, 99):.3f} | " + " | ".join(cells)
+                f"{_pct(total, 50):.3f} / {_pct(total, 99):.3f} | "
+                + " | ".join(cells)
                 + f" | {_pct(other, 50):.3f} | {mp50:.3f} | {ratio:.2f} |"
             )
     conn.close()
