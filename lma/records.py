@@ -366,7 +366,12 @@ class RecordEncoder:
                 tokens,
                 errors,
             )
-        if self._dense_names:
+        dcols = [columns.get(name) for name in self._dense_names]
+        if self._dense_names and all(c is None or type(c) is list for c in dcols):
+            # Lists (JSON data, BYTES tensors): one pass over all dense cells, field-major.
+            flat = list(chain.from_iterable([None] * n if c is None else c for c in dcols))
+            dense = self._dense_flat(flat, n, errors, row_major=False)
+        elif self._dense_names:
             raw = np.empty((n, len(self._dense_names)), dtype=np.float64)
             bad = np.zeros(raw.shape, dtype=bool)
             for j, name in enumerate(self._dense_names):
