@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
 import numpy as np
 
@@ -190,6 +191,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=0, help="torch / ORT threads (default: all)")
     b.add_argument("--out", default="docs/bench", help="folder for the markdown table and the PNG")
     b.set_defaults(func=cmd_bench_op)
+    # More benchmarks come from other packages through the ``lma.bench`` entry-point group
+    # (each: register(bench_subparsers)); loadtest adds ``serve``.
+    for ep in entry_points(group="lma.bench"):
+        try:
+            ep.load()(bsub)
+        except Exception as e:  # a broken plugin must not take `lma bench op` down
+            logger.warning("could not load lma bench command %r: %s", ep.name, e)
 
 
 def main(argv: list[str] | None = None) -> int:
