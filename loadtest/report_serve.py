@@ -246,20 +246,26 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_f(b['queue_wait_ms_per_part'])} | {_f(b['compute_ms_per_batch'])} | "
                          f"{_f(b['rows_per_batch'], 1)} | {_f(b['other_ms_per_request'])} |")
     lines += ["", "## Service against in-process scoring", "",
-              "The same backend and threads, pinned to the server's CPUs, scoring encoded rows "
-              "in a loop (batch = candidates per request), against the service's closed-loop "
-              "rows/s.", "",
-              "| model | batch | in-process median ms | in-process rows/s | service rows/s | "
-              "service / in-process |", "|---|---|---|---|---|---|"]
+              "The same request bodies scored in one thread of a child process with the same "
+              "backend and threads, pinned to the server's CPUs, through the service's own steps "
+              "without HTTP or the batcher (median ms per request for each step), and the model "
+              "alone on the encoded rows in a loop; against the service's closed-loop rows/s.", "",
+              "| model | candidates | JSON parse | decode | encode rows | model | response | "
+              "steps rows/s | model-only rows/s | service rows/s | service / model-only |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         for c in shapes:
             ip = (m.get("inprocess") or {}).get(c)
             cl = m["runs"].get(c, {}).get("closed_loop")
             if not ip or not cl:
                 continue
-            lines.append(f"| {m['label']} | {c} | {_f(ip['median_ms'], 3)} | "
-                         f"{_f(ip['rows_per_s'], 0)} | {_f(cl['rows_per_s'], 0)} | "
-                         f"{_f(cl['rows_per_s'] / ip['rows_per_s'], 3)} |")
+            st = ip.get("stages_median_ms", {})
+            lines.append(
+                f"| {m['label']} | {c} | "
+                + " | ".join(_f(st.get(k), 3) for k in
+                             ("json_parse", "decode", "encode", "model", "response"))
+                + f" | {_f(ip.get('pipeline_rows_per_s'), 0)} | {_f(ip['rows_per_s'], 0)} | "
+                f"{_f(cl['rows_per_s'], 0)} | {_f(cl['rows_per_s'] / ip['rows_per_s'], 3)} |")
     lines += ["", "## Load and readiness", "",
               "| model | ready s (spawn to ready) | bundle load s | warm-up s |",
               "|---|---|---|---|"]
