@@ -130,6 +130,64 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
     return bundles, skipped
 
 
+def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path, *,
+                            rows: int | None = None, signature_rows: int = 125_000,
+                            seed: int = 0, dim: int = 16) -> tuple[dict[str, Path], dict[str, str]]:
+    """UNTRAINED models at a synthetic preset's full vocabulary (``kaggle``: Criteo Kaggle's 33.7M
+    values at its 45.8M rows), for footprint and latency only: the feature map is drawn from the
+    generator's value set without rows (:func:`lma.data.synthetic.value_set_feature_map`), LMA's
+    signatures come from ``signature_rows`` synthetic rows of the preset, the weights are the
+    initial ones. Saved as checkpoints (metrics say ``untrained``) and exported with
+    ``lma export``."""
+    import numpy as np
+
+    from lma.checkpoint import save_checkpoint
+    from lma.cli import main as lma
+    from lma.data import open_source
+    from lma.data.synthetic import KAGGLE_ROWS, SynthConfig, value_set_feature_map
+    from lma.train import TrainConfig, build_model
+
+    n_rows = rows or (KAGGLE_ROWS if preset == "kaggle" else 1_000_000)
+    bundles: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    fmap = None
+    sig_tokens = None
+    for s in specs:
+        if s.fp16 and not fp16_export_available():
+            skipped[s.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
+                                "with fp16 tables has not landed)")
+            continue
+        ck, out = root / "checkpoints" / s.label, root / "bundles" / s.label
+        if (out / "manifest.json").is_file():
+            bundles[s.label] = out
+            continue
+        if not (ck / "metrics.json").is_file():
+            if fmap is None:
+                t0 = time.perf_counter()
+                fmap = value_set_feature_map(SynthConfig(rows=n_rows, seed=seed, preset=preset),
+                                             n_rows, seed=seed)
+                data = f"synth:{signature_rows}:{seed}:{preset}"
+                sig_tokens = np.ascontiguousarray(open_source(data).read_all().tokens, np.int64)
+                logger.info("value-set feature map of %s at %d rows: %d tokens (%.0f s)", preset,
+                            n_rows, sum(len(t) for t in fmap.tokens), time.perf_counter() - t0)
+            cfg = TrainConfig(data=f"synth:{n_rows}:{seed}:{preset}", embedding=s.kind,
+                              compression=s.compression, dim=dim, seed=seed, progress=False)
+            model = build_model(cfg, fmap, sig_tokens)
+            metrics = {"untrained": True, "embedding": s.kind, "compression": s.compression,
+                       "vocabulary": int(sum(len(t) for t in fmap.tokens)),
+                       "note": f"untrained: initial weights on the {preset} preset's value-set "
+                               "feature map; no AUC"}
+            save_checkpoint(ck, model, fmap, metrics,
+                            train_config={"embedding": s.kind, "compression": s.compression,
+                                          "untrained": True})
+            del model
+        if lma(["-q", "export", str(ck), "--out", str(out), "--name", s.label,
+                "--data", f"synth:512:{seed}:{preset}", "--sample-rows", "256"]) != 0:
+            raise RuntimeError(f"lma export failed for {s.label}")
+        bundles[s.label] = out
+    return bundles, skipped
+
+
 # ----------------------------------------------------------------------------- server
 
 
@@ -553,9 +611,13 @@ def _bundle_files(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
 
 
+def _bundle_metrics(path: Path) -> dict[str, Any]:
+    m = json.loads((path / "manifest.json").read_text()).get("metrics")
+    return m if isinstance(m, dict) else {}
+
+
 def _bundle_auc(path: Path) -> float | None:
-    m = json.loads((path / "manifest.json").read_text()).get("metrics") or {}
-    auc = m.get("test_auc")
+    auc = _bundle_metrics(path).get("test_auc")
     return float(auc) if isinstance(auc, int | float) else None
 
 
@@ -568,6 +630,7 @@ def bench_model(label: str, bundle: Path, server: ServerSettings, load: LoadSett
     res: dict[str, Any] = {"label": label, "bundle": str(bundle),
                            "disk_bytes": _bundle_files(bundle), "errors_total": 0}
     res["disk_bytes_total"] = sum(res["disk_bytes"].values())
+    res["untrained"] = bool(_bundle_metrics(bundle).get("untrained", False))
     with serve(bundle, server, run_dir / "raw" / f"server-{label}.log") as srv:
         models = _get_json(srv.url + "/v1/models")["models"]
         name = models[0]["name"]
@@ -773,6 +836,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bundles there are reused")
     g.add_argument("--train-args", default="--epochs 5 --threads 1 --seed 0",
                    help="extra `lma train` options for every built model")
+    g.add_argument("--untrained", default=None, metavar="PRESET",
+                   help="instead of training: UNTRAINED models at a synthetic preset's full "
+                        "vocabulary (kaggle: 33.7M values), for footprint and latency; requests "
+                        "from synth:5000:1:PRESET unless --request-data")
     g = p.add_argument_group("server (identical for every model)")
     g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     g.add_argument("--device", default="cpu")
@@ -816,9 +883,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             if not path:
                 raise ValueError(f"--bundle {item!r}: expected LABEL=PATH")
             bundles[label] = Path(path)
+    elif args.untrained:
+        specs = [ModelSpec.parse(s) for s in args.models.split(",") if s.strip()]
+        build = Path(args.build_dir) if args.build_dir else out / "build"
+        bundles, skipped = build_untrained_bundles(specs, args.untrained, build)
+        args.request_data = args.request_data or f"synth:5000:1:{args.untrained}"
     else:
         if not args.data:
-            raise ValueError("give --bundle LABEL=PATH (repeatable) or --data to build models")
+            raise ValueError("give --bundle LABEL=PATH (repeatable), --data to build models, or "
+                             "--untrained PRESET")
         specs = [ModelSpec.parse(s) for s in args.models.split(",") if s.strip()]
         build = Path(args.build_dir) if args.build_dir else out / "build"
         bundles, skipped = build_bundles(specs, args.data, build, shlex.split(args.train_args))

@@ -188,11 +188,14 @@ def markdown(report: dict[str, Any]) -> str:
     for m in models:
         sat = [_f(m["runs"].get(c, {}).get("closed_loop", {}).get("rps"), 1) for c in shapes]
         lines.append(
-            f"| {m['label']} | {m.get('kind')} | {_f(m.get('compression'), 0)} | "
+            f"| {m['label']}{' (UNTRAINED)' if m.get('untrained') else ''} | {m.get('kind')} | {_f(m.get('compression'), 0)} | "
             f"{_f(m.get('test_auc'), 4)} | {_mb(_state(m))} | "
             f"{_mb((m.get('components') or {}).get('total'))} | {_mb(m['disk_bytes_total'])} | "
             f"{_mb(m['rss_loaded'])} | {_mb(m['rss_peak'])} | {_f(m['ready_s'])} | "
             + " | ".join(sat) + f" | {m['errors_total']} |")
+    if any(m.get("untrained") for m in models):
+        lines += ["", "**UNTRAINED models** (initial weights on a synthetic value-set vocabulary): "
+                  "footprint, memory and latency are real, quality is not measured (no AUC)."]
     lines += ["", "Serving state and model MB are the service's `GET /v1/models/{name}` bytes "
               "(from the bundle manifest); RSS is the server process's resident memory (psutil). "
               "Saturation: answered requests/s of the closed-loop probe. Errors: failed or "
