@@ -866,7 +866,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--client-cpus", default="0", help="CPUs of the load generator ('' none)")
     g.add_argument("--inprocess-seconds", type=float, default=2.0)
     g.add_argument("--quick", action="store_true",
-                   help="smoke run: 1.5 s per rate, 1 s probes, 3 auto rates, 0.3 s in-process")
+                   help="smoke run: 1 s per rate, 0.5 s probes, 3 auto rates, 0.2 s in-process")
     p.add_argument("--out", default="reports", help="reports go to OUT/<timestamp>/")
 
 
@@ -907,9 +907,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         cpus=args.client_cpus or None)
     inprocess_s = args.inprocess_seconds
     if args.quick:
-        load.duration_s, load.warmup_s, load.probe_s = 1.5, 0.3, 1.0
+        load.duration_s, load.warmup_s, load.probe_s = 1.0, 0.2, 0.5
         load.fractions = (0.25, 0.5, 1.0)
-        inprocess_s = 0.3
+        inprocess_s = 0.2
     server = ServerSettings(backend=args.backend, device=args.device, workers=args.workers,
                             threads=args.threads, max_batch_rows=args.max_batch_rows,
                             max_wait_ms=args.max_wait_ms, timeout_ms=args.timeout_ms,

@@ -109,3 +109,18 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
     md = (run_dir / "report.md").read_text()
     assert "shared 2-core machine" in md and "| lma16 | lma | 16 |" in md
     assert any(t["target"].startswith("serving state") for t in report["targets"])
+
+
+def test_untrained_bundles_at_a_preset_vocabulary(tmp_path: Path) -> None:
+    """The scale-(b) path at a small preset: the value-set vocabulary without rows, untrained
+    weights, exported, and labelled untrained (no AUC)."""
+    from lma.data.synthetic import SynthConfig, expected_distinct
+    from loadtest.bench_serve import build_untrained_bundles
+
+    bundles, skipped = build_untrained_bundles([ModelSpec.parse("full")], "small", tmp_path,
+                                               rows=20_000, signature_rows=1000)
+    assert not skipped
+    manifest = json.loads((bundles["full"] / "manifest.json").read_text())
+    assert manifest["metrics"]["untrained"] is True and "test_auc" not in manifest["metrics"]
+    expected = sum(expected_distinct(SynthConfig(rows=20_000, preset="small"), 20_000))
+    assert manifest["metrics"]["vocabulary"] == pytest.approx(expected, rel=0.05)
