@@ -132,13 +132,15 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
 
 def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path, *,
                             rows: int | None = None, signature_rows: int = 125_000,
-                            seed: int = 0, dim: int = 16) -> tuple[dict[str, Path], dict[str, str]]:
+                            seed: int = 0, dim: int = 16, zipf: float | None = None
+                            ) -> tuple[dict[str, Path], dict[str, str]]:
     """UNTRAINED models at a synthetic preset's full vocabulary (``kaggle``: Criteo Kaggle's 33.7M
     values at its 45.8M rows), for footprint and latency only: the feature map is drawn from the
     generator's value set without rows (:func:`lma.data.synthetic.value_set_feature_map`), LMA's
     signatures come from ``signature_rows`` synthetic rows of the preset, the weights are the
     initial ones. Saved as checkpoints (metrics say ``untrained``) and exported with
-    ``lma export``."""
+    ``lma export``. ``zipf``: the skew of value frequencies (default: the preset's); a flatter
+    skew reaches more of the preset's value supports at the same rows."""
     import numpy as np
 
     from lma.checkpoint import save_checkpoint
@@ -164,9 +166,10 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
         if not (ck / "metrics.json").is_file():
             if fmap is None:
                 t0 = time.perf_counter()
-                fmap = value_set_feature_map(SynthConfig(rows=n_rows, seed=seed, preset=preset),
-                                             n_rows, seed=seed)
-                data = f"synth:{signature_rows}:{seed}:{preset}"
+                fmap = value_set_feature_map(
+                    SynthConfig(rows=n_rows, seed=seed, preset=preset, zipf=zipf), n_rows,
+                    seed=seed)
+                data = f"synth:{signature_rows}:{seed}:{preset}" + (f":zipf={zipf}" if zipf else "")
                 sig_tokens = np.ascontiguousarray(open_source(data).read_all().tokens, np.int64)
                 logger.info("value-set feature map of %s at %d rows: %d tokens (%.0f s)", preset,
                             n_rows, sum(len(t) for t in fmap.tokens), time.perf_counter() - t0)
@@ -175,6 +178,7 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
             model = build_model(cfg, fmap, sig_tokens)
             metrics = {"untrained": True, "embedding": s.kind, "compression": s.compression,
                        "vocabulary": int(sum(len(t) for t in fmap.tokens)),
+                       "value_set": {"preset": preset, "rows": n_rows, "zipf": zipf},
                        "note": f"untrained: initial weights on the {preset} preset's value-set "
                                "feature map; no AUC"}
             save_checkpoint(ck, model, fmap, metrics,
@@ -840,6 +844,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead of training: UNTRAINED models at a synthetic preset's full "
                         "vocabulary (kaggle: 33.7M values), for footprint and latency; requests "
                         "from synth:5000:1:PRESET unless --request-data")
+    g.add_argument("--untrained-zipf", type=float, default=None,
+                   help="skew of the untrained vocabulary's value frequencies (default: the "
+                        "preset's); 0.7 gives ~33M kaggle values at 45.8M rows")
     g = p.add_argument_group("server (identical for every model)")
     g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     g.add_argument("--device", default="cpu")
@@ -886,8 +893,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     elif args.untrained:
         specs = [ModelSpec.parse(s) for s in args.models.split(",") if s.strip()]
         build = Path(args.build_dir) if args.build_dir else out / "build"
-        bundles, skipped = build_untrained_bundles(specs, args.untrained, build)
-        args.request_data = args.request_data or f"synth:5000:1:{args.untrained}"
+        bundles, skipped = build_untrained_bundles(specs, args.untrained, build,
+                                                   zipf=args.untrained_zipf)
+        args.request_data = args.request_data or (
+            f"synth:5000:1:{args.untrained}"
+            + (f":zipf={args.untrained_zipf}" if args.untrained_zipf else ""))
     else:
         if not args.data:
             raise ValueError("give --bundle LABEL=PATH (repeatable), --data to build models, or "
