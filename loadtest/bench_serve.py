@@ -111,7 +111,9 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
             skipped[s.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
                                 "with fp16 tables has not landed)")
             continue
-        ck, out = root / "checkpoints" / s.label, root / "bundles" / s.label
+        # An fp16 model is its float32 twin's checkpoint exported with float16 tables.
+        base = s.label.removesuffix("-fp16")
+        ck, out = root / "checkpoints" / base, root / "bundles" / s.label
         if (out / "manifest.json").is_file():
             bundles[s.label] = out
             continue
@@ -123,11 +125,22 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
             logger.info("building %s: lma %s", s.label, " ".join(argv[1:]))
             if lma(argv) != 0:
                 raise RuntimeError(f"lma train failed for {s.label}")
-        if lma(["-q", "export", str(ck), "--out", str(out), "--name", s.label,
-                "--sample-rows", str(sample_rows)]) != 0:
-            raise RuntimeError(f"lma export failed for {s.label}")
+        export(ck, out, s, ["--sample-rows", str(sample_rows)])
         bundles[s.label] = out
     return bundles, skipped
+
+
+def export(ck: Path, out: Path, spec: ModelSpec, extra: Sequence[str]) -> None:
+    """``lma export`` of a checkpoint; float16 tables through the exporter's ``dtype``."""
+    from lma.cli import main as lma
+
+    if spec.fp16:
+        from model_export.bundle import export_bundle
+
+        export_bundle(ck, out, name=spec.label, dtype="float16")  # type: ignore[call-arg]
+        return
+    if lma(["-q", "export", str(ck), "--out", str(out), "--name", spec.label, *extra]) != 0:
+        raise RuntimeError(f"lma export failed for {spec.label}")
 
 
 def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path, *,
@@ -144,7 +157,6 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
     import numpy as np
 
     from lma.checkpoint import save_checkpoint
-    from lma.cli import main as lma
     from lma.data import open_source
     from lma.data.synthetic import KAGGLE_ROWS, SynthConfig, value_set_feature_map
     from lma.train import TrainConfig, build_model
@@ -159,7 +171,8 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
             skipped[s.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
                                 "with fp16 tables has not landed)")
             continue
-        ck, out = root / "checkpoints" / s.label, root / "bundles" / s.label
+        base = s.label.removesuffix("-fp16")
+        ck, out = root / "checkpoints" / base, root / "bundles" / s.label
         if (out / "manifest.json").is_file():
             bundles[s.label] = out
             continue
@@ -185,9 +198,7 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
                             train_config={"embedding": s.kind, "compression": s.compression,
                                           "untrained": True})
             del model
-        if lma(["-q", "export", str(ck), "--out", str(out), "--name", s.label,
-                "--data", f"synth:512:{seed}:{preset}", "--sample-rows", "256"]) != 0:
-            raise RuntimeError(f"lma export failed for {s.label}")
+        export(ck, out, s, ["--data", f"synth:512:{seed}:{preset}", "--sample-rows", "256"])
         bundles[s.label] = out
     return bundles, skipped
 
@@ -484,8 +495,10 @@ class LoadDriver:
                 "latency_ms": {"p50": float(np.percentile(a, 50)),
                                "p99": float(np.percentile(a, 99))}}
 
-    async def open_loop(self, url: str, payloads: Sequence[Any], rates: Sequence[float]
-                        ) -> list[dict[str, Any]]:
+    async def open_loop(self, url: str, payloads: Sequence[Any], rates: Sequence[float],
+                        model: str | None = None) -> list[dict[str, Any]]:
+        """One run per offered rate; with ``model``, each run also gets the server's own
+        breakdown over it (``server``, from ``/metrics`` scraped before and after)."""
         from loadtest.openloop import new_session, run_rate
 
         ld = self.load
@@ -495,8 +508,12 @@ class LoadDriver:
             if ld.warmup_s > 0:
                 await run_rate(url, payloads, rates[0], ld.warmup_s, session=session, **kw)
             for rate in rates:
+                before = parse_metrics(_get_text(url + "/metrics")) if model else None
                 r = await run_rate(url, payloads, rate, ld.duration_s, session=session, **kw)
                 out.append(r.summary())
+                if model and before is not None:
+                    after = parse_metrics(_get_text(url + "/metrics"))
+                    out[-1]["server"] = server_breakdown(before, after, model)
                 logger.info("  %.1f req/s offered: %.1f answered/s, p50 %.2f ms, p99 %.2f ms, "
                             "%d errors", rate, r.achieved_rps, r.latency_ms.get("p50", math.nan),
                             r.latency_ms.get("p99", math.nan), sum(r.errors.values()))
@@ -533,9 +550,9 @@ def _inprocess_main(argv: Sequence[str]) -> int:
     import numpy as np
     import orjson
 
+    from lma.bundle import load_bundle
     from lma.records import RecordEncoder
     from loadtest.payloads import RequestSpec, build_payloads, load_request_set
-    from model_export.bundle import load_bundle
     from service.backends import open_backend
     from service.decoding import decode_v1, parse_json, rows_to_arrays
     from service.state import sigmoid
@@ -659,7 +676,7 @@ def bench_model(label: str, bundle: Path, server: ServerSettings, load: LoadSett
                     derived[c] = [round(base * f, 1) for f in load.fractions]
                 rs = (rates or {}).get(c) or derived[c]
                 mid = parse_metrics(_get_text(srv.url + "/metrics"))
-                runs = asyncio.run(driver.open_loop(srv.url, payloads, rs))
+                runs = asyncio.run(driver.open_loop(srv.url, payloads, rs, name))
                 after = parse_metrics(_get_text(srv.url + "/metrics"))
                 errs = sum(probe["errors"].values()) + sum(sum(r["errors"].values()) for r in runs)
                 res["errors_total"] += errs
@@ -779,9 +796,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         r = lma["rss_loaded"] / max(full["rss_loaded"], 1)
         add("server resident memory LMA16 / full", r, "<= 1/5 (0.2)", r <= 0.2)
         for c, rates in report["load"]["rates"].items():
-            rates = sorted(rates)
-            moderate = min(rates, key=lambda x: abs(x - MODERATE_FRACTION * _ref_capacity(
-                full, c)))
+            moderate = moderate_rate(full, c, rates)
             a, b = _rate_point(lma, int(c), moderate), _rate_point(full, int(c), moderate)
             if a and b and a["latency_ms"] and b["latency_ms"]:
                 r = a["latency_ms"]["p99"] / b["latency_ms"]["p99"]
@@ -802,8 +817,18 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _ref_capacity(m: dict[str, Any], c: str) -> float:
-    return float(m["runs"][c]["closed_loop"]["rps"])
+def moderate_rate(ref: dict[str, Any], c: str, rates: Sequence[float]) -> float:
+    """The offered rate the p99 targets are read at: the highest rate up to MODERATE_FRACTION of
+    the reference's closed-loop throughput that the reference answered in full (no errors, at
+    least 97% of the offered rate); the lowest rate when none qualifies."""
+    cap = float(ref["runs"][c]["closed_loop"]["rps"])
+    good = []
+    for r in sorted(rates):
+        pt = _rate_point(ref, int(c), r)
+        if (r <= MODERATE_FRACTION * cap * 1.001 and pt and not pt["errors"]
+                and pt["achieved_rps"] >= 0.97 * r):
+            good.append(r)
+    return good[-1] if good else min(rates)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,6 +1,6 @@
 """The report of ``lma bench serve``: ``report.md`` and the PNG plots, from ``report.json``'s dict.
 
-    python -m loadtest.report_serve reports/<timestamp>     # redraw from its report.json
+    python -m loadtest.report_serve reports/<timestamp>     # targets and plots again from report.json
 """
 
 from __future__ import annotations
@@ -231,20 +231,30 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {m['label']} | " + " | ".join(_mb(comp.get(c)) for c in COMPONENTS)
                      + f" | {_mb(comp.get('total'))} | {files} |")
     lines += ["", "## AUC against bytes", "", "![auc](auc_bytes.png)", "",
-              "## Where the time goes (server side, open-loop phase)", "",
-              "From the server's `/metrics` before and after the open-loop rates (means). "
+              "## Where the time goes (server side)", "",
+              "From the server's `/metrics` scraped before and after each open-loop rate (means "
+              "over that rate), at the moderate rate the p99 targets use (the highest rate up to "
+              "half the reference's saturation throughput that the reference answered in full). "
               "\"Other\" is the server time per request that is neither queue wait nor model "
-              "compute (taking a request to wait for its whole batch's compute): JSON decoding, row "
-              "encoding (token hashing), the response and the event loop; not split further "
-              "here.", "",
-              "| model | candidates | requests | server ms/request | queue wait ms | compute ms/batch | "
-              "rows/batch | other ms/request |", "|---|---|---|---|---|---|---|---|"]
-    for m in models:
-        for c in shapes:
-            b = m["runs"].get(c, {}).get("server_open_loop")
+              "compute (taking a request to wait for its whole batch's compute): JSON decoding, "
+              "row encoding (token hashing), the response and the event loop; the in-process "
+              "table below splits those.", "",
+              "| model | candidates | offered req/s | requests | server ms/request | "
+              "queue wait ms | compute ms/batch | rows/batch | other ms/request |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    ref = next((m for m in models if m.get("kind") == "full"), models[0] if models else None)
+    for c in shapes:
+        if ref is None or c not in ref["runs"]:
+            continue
+        from loadtest.bench_serve import moderate_rate
+
+        rate = moderate_rate(ref, c, report["load"]["rates"][c])
+        for m in models:
+            pt = _point(m, c, rate)
+            b = (pt or {}).get("server")
             if not b:
                 continue
-            lines.append(f"| {m['label']} | {c} | {b['requests']:.0f} | "
+            lines.append(f"| {m['label']} | {c} | {_f(rate, 1)} | {b['requests']:.0f} | "
                          f"{_f(b['server_ms_per_request'])} | "
                          f"{_f(b['queue_wait_ms_per_part'])} | {_f(b['compute_ms_per_batch'])} | "
                          f"{_f(b['rows_per_batch'], 1)} | {_f(b['other_ms_per_request'])} |")
@@ -293,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0])
     report = json.loads((out / "report.json").read_text())
+    from loadtest.bench_serve import targets
+
+    report["targets"] = targets(report)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     write_plots(report, out)
     write_markdown(report, out)
     return 0

@@ -102,6 +102,7 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
             assert [r["offered_rps"] for r in run["open_loop"]] == rates
             for r in run["open_loop"]:
                 assert r["ok"] == r["sent"] > 0 and r["latency_ms"]["p99"] > 0
+                assert r["server"]["requests"] >= r["ok"]
             assert run["server_open_loop"]["requests"] >= sum(r["ok"] for r in run["open_loop"])
             assert m["inprocess"][c]["rows_per_s"] > 0
     full, lma = report["models"]
