@@ -438,7 +438,12 @@ class LoadDriver:
     Requests and the open loop are :mod:`loadtest.payloads` and :mod:`loadtest.openloop`."""
 
     def __init__(self, load: LoadSettings):
-        from loadtest import payloads as _payloads
+        try:
+            from loadtest import openloop as _openloop  # noqa: F401
+            from loadtest import payloads as _payloads
+        except ImportError as exc:
+            raise ValueError(f"lma bench serve needs the load generators loadtest.payloads and "
+                             f"loadtest.openloop, which are not installed here ({exc})") from None
 
         self.load = load
         self._payloads = _payloads

@@ -77,6 +77,8 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
     """Two tiny models through the whole benchmark: built with `lma train`/`lma export`, each
     served by its own uvicorn process, driven with 1- and 100-candidate requests; the report,
     plots and JSON are written and every server answered every request."""
+    pytest.importorskip("loadtest.openloop", reason="the open-loop load generator "
+                        "(loadtest/openloop.py, loadtest/payloads.py) is not in this checkout")
     out = tmp_path / "reports"
     rc = main([
         "--data", DATA, "--models", "full,lma16", "--build-dir", str(tmp_path / "build"),
