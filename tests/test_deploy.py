@@ -18,11 +18,15 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,8 +49,8 @@ def _tool(name: str) -> str:
     return path
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+def _run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 # ---- docker-compose ----------------------------------------------------------------------------
@@ -312,37 +316,113 @@ def test_train_stage_entry_point():
     assert "docker/train.sh /usr/local/bin/lma-train-bundle" in train["COPY"]
 
 
-# ---- the train image's entry point, run here -------------------------------------------------
+# ---- the train and serving images' entry points, run here -----------------------------------
 
 
-@pytest.fixture
-def lma_on_path(tmp_path) -> dict:
-    """An environment whose ``lma`` is this checkout's CLI under the running interpreter."""
-    bindir = tmp_path / "bin"
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory) -> Path:
+    """A model repository written by docker/train.sh, as the compose `train` service does."""
+    tmp = tmp_path_factory.mktemp("train")
+    bindir = tmp / "bin"
     bindir.mkdir()
     shim = bindir / "lma"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lma.cli "$@"\n')
     shim.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
-    return env
-
-
-def test_train_script_writes_the_next_bundle_version(tmp_path, lma_on_path):
-    repo = tmp_path / "models"
+    repo = tmp / "models"
     (repo / "demo" / "3").mkdir(parents=True)  # an existing version: the new one must be 4
-    env = dict(lma_on_path, LMA_TRAIN_ROWS="3000", LMA_TRAIN_EPOCHS="1", LMA_TRAIN_BATCH_SIZE="512")
+    env = dict(
+        os.environ,
+        PATH=f"{bindir}:{os.environ['PATH']}",
+        PYTHONPATH=str(REPO),
+        LMA_TRAIN_ROWS="3000",
+        LMA_TRAIN_EPOCHS="1",
+        LMA_TRAIN_BATCH_SIZE="512",
+    )
     res = subprocess.run(
         ["bash", str(REPO / "docker" / "train.sh"), str(repo), "demo"],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
-        cwd=tmp_path,
+        cwd=tmp,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    bundle = repo / "demo" / "4"
+    return repo
+
+
+def test_train_script_writes_the_next_bundle_version(trained_repo):
+    bundle = trained_repo / "demo" / "4"
     assert (bundle / "manifest.json").is_file(), sorted(p.name for p in bundle.iterdir())
-    assert sorted(p.name for p in (repo / "demo").iterdir()) == ["3", "4"], "no leftovers"
+    assert sorted(p.name for p in (trained_repo / "demo").iterdir()) == ["3", "4"], "no leftovers"
+
+
+def test_entry_point_and_healthcheck_in_a_serving_only_venv(trained_repo, tmp_path):
+    """The serving image's ENTRYPOINT/CMD (`lma serve /models`) and HEALTHCHECK, run directly
+    in a fresh virtual environment holding this package with the `serve` extra alone."""
+    if not _service_landed():
+        pytest.skip("the service (issue 8) is not on main yet")
+    repo = tmp_path / "models"
+    shutil.copytree(trained_repo / "demo" / "4", repo / "demo" / "1")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    res = _run([str(py), "-m", "pip", "install", "-q", f"{REPO}[serve]"], timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for heavy in ("torch", "onnx", "lma.train"):
+        probe = _run([str(py), "-c", f"import {heavy}"], cwd=tmp_path)
+        assert probe.returncode != 0, f"{heavy} is importable from the serving extras alone"
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMA_", "PYTHON"))}
+    env.update(  # the serving image's ENV, with a loopback address and a free port
+        PATH=f"{venv / 'bin'}:/usr/bin:/bin",
+        LMA_TORCH_EXT_PREBUILT="1",
+        LMA_SERVE_HOST="127.0.0.1",
+        LMA_SERVE_PORT=str(port),
+        LMA_SERVE_DEVICE="cpu",
+        LMA_SERVE_THREADS="1",
+    )
+    health = [str(py), str(REPO / "docker" / "healthcheck.py")]
+    assert _run(health, env=env, cwd=tmp_path).returncode == 1, "healthy before the server runs"
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(venv / "bin" / "lma"), "serve", str(repo)],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while _run(health, env=env, cwd=tmp_path).returncode != 0:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        body = json.dumps({"instances": [{"I1": 3, "C1": "68fd1e64"}, {}]}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/demo:predict",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            answer = json.loads(r.read())
+        assert len(answer["predictions"]) == 2
+        assert all(0.0 < p < 1.0 for p in answer["predictions"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        log.close()
+    # uvicorn re-raises the SIGTERM it handled once shutdown is complete (status 143 in Docker).
+    text = (tmp_path / "server.log").read_text()
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in text, text
+    assert _run(health, env=env, cwd=tmp_path).returncode == 1, "healthy after the server stopped"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------------
@@ -493,8 +573,10 @@ def test_probe_paths_are_served_by_the_app():
         from service.main import app
     except ImportError as exc:
         pytest.skip(f"service.main is not importable yet ({exc})")
-    paths = {getattr(r, "path", None) for r in app.routes}
-    assert {READY, LIVE} <= paths
+    paths = app.openapi()["paths"]
+    assert "get" in paths[READY] and "get" in paths[LIVE]
+    healthcheck = (REPO / "docker" / "healthcheck.py").read_text()
+    assert "127.0.0.1:{port}" + READY in healthcheck, "the image's HEALTHCHECK asks readiness"
 
 
 # ---- the prebuilt native op -----------------------------------------------------------------------
