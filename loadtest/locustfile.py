@@ -11,6 +11,8 @@ served model's name), ``--lma-data`` (LMA_LOADTEST_DATA: ``synth:ROWS[:SEED]``, 
 (LMA_LOADTEST_UNSEEN_RATE), ``--lma-top-k`` (LMA_LOADTEST_TOP_K, 0 for none), ``--lma-pool``
 (LMA_LOADTEST_POOL, distinct ready requests per route). ``--tags v1`` (or ``v2-json``,
 ``v2-binary``) keeps one route. Each answer is checked: 200 and one score per candidate.
+Requests are built when locust starts; in a distributed run give the workers the same ``--lma-*``
+options or variables as the master (docker-compose.yml sets the same environment on both).
 
 Locust waits for each answer before the user's next request (a closed loop), so under overload
 it understates tail latency; ``python -m loadtest.openloop`` sends at a fixed rate instead.
@@ -25,6 +27,7 @@ import threading
 from pathlib import Path
 
 from locust import FastHttpUser, constant, events, tag, task
+from locust.runners import MasterRunner
 
 try:
     _installed = importlib.util.find_spec("loadtest.payloads") is not None
@@ -94,6 +97,14 @@ def _options(parser) -> None:
     )
     group.add_argument("--lma-seed", env_var="LMA_LOADTEST_SEED", type=int, default=0,
                        help="seed of the unseen-value draws")  # fmt: skip
+
+
+@events.init.add_listener
+def _build_pools(environment, **_kw) -> None:
+    # Built before the run starts, so the run's clock measures requests, not request building
+    # (the master sends nothing and builds none).
+    if environment.parsed_options is not None and not isinstance(environment.runner, MasterRunner):
+        _pool(environment.parsed_options, ROUTES[0])
 
 
 def _pool(options, route: str) -> list[Payload]:

@@ -363,10 +363,24 @@ def test_entry_point_and_healthcheck_in_a_serving_only_venv(trained_repo, tmp_pa
         pytest.skip("the service (issue 8) is not on main yet")
     repo = tmp_path / "models"
     shutil.copytree(trained_repo / "demo" / "4", repo / "demo" / "1")
+    # Install from exactly what the serving image's build stage copies (this also checks that
+    # its COPY lines bring everything the package needs), not from the checkout in place.
+    src = tmp_path / "src"
+    copies = [a for k, a in _stage_instructions(DOCKERFILES[0], "build") if k == "COPY"]
+    for args in copies:
+        *sources, _dest = args.split()
+        for name in sources:
+            if (REPO / name).is_dir():
+                shutil.copytree(
+                    REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                src.mkdir(exist_ok=True)
+                shutil.copy2(REPO / name, src / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    res = _run([str(py), "-m", "pip", "install", "-q", f"{REPO}[serve]"], timeout=900)
+    res = _run([str(py), "-m", "pip", "install", "-q", f"{src}[serve]"], timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for heavy in ("torch", "onnx", "lma.train"):
         probe = _run([str(py), "-c", f"import {heavy}"], cwd=tmp_path)

@@ -255,7 +255,7 @@ def test_locust_tag_selects_one_route(server, tmp_path):
     prefix = tmp_path / "tagged"
     res = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"),
-         "--headless", "-u", "2", "-r", "2", "--run-time", "3s", "--stop-timeout", "5",
+         "--headless", "-u", "2", "-r", "2", "--run-time", "4s", "--stop-timeout", "5",
          "--host", server, "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
          "--tags", "v2-binary"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
