@@ -33,9 +33,11 @@ def create_app(lifespan: Any = None) -> FastAPI:
                     "form, ranking form, and the Open Inference Protocol (KServe v2).",
         lifespan=lifespan,
     )
-    app.include_router(v1.router)
-    app.include_router(v2.router)
-    app.include_router(ops.router)
+    # The routers' routes go onto the app itself (they have no prefix or dependencies of their
+    # own), so app.routes lists every route: FastAPI 0.163's include_router would nest them in
+    # lazily resolved sub-routers that tools inspecting the app (and the probes' test) do not see.
+    for router in (v1.router, v2.router, ops.router):
+        app.router.routes.extend(router.routes)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> Any:
