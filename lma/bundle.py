@@ -30,8 +30,10 @@ from lma.schema import Schema
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = 1
-READABLE_FORMATS = (1,)
+# 2: each byte once (weights.safetensors shared by ONNX and torch; no training counts; the torch
+# program optional). 1: model.onnx and model.pt2 each with the weights, feature_map.npz counts.
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 PROGRAM_FILE = "model.pt2"
@@ -39,6 +41,11 @@ SAMPLE_FILE = "sample.npz"
 STATE_FILE = "embedding_state.npz"
 FEATURE_JSON = "feature_map.json"
 FEATURE_FILES = (FEATURE_JSON, "feature_map.npz")
+WEIGHTS_FILE = "weights.safetensors"
+VOCAB_FILE = "vocabulary.npz"
+# Kinds whose rebuild needs each field's own vocabulary (format 2 keeps it in vocabulary.npz);
+# full tables need only the sorted set of all tokens, which their weights hold (``.vocab``).
+PER_FIELD_VOCAB_KINDS = ("qr",)
 INPUT_NAMES = ("dense", "tokens")
 OUTPUT_NAMES = ("logits",)
 HASHED_KINDS = ("lma", "robez")
@@ -170,10 +177,42 @@ class Bundle:
         return out
 
     def feature_map(self) -> Any:
-        """The full :class:`lma.features.FeatureMap` (schema and vocabulary counts)."""
+        """A :class:`lma.features.FeatureMap` of the bundle: format 1 bundles carry the training
+        counts; format 2 bundles the schema and, for kinds that need it, the vocabulary
+        (``vocabulary.npz``, counts only where a threshold above 1 needs them), else no tokens."""
         from lma.features import FeatureMap
 
-        return FeatureMap.load(self.path)
+        if self.format == 1:
+            return FeatureMap.load(self.path)
+        info = json.loads(self.file(FEATURE_JSON).read_text())
+        n = len(self.schema.categorical)
+        tokens = [np.zeros(0, np.int64) for _ in range(n)]
+        counts: list[Any] = [np.zeros(0, np.int64) for _ in range(n)]
+        vocab = self.manifest.get("vocabulary")
+        if vocab:
+            with np.load(self.file(vocab["file"]), allow_pickle=False) as z:
+                for i in range(n):
+                    tokens[i] = z[f"tokens_{i}"]
+                    c = z.get(f"counts_{i}")
+                    # A broadcast view: no memory for "every token counts once".
+                    counts[i] = (np.broadcast_to(np.int64(int(vocab.get("min_count", 1))),
+                                                 tokens[i].shape) if c is None else c)
+        return FeatureMap(self.schema, tokens, counts, int(info.get("n_rows", 0)),
+                          info.get("meta"))
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The state dict of a format 2 bundle as copy-on-write memory maps of
+        ``weights.safetensors`` (nothing is read until used)."""
+        from lma import tensorfile
+
+        if self.format == 1:
+            raise BundleError(f"{self.path}: a format 1 bundle keeps its weights in {PROGRAM_FILE}")
+        info = self.manifest.get("weights") or {}
+        names = info.get("state_dict")
+        try:
+            return tensorfile.read(self.file(info.get("file", WEIGHTS_FILE)), names)
+        except tensorfile.TensorFileError as exc:
+            raise BundleError(str(exc)) from exc
 
     # Torch-side views: they import torch (and lma.ops) only when called.
 
@@ -247,6 +286,8 @@ def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or ONNX_FILE not in files:
         raise BundleError(f"{mf}: the file list is missing or has no {ONNX_FILE}")
+    if fmt == 2 and WEIGHTS_FILE not in files:
+        raise BundleError(f"{mf}: a format 2 bundle lists {WEIGHTS_FILE}; this one does not")
 
 
 def _cache_dir() -> Path:
@@ -397,16 +438,54 @@ def load_bundle(path: str | Path | Bundle, verify_checksums: bool = True, *,
 
 
 def _eager_model(bundle: Bundle) -> Any:
-    from lma.checkpoint import rebuild_model
+    import torch
 
-    model = rebuild_model(bundle.manifest["model"]["config"],
-                          bundle.manifest["embedding"]["config"],
-                          bundle.feature_map(), bundle.file(STATE_FILE))
-    sd = bundle.program().state_dict
-    missing, unexpected = model.load_state_dict(dict(sd), strict=False)
-    if missing or unexpected:
-        raise BundleError(
-            f"{bundle.file(PROGRAM_FILE)}: weights do not fit the model config "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    from lma.rebuild import rebuild_model
+
+    model_cfg = bundle.manifest["model"]["config"]
+    emb_cfg = bundle.manifest["embedding"]["config"]
+    state = bundle.file(STATE_FILE)
+    if bundle.format == 1:
+        model = rebuild_model(model_cfg, emb_cfg, bundle.feature_map(), state)
+        sd = bundle.program().state_dict
+        missing, unexpected = model.load_state_dict(dict(sd), strict=False)
+        if missing or unexpected:
+            raise BundleError(
+                f"{bundle.file(PROGRAM_FILE)}: weights do not fit the model config "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        return model.eval()
+    arrays = bundle.weights()
+    weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    fmap = bundle.feature_map()
+    if not bundle.manifest.get("vocabulary"):
+        fmap = _vocabulary_from_weights(bundle, fmap, arrays)
+    try:
+        model = rebuild_model(model_cfg, emb_cfg, fmap, state, weights=weights)
+    except ValueError as exc:
+        raise BundleError(f"{bundle.file(WEIGHTS_FILE)}: {exc}") from exc
     return model.eval()
+
+
+def _vocabulary_from_weights(bundle: Bundle, fmap: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Full tables index rows by position in the sorted set of all their tokens, which their
+    weights hold as ``<table>.vocab``: a feature map with that set (in its first field) rebuilds
+    them exactly. Every full table of the model (embedding, first-order term) must agree."""
+    from lma.features import FeatureMap
+
+    kinds = {"embedding": bundle.manifest["embedding"]["config"]["kind"]}
+    fo = bundle.manifest["model"]["config"].get("first_order")
+    if fo:
+        kinds["first_order"] = fo.get("kind")
+    vocabs = [arrays[f"{t}.vocab"] for t, k in kinds.items() if k == "full"]
+    if not vocabs:
+        return fmap
+    missing = [t for t, k in kinds.items() if k == "full" and f"{t}.vocab" not in arrays]
+    if missing or any(not np.array_equal(v, vocabs[0]) for v in vocabs[1:]):
+        raise BundleError(f"{bundle.file(WEIGHTS_FILE)}: the full tables' vocabularies are "
+                          f"missing or differ ({missing}); re-export the bundle")
+    vocab = np.asarray(vocabs[0])
+    tokens = [vocab] + [np.zeros(0, np.int64) for _ in fmap.tokens[1:]]
+    big = np.int64(np.iinfo(np.int64).max)
+    counts = [np.broadcast_to(big, t.shape) for t in tokens]
+    return FeatureMap(fmap.schema, tokens, counts, fmap.n_rows, fmap.meta)

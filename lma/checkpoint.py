@@ -20,10 +20,13 @@ import numpy as np
 import torch
 
 import lma
-from lma.embeddings import EmbeddingSpec, build_embedding
 from lma.features import FeatureMap
 from lma.jsonio import json_default
-from lma.model import DLRM, DLRMConfig, build_dlrm
+from lma.model import DLRM
+from lma.rebuild import rebuild_model
+
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint", "rebuild_model",
+           "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 2  # 2: DLRM carries dense standardisation buffers
 
@@ -40,7 +43,7 @@ class Checkpoint:
 def library_versions() -> dict[str, str]:
     return {
         "lma": lma.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: weights_only loads take no TorchVersion
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
@@ -69,39 +72,32 @@ def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dic
     return out
 
 
-def rebuild_model(model_config: dict[str, Any], embedding_config: dict[str, Any],
-                  fmap: FeatureMap, state_file: Path) -> DLRM:
-    """The (untrained) DLRM that saved configs describe, with the per-token state of
-    ``state_file`` (``embedding_state.npz``; may be absent); checkpoints and bundles load
-    their weights into it."""
-    arrays: dict[str, Any] = {}
-    if state_file.exists():
-        with np.load(state_file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    emb = build_embedding(EmbeddingSpec.from_config(embedding_config), fmap, **arrays)
-    return build_dlrm(DLRMConfig(**model_config), emb, fmap)
-
-
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Rebuild the model from the checkpoint's own config and load its weights (eval mode)."""
     path = Path(path)
     ck = path / "checkpoint.pt"
     if not ck.is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder: {ck.name} is missing")
-    payload = torch.load(ck, map_location="cpu", weights_only=False)
+    # weights_only: nothing is unpickled but tensors and plain containers; mmap: the weights
+    # stay in the file's pages until used (the model takes them without a copy).
+    try:
+        # Checkpoints written before versions were plain strings hold a TorchVersion (a str).
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            payload = torch.load(ck, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for bad files
+        raise ValueError(f"{ck}: not a readable checkpoint ({e})") from None
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{ck}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}; "
             "retrain with this version of lma"
         )
     fmap = FeatureMap.load(path)
-    model = rebuild_model(payload["model_config"], payload["embedding_config"], fmap,
-                          path / "embedding_state.npz")
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{ck}: the weights do not fit the model its config describes ({e}); "
-                         "the checkpoint is damaged or from another build: retrain it") from None
+        model = rebuild_model(payload["model_config"], payload["embedding_config"], fmap,
+                              path / "embedding_state.npz", weights=payload["state_dict"])
+    except ValueError as e:
+        raise ValueError(f"{ck}: {e}; the checkpoint is damaged or from another build: "
+                         "retrain it") from None
     model.eval()
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}

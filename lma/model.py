@@ -103,7 +103,9 @@ class DLRM(nn.Module):
             self.bottom = mlp([config.n_dense, *config.bottom_mlp, config.dim], last_activation=True)
         n_vec = config.n_fields + int(self.has_dense)
         self.n_pairs = n_vec * (n_vec - 1) // 2
-        iu = torch.triu_indices(n_vec, n_vec, offset=1)
+        # Derived (non-persistent) buffers are made on the CPU explicitly, so that a model built
+        # under torch.device("meta") to receive loaded weights still computes them.
+        iu = torch.triu_indices(n_vec, n_vec, offset=1, device="cpu")
         self.register_buffer("pair_i", iu[0].clone(), persistent=False)
         self.register_buffer("pair_j", iu[1].clone(), persistent=False)
         if config.interaction not in ("dot", "dot-cat", "dot-wide"):
@@ -121,10 +123,10 @@ class DLRM(nn.Module):
         top_in += config.n_fields * config.dim if self.cat_fields else 0
         self.top = mlp([top_in, *config.top_mlp, 1], last_activation=False, dropout=config.dropout)
         # Multi-valued fields: mean-pool their slots (padding excluded) into one vector per field.
-        slot_fields = torch.tensor(config.slot_fields, dtype=torch.int64)
+        slot_fields = torch.tensor(config.slot_fields, dtype=torch.int64, device="cpu")
         self.pooled = len(set(config.slot_fields)) != len(config.slot_fields)
-        pool = torch.zeros(len(config.slot_fields), config.n_fields)
-        pool[torch.arange(len(config.slot_fields)), slot_fields] = 1.0
+        pool = torch.zeros(len(config.slot_fields), config.n_fields, device="cpu")
+        pool[torch.arange(len(config.slot_fields), device="cpu"), slot_fields] = 1.0
         self.register_buffer("pool", pool, persistent=False)
         self.first_order = first_order
         self.linear = None

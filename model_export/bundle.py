@@ -1,24 +1,31 @@
 """Exported model bundles: everything a server needs, in one folder, with a checked manifest.
 
-Layout written by :func:`export_bundle`::
+Layout written by :func:`export_bundle` (bundle format 2; each byte once)::
 
-    model.onnx            the whole model (ONNX, opset 20, IR 10). full / hash kinds use standard
-                          ops only; lma / robez have one ``ai.lma::HashedGather`` node per lookup,
-                          implemented by a model-local function (plain onnxruntime runs it)
-    model.pt2             the torch program (``torch.export``); ``import lma.ops`` before loading
-    feature_map.json/.npz the schema and vocabulary counts the model was trained with
-    embedding_state.npz   per-token state (the LMA signature table; empty for other kinds)
-    sample.npz            rows for ``verify`` (dense, tokens) and the eager logits at export
+    model.onnx            the graph (ONNX, opset 20, IR 10); its initializers are external data
+                          in weights.safetensors. full / hash kinds use standard ops and the
+                          ai.lma::KeyLookup function; lma / robez one ``ai.lma::HashedGather``
+                          node per lookup, a model-local function (plain onnxruntime runs it)
+    weights.safetensors   the state dict (safetensors layout), read memory-mapped by the torch
+                          engines; model.onnx points into it, and its initializers without a
+                          state-dict twin (key tables, folded constants) are stored here too
+    feature_map.json      the schema (and per-field sizes) the model was trained with; no counts
+    vocabulary.npz        only for kinds that need each field's vocabulary to rebuild (QR)
+    embedding_state.npz   only for kinds with per-token state (the LMA signature table)
+    model.pt2             only with ``torch_program=True`` (``lma export --torch-program``): the
+                          ``torch.export`` program; ``import lma.ops`` before loading
+    sample.npz            rows for ``verify`` / warm-up (dense, tokens) and the eager logits
     manifest.json         names, versions, config, inputs, sizes, metrics, sha256 of every file
 
-The LMA signature lookup (token hash -> 64-bit signature, or the token hash itself for unsigned
-tokens) is done in-graph: the sorted signature table is part of both model files (an exact binary
-search, ``searchsorted``, then a select), so a server feeds raw token hashes and needs nothing
-else; ``embedding_state.npz`` carries the same table for tools and audits. Full tables look up
-their vocabulary the same way.
+The hashes are computed once, here, and a verified-once marker is written beside the bundle
+(``lma.bundle``), so the first load does not hash again. ``bundle_format=1`` writes the old
+layout (model.onnx and model.pt2 each with all weights, feature_map.npz with the training
+counts, embedding_state.npz always); the reader takes both.
 
-:func:`load_bundle` checks the manifest's format and versions and every file's checksum, and
-fails with a message naming the file at fault.
+The LMA signature lookup (token hash -> 64-bit signature, or the token hash itself for unsigned
+tokens) and the full tables' token -> row lookup are done in-graph, so a server feeds raw token
+hashes and needs nothing else. The reader (:func:`load_bundle`, :class:`Bundle`) lives in
+:mod:`lma.bundle` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -38,15 +45,19 @@ from lma import hashspec
 from lma.bundle import (
     BUNDLE_FORMAT,
     FEATURE_FILES,
+    FEATURE_JSON,
     HASHED_KINDS,
     INPUT_NAMES,
     MANIFEST,
     MARKER_FILE,
     ONNX_FILE,
     OUTPUT_NAMES,
+    PER_FIELD_VOCAB_KINDS,
     PROGRAM_FILE,
     SAMPLE_FILE,
     STATE_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
     Bundle,
     BundleError,
     load_bundle,
@@ -198,6 +209,105 @@ def _onnx_summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _same_bytes(path: Path, offset: int, twin: np.ndarray, chunk: int = 16 << 20) -> bool:
+    """Whether ``path`` holds ``twin``'s bytes at ``offset``; read in chunks, so comparing a
+    multi-GB table costs no more memory than one chunk."""
+    flat = twin.reshape(-1).view(np.uint8)
+    buf = bytearray(chunk)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for s in range(0, len(flat), chunk):
+            n = f.readinto(memoryview(buf)[: min(chunk, len(flat) - s)])
+            if n != min(chunk, len(flat) - s) or buf[:n] != flat[s : s + n].tobytes():
+                return False
+    return True
+
+
+def _share_weights(out: Path, model: Any) -> dict[str, Any]:
+    """Write the model's state dict to ``weights.safetensors`` and point ``model.onnx``'s
+    initializers into it where they hold the same bytes, so each weight is stored once; ONNX
+    initializers with no state-dict twin (folded constants, lookup tables) are appended to the
+    same file (``onnx::<name>``) or, when small, stay inside ``model.onnx``."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lma import tensorfile
+
+    onnx_path = out / ONNX_FILE
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    sd = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    tensors: dict[str, np.ndarray] = dict(sd)
+    target: dict[str, str] = {}  # initializer -> tensor name in the weights file
+    data_files: set[str] = set()
+    for init in m.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        shape = tuple(int(d) for d in init.dims)
+        twin = sd.get(init.name)
+        if twin is not None and (twin.dtype != dtype or twin.shape != shape):
+            twin = None
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in init.external_data}
+            data_files.add(ext["location"])
+            where = (out / ext["location"], int(ext.get("offset", 0)))
+            if twin is not None and _same_bytes(*where, twin):
+                target[init.name] = init.name
+            else:
+                target[init.name] = f"onnx::{init.name}"
+                tensors[target[init.name]] = np.fromfile(where[0], dtype=dtype,
+                                                         count=int(np.prod(shape, dtype=np.int64)),
+                                                         offset=where[1]).reshape(shape)
+            continue
+        arr = numpy_helper.to_array(init)
+        if twin is not None and np.array_equal(twin.view(np.uint8),
+                                               np.ascontiguousarray(arr).view(np.uint8)):
+            target[init.name] = init.name
+        elif arr.nbytes >= 1 << 16:
+            target[init.name] = f"onnx::{init.name}"
+            tensors[target[init.name]] = arr
+    refs = tensorfile.write(out / WEIGHTS_FILE, tensors, {"format": "pt", "written_by": "lma"})
+    for init in m.graph.initializer:
+        if init.name not in target:
+            continue
+        offset, length = refs[target[init.name]]
+        init.ClearField("raw_data")
+        for f in ("float_data", "int64_data", "int32_data", "double_data", "uint64_data"):
+            init.ClearField(f)
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+            e = init.external_data.add()
+            e.key, e.value = k, v
+    onnx.save_model(m, str(onnx_path))
+    for f in data_files:
+        (out / f).unlink(missing_ok=True)
+    onnx.checker.check_model(str(onnx_path))
+    shared = sorted(k for k, v in target.items() if v == k)
+    return {
+        "file": WEIGHTS_FILE,
+        "format": "safetensors",
+        "state_dict": sorted(sd),
+        "onnx_shares": shared,
+        "onnx_only": sorted(v for v in target.values() if v != "" and v.startswith("onnx::")),
+    }
+
+
+def _vocabulary_needs(model_config: dict[str, Any], emb_cfg: dict[str, Any]) -> list[int]:
+    """min_count of every table that needs the per-field vocabulary to be rebuilt (QR)."""
+    return [int(emb_cfg.get("min_count", 1))] if emb_cfg["kind"] in PER_FIELD_VOCAB_KINDS else []
+
+
+def _write_vocabulary(out: Path, fmap: Any, min_counts: list[int]) -> dict[str, Any]:
+    lo, hi = min(min_counts), max(min_counts)
+    arrays = {}
+    for i, (t, c) in enumerate(zip(fmap.tokens, fmap.counts, strict=True)):
+        keep = c >= lo
+        arrays[f"tokens_{i}"] = t[keep]
+        if hi > 1:  # counts above the highest threshold make no difference
+            arrays[f"counts_{i}"] = np.minimum(c[keep], hi).astype(np.uint16)
+    np.savez(out / VOCAB_FILE, **arrays)
+    return {"file": VOCAB_FILE, "min_count": lo, "counts_clipped_at": hi if hi > 1 else None}
+
+
 def export_bundle(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -208,20 +318,28 @@ def export_bundle(
     schema: str | None = None,
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     seed: int = 0,
+    torch_program: bool = False,
+    bundle_format: int = BUNDLE_FORMAT,
 ) -> Path:
-    """Write the bundle of a training checkpoint (see the module docstring); returns ``out_dir``."""
+    """Write the bundle of a training checkpoint (see the module docstring); returns ``out_dir``.
+
+    ``torch_program`` also writes ``model.pt2`` (the ``program`` engine). ``bundle_format=1``
+    writes the old layout (for tools that still need it; the reader takes both)."""
     import torch
 
     from lma.checkpoint import load_checkpoint
     from model_export import onnx_op
 
+    if bundle_format not in (1, 2):
+        raise ValueError(f"bundle_format must be 1 or 2, got {bundle_format!r}")
     ck_dir = Path(checkpoint_dir)
     out = Path(out_dir)
     ck = load_checkpoint(ck_dir)
     model = ck.model.eval()
     kind = str(ck.config["embedding_config"]["kind"])
     out.mkdir(parents=True, exist_ok=True)
-    stale = [MANIFEST, MARKER_FILE, ONNX_FILE, PROGRAM_FILE, SAMPLE_FILE, STATE_FILE, *FEATURE_FILES]
+    stale = [MANIFEST, MARKER_FILE, ONNX_FILE, ONNX_FILE + ".data", PROGRAM_FILE, SAMPLE_FILE,
+             STATE_FILE, WEIGHTS_FILE, VOCAB_FILE, *FEATURE_FILES]
     for f in stale:
         (out / f).unlink(missing_ok=True)
 
@@ -235,16 +353,29 @@ def export_bundle(
     args = (td[:8] if len(td) >= 8 else td, tt[:8] if len(tt) >= 8 else tt)
     with torch.no_grad():
         program = torch.export.export(model, args, dynamic_shapes=dyn)
-    torch.export.save(program, str(out / PROGRAM_FILE))
-    onnx_op.export_onnx(program, args, out / ONNX_FILE, INPUT_NAMES, OUTPUT_NAMES)
-
-    for f in FEATURE_FILES:
-        shutil.copyfile(ck_dir / f, out / f)
-    state = ck_dir / STATE_FILE
-    if state.exists():
-        shutil.copyfile(state, out / STATE_FILE)
+    if torch_program or bundle_format == 1:
+        torch.export.save(program, str(out / PROGRAM_FILE))
+    extra: dict[str, Any] = {}
+    if bundle_format == 1:
+        onnx_op.export_onnx(program, args, out / ONNX_FILE, INPUT_NAMES, OUTPUT_NAMES)
+        for f in FEATURE_FILES:
+            shutil.copyfile(ck_dir / f, out / f)
+        state = ck_dir / STATE_FILE
+        if state.exists():
+            shutil.copyfile(state, out / STATE_FILE)
+        else:
+            np.savez(out / STATE_FILE)
     else:
-        np.savez(out / STATE_FILE)
+        onnx_op.export_onnx(program, args, out / ONNX_FILE, INPUT_NAMES, OUTPUT_NAMES,
+                            external_data=True)
+        del program
+        extra["weights"] = _share_weights(out, model)
+        shutil.copyfile(ck_dir / FEATURE_JSON, out / FEATURE_JSON)
+        needs = _vocabulary_needs(ck.config["model_config"], ck.config["embedding_config"])
+        extra["vocabulary"] = _write_vocabulary(out, ck.feature_map, needs) if needs else None
+        state_arrays = model.embedding.extra_state_arrays()
+        if state_arrays:
+            np.savez(out / STATE_FILE, **state_arrays)
     np.savez(out / SAMPLE_FILE, dense=dense, tokens=tokens, logits=logits)
 
     schema_obj = ck.feature_map.schema
@@ -253,7 +384,7 @@ def export_bundle(
     for f in sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST):
         files[f] = {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
     manifest = {
-        "bundle_format": BUNDLE_FORMAT,
+        "bundle_format": bundle_format,
         "model": {
             "name": name or ck_dir.resolve().name,
             "version": str(version),
@@ -289,7 +420,8 @@ def export_bundle(
         "torch_program": {
             "file": PROGRAM_FILE,
             "requires": "import lma.ops (registers lma::hashed_gather)",
-        },
+        } if (out / PROGRAM_FILE).exists() else None,
+        **extra,
         "sample": {"file": SAMPLE_FILE, "rows": len(tokens), "origin": origin},
         "library_versions": library_versions(),
         "training_versions": ck.config.get("versions", {}),

@@ -31,6 +31,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         data=args.data,
         schema=args.schema,
         sample_rows=args.sample_rows,
+        torch_program=args.torch_program,
+        bundle_format=args.bundle_format,
     )
     b = load_bundle(out)
     m = b.manifest
@@ -123,6 +125,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--schema", default=None, help="schema file for table:PATH data")
     p.add_argument("--sample-rows", type=int, default=256, help="rows in the saved sample")
+    p.add_argument(
+        "--torch-program",
+        action="store_true",
+        help="also write model.pt2 (torch.export program, for the `program` engine); the "
+        "onnx and eager engines read weights.safetensors and need no program",
+    )
+    p.add_argument(
+        "--bundle-format",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="2 (default): each byte once; 1: the old layout (weights in model.onnx and "
+        "model.pt2, training counts), for readers that need it",
+    )
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(

@@ -19,7 +19,7 @@ from model_export.bundle import BundleError, export_bundle, load_bundle, sha256_
 from model_export.predict import Predictor
 from model_export.verify import verify_bundle
 
-KINDS = ["lma", "robez", "full", "hash"]
+KINDS = ["lma", "robez", "full", "hash", "qr"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             out=str(root / f"ck_{kind}"),
         )
         train_model(cfg)
-        out[kind] = export_bundle(root / f"ck_{kind}", root / f"bundle_{kind}", sample_rows=128)
+        out[kind] = export_bundle(root / f"ck_{kind}", root / f"bundle_{kind}", sample_rows=128,
+                                  torch_program=kind in ("full", "lma"))
     return out
 
 
@@ -49,14 +50,15 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
     b = load_bundle(bundles[kind])
     m = b.manifest
     assert m["embedding"]["kind"] == kind
-    assert {f for f in m["files"]} == {
-        "model.onnx",
-        "model.pt2",
-        "feature_map.json",
-        "feature_map.npz",
-        "embedding_state.npz",
-        "sample.npz",
-    }
+    # Format 2: the weights once (weights.safetensors, which model.onnx points into), the
+    # schema without training counts, per-token state only where there is some, the torch
+    # program only when asked for, the per-field vocabulary only for QR.
+    want = {"model.onnx", "weights.safetensors", "feature_map.json", "sample.npz"}
+    want |= {"model.pt2"} if kind in ("full", "lma") else set()
+    want |= {"embedding_state.npz"} if kind == "lma" else set()
+    want |= {"vocabulary.npz"} if kind == "qr" else set()
+    assert {f for f in m["files"]} == want
+    assert m["bundle_format"] == 2
     assert m["inputs"][0] == {"name": "dense", "dtype": "float32", "shape": ["batch", 13]}
     assert m["inputs"][1]["shape"] == ["batch", 26]
     assert m["onnx"]["ir_version"] <= 10
@@ -72,7 +74,7 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
         # lma resolves token -> signature with a key table (one KeyLookup node)
         want = {"HashedGather", "KeyLookup"} if kind == "lma" else {"HashedGather"}
         assert {f.name for f in model.functions} == want
-    elif kind == "full":  # token -> row by a key table
+    elif kind in ("full", "qr"):  # token -> row by a key table
         assert domains <= {"", "ai.lma"} and [f.name for f in model.functions] == ["KeyLookup"]
         assert [n["op_type"] for n in m["onnx"]["custom_op"]["nodes"]] == ["KeyLookup"]
     else:
@@ -82,7 +84,8 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
     report = verify_bundle(b)
     assert report.ok, report.table()
     engines = [ln["engine"] for ln in report.lines]
-    assert any("program" in e for e in engines) and any("onnxruntime" in e for e in engines)
+    assert any("onnxruntime" in e for e in engines)
+    assert any("program" in e for e in engines) == (b.program_path is not None)
     if kind in ("lma", "robez"):
         assert len(report.index_checks) == 1
         check = report.index_checks[0]
@@ -140,8 +143,8 @@ def test_edited_file_is_refused(bundles: dict[str, Path], tmp_path: Path) -> Non
     f.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"model\.onnx.*sha256.*changed after export"):
         load_bundle(d)
-    (d / "feature_map.npz").unlink()
-    with pytest.raises(BundleError, match=r"feature_map\.npz.*missing|model\.onnx"):
+    (d / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"weights\.safetensors.*missing|model\.onnx"):
         load_bundle(d)
     assert cli.main(["verify", str(d)]) == 2  # refused with an error message, not a traceback
 
@@ -181,7 +184,7 @@ def test_consistent_but_wrong_model_fails_verify(bundles: dict[str, Path], tmp_p
     onnx.save(model, str(f))
     mf = d / "manifest.json"
     m = json.loads(mf.read_text())
-    m["files"]["model.onnx"]["sha256"] = sha256_file(f)
+    m["files"]["model.onnx"].update(sha256=sha256_file(f), bytes=f.stat().st_size)
     mf.write_text(json.dumps(m))
     b = load_bundle(d)
     report = verify_bundle(b)

@@ -29,11 +29,12 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        if bundle.program_path is None:
-            raise ValueError(f"{bundle.path}: the bundle has no torch program; use the "
-                             "onnxruntime backend")
-        program = torch.export.load(str(bundle.program_path))
-        self.module = program.module().to(self.device)
+        # Format 2 bundles carry model.pt2 only when exported with --torch-program; without it,
+        # the eager model (same lma ops, weights memory-mapped from weights.safetensors) runs.
+        if bundle.program_path is not None:
+            self.module = torch.export.load(str(bundle.program_path)).module().to(self.device)
+        else:
+            self.module = bundle.eager_model().to(self.device)
         tensors = [*self.module.parameters(), *self.module.buffers()]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         where = {str(t.device) for t in tensors}
