@@ -174,8 +174,8 @@ def test_client_gone_mid_body_leaves_server_healthy(ort_server):
 
 @pytest.fixture(scope="module")
 def slow_server(model_repo, tmp_path_factory):
-    """Batches wait 300 ms for rows; the default deadline (150 ms) is shorter than that."""
-    s = Server(str(model_repo), tmp_path_factory.mktemp("logs") / "slow.log", max_wait_ms=300,
+    """Batches wait 500 ms for rows; the default deadline (150 ms) is shorter than that."""
+    s = Server(str(model_repo), tmp_path_factory.mktemp("logs") / "slow.log", max_wait_ms=500,
                max_batch_rows=64, max_queue_rows=40, timeout_ms=150).wait_ready()
     yield s
     s.stop()
@@ -217,7 +217,7 @@ def test_full_queue_answers_503_with_retry_after(slow_server):
                             timeout=30)
         import time
 
-        time.sleep(0.1)  # the 30 rows are queued for their batch (300 ms)
+        time.sleep(0.1)  # the 30 rows are queued for their batch (500 ms)
         second = requests.post(slow_server.url + P, json=_rows(20), headers=LONG, timeout=30)
         assert second.status_code == 503, second.text
         assert int(second.headers["retry-after"]) >= 1
@@ -233,7 +233,7 @@ def test_past_deadline_answers_504_without_compute(slow_server):
     assert "deadline" in r.json()["error"]
     import time
 
-    time.sleep(0.4)  # past the batch window: the dropped rows were never computed
+    time.sleep(0.6)  # past the batch window: the dropped rows were never computed
     assert slow_server.metric("lma_batch_rows_sum", model=MODEL) == computed
     assert slow_server.metric("lma_errors_total", type="deadline", status="504") >= 1
 
