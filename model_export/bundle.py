@@ -209,6 +209,14 @@ def _onnx_summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _phase(what: str) -> None:
+    """Log the process's peak resident memory so far (export memory is a stated target)."""
+    import resource
+
+    logger.info("export: %s (peak RSS so far %.0f MB)", what,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def _same_bytes(path: Path, offset: int, twin: np.ndarray, chunk: int = 16 << 20) -> bool:
     """Whether ``path`` holds ``twin``'s bytes at ``offset``; read in chunks, so comparing a
     multi-GB table costs no more memory than one chunk."""
@@ -335,6 +343,7 @@ def export_bundle(
     ck_dir = Path(checkpoint_dir)
     out = Path(out_dir)
     ck = load_checkpoint(ck_dir)
+    _phase("checkpoint loaded")
     model = ck.model.eval()
     kind = str(ck.config["embedding_config"]["kind"])
     out.mkdir(parents=True, exist_ok=True)
@@ -353,6 +362,7 @@ def export_bundle(
     args = (td[:8] if len(td) >= 8 else td, tt[:8] if len(tt) >= 8 else tt)
     with torch.no_grad():
         program = torch.export.export(model, args, dynamic_shapes=dyn)
+    _phase("torch.export done")
     if torch_program or bundle_format == 1:
         torch.export.save(program, str(out / PROGRAM_FILE))
     extra: dict[str, Any] = {}
@@ -369,7 +379,9 @@ def export_bundle(
         onnx_op.export_onnx(program, args, out / ONNX_FILE, INPUT_NAMES, OUTPUT_NAMES,
                             external_data=True)
         del program
+        _phase("ONNX written")
         extra["weights"] = _share_weights(out, model)
+        _phase("weights shared")
         shutil.copyfile(ck_dir / FEATURE_JSON, out / FEATURE_JSON)
         needs = _vocabulary_needs(ck.config["model_config"], ck.config["embedding_config"])
         extra["vocabulary"] = _write_vocabulary(out, ck.feature_map, needs) if needs else None
