@@ -235,7 +235,9 @@ class Bundle:
 
         path = self.program_path
         if path is None:
-            raise BundleError(f"{self.path}: the bundle has no torch program ({PROGRAM_FILE})")
+            raise BundleError(f"{self.path}: the bundle has no torch program ({PROGRAM_FILE}); "
+                              "re-export it with `lma export --torch-program`, or use the onnx "
+                              "or eager engine")
         with self._lock:
             if "program" not in self._cache:
                 self._cache["program"] = torch.export.load(str(path))
