@@ -104,7 +104,6 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     ax.scatter(labels, [m["disk_bytes_total"] / 1e6 for m in models], color="k", marker="_",
                s=400, label="bundle on disk", zorder=3)
     ax.set_ylabel("MB")
-    ax.set_yscale("log")
     ax.set_title("Model bytes by component (manifest) and bundle on disk")
     ax.legend(fontsize=7)
     ax.tick_params(axis="x", rotation=30)
