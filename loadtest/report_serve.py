@@ -251,9 +251,14 @@ def markdown(report: dict[str, Any]) -> str:
         for m in models:
             pt = _point(m, c, rate)
             b = (pt or {}).get("server")
+            at = _f(rate, 1)
+            if not b:
+                # Reports written before per-rate scrapes: the means over all rates.
+                b = m["runs"].get(c, {}).get("server_open_loop")
+                at = "all rates"
             if not b:
                 continue
-            lines.append(f"| {m['label']} | {c} | {_f(rate, 1)} | {b['requests']:.0f} | "
+            lines.append(f"| {m['label']} | {c} | {at} | {b['requests']:.0f} | "
                          f"{_f(b['server_ms_per_request'])} | "
                          f"{_f(b['queue_wait_ms_per_part'])} | {_f(b['compute_ms_per_batch'])} | "
                          f"{_f(b['rows_per_batch'], 1)} | {_f(b['other_ms_per_request'])} |")
