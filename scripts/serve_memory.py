@@ -34,19 +34,43 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _vocab_rows(bundle: Path, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    info = json.loads((bundle / "feature_map.json").read_text())
-    cats = info["schema"]["categorical"]
-    n_dense = len(info["schema"]["dense"])
-    with np.load(bundle / "feature_map.npz") as z:
-        vocab = [z[f"tokens_{i}"] for i in range(len(cats))]
-    tokens = np.stack([v[rng.integers(0, len(v), n)] if len(v) else np.ones(n, np.int64)
-                       for v in vocab], axis=1).astype(np.int64)
-    dense = np.abs(rng.standard_normal((n, n_dense))).astype(np.float32)
-    return dense, tokens
+class Traffic:
+    """Rows to send: from a data source (``--data``, the realistic choice: the training
+    distribution), else tokens drawn from the bundle's vocabulary counts when it has them
+    (format 1), else the bundle's sample rows."""
+
+    def __init__(self, bundle: Path, data: str | None, rng: np.random.Generator):
+        self.rng = rng
+        self.dense = self.tokens = None
+        self.vocab = None
+        if data:
+            from lma.data import open_source
+
+            d = open_source(data).read_all()
+            self.dense = np.ascontiguousarray(d.dense, np.float32)
+            self.tokens = np.ascontiguousarray(d.tokens, np.int64)
+            return
+        npz = bundle / "feature_map.npz"
+        if npz.is_file():
+            info = json.loads((bundle / "feature_map.json").read_text())
+            with np.load(npz) as z:
+                self.vocab = [z[f"tokens_{i}"] for i in range(len(info["schema"]["categorical"]))]
+            self.n_dense = len(info["schema"]["dense"])
+            return
+        with np.load(bundle / "sample.npz") as z:
+            self.dense, self.tokens = z["dense"].astype(np.float32), z["tokens"].astype(np.int64)
+
+    def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.vocab is not None:
+            tokens = np.stack([v[self.rng.integers(0, len(v), n)] if len(v) else np.ones(n, np.int64)
+                               for v in self.vocab], axis=1).astype(np.int64)
+            dense = np.abs(self.rng.standard_normal((n, self.n_dense))).astype(np.float32)
+            return dense, tokens
+        idx = self.rng.integers(0, len(self.tokens), n)
+        return self.dense[idx], self.tokens[idx]
 
 
-def measure(bundle: Path, workers: int, requests_n: int, rows: int) -> dict:
+def measure(bundle: Path, workers: int, requests_n: int, rows: int, data: str | None) -> dict:
     name = json.loads((bundle / "manifest.json").read_text())["model"]["name"]
     port = _port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -67,9 +91,9 @@ def measure(bundle: Path, workers: int, requests_n: int, rows: int) -> dict:
         else:
             raise RuntimeError(f"{bundle}: not ready")
         time.sleep(2.0 * workers)  # let every worker finish loading and warming
-        rng = np.random.default_rng(0)
+        traffic = Traffic(bundle, data, np.random.default_rng(0))
         for _ in range(requests_n):
-            d, t = _vocab_rows(bundle, rows, rng)
+            d, t = traffic.rows(rows)
             body = {"inputs": [
                 {"name": "dense", "shape": list(d.shape), "datatype": "FP32",
                  "data": d.ravel().tolist()},
@@ -108,35 +132,41 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--requests", type=int, default=40, help="requests per measurement")
     ap.add_argument("--rows", type=int, default=1000, help="rows per request")
+    ap.add_argument("--data", default=None,
+                    help="rows to send (a --data spec, e.g. the training distribution)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     results = []
     for b in args.bundles:
-        m = json.loads((b / "manifest.json").read_text())
-        comp = m["parameters"]
+        from lma.bundle import load_bundle
+
+        bundle = load_bundle(b)
+        comp = bundle.component_bytes()
         for n in (int(x) for x in args.workers.split(",")):
-            r = measure(b, n, args.requests, args.rows)
-            r["kind"] = m["embedding"]["kind"]
-            r["model_mb"] = round(comp["total"]["bytes"] / 2**20, 1)
-            r["embedding_mb"] = round(comp["embedding"]["bytes"] / 2**20, 1)
+            r = measure(b, n, args.requests, args.rows, args.data)
+            r["kind"] = bundle.kind
+            r["format"] = bundle.manifest.get("bundle_format")
+            r["model_mb"] = round(comp["total"] / 2**20, 1)
+            r["embedding_mb"] = round(comp["embedding"] / 2**20, 1)
             results.append(r)
             print(json.dumps(r), flush=True)
     lines = [
         "# Resident memory per `lma serve` worker",
         "",
         f"Command: `python scripts/serve_memory.py {' '.join(map(str, args.bundles))} "
-        f"--workers {args.workers} --requests {args.requests} --rows {args.rows}`; machine: "
+        f"--workers {args.workers} --requests {args.requests} --rows {args.rows}"
+        + (f" --data {args.data}" if args.data else "") + "`; machine: "
         f"{platform.machine()} Linux, shared 2-core machine (contended), onnxruntime CPU, one "
         "intra-op thread. Memory read after the requests (tokens drawn from each model's "
         "vocabulary). USS is a worker's private memory: what each additional worker costs.",
         "",
-        "| model | kind | model bytes (MB) | workers | RSS per worker (MB) | USS per worker (MB) "
-        "| total RSS (MB) |",
-        "|---|---|---:|---:|---|---|---:|",
+        "| model | kind | bundle format | model bytes (MB) | workers | RSS per worker (MB) "
+        "| USS per worker (MB) | total RSS (MB) |",
+        "|---|---|---:|---:|---:|---|---|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['model']} | {r['kind']} | {r['model_mb']} | {r['workers']} | "
+            f"| {r['model']} | {r['kind']} | {r['format']} | {r['model_mb']} | {r['workers']} | "
             f"{', '.join(map(str, r['rss_per_worker_mb']))} | "
             f"{', '.join(map(str, r['uss_per_worker_mb']))} | {r['total_rss_mb']} |")
     text = "\n".join(lines) + "\n"
