@@ -49,6 +49,20 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def _plain(o: Any) -> Any:
+    """Containers of str/int/float/bool/None only, which ``torch.load(weights_only=True)`` reads:
+    numpy scalars become Python numbers, paths strings."""
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return type(o)(_plain(v) for v in o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
 def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dict[str, Any],
                     train_config: dict[str, Any] | None = None,
                     history: list[dict[str, float]] | None = None) -> Path:
@@ -63,8 +77,8 @@ def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dic
             "embedding_config": model.embedding.config(),
             "state_dict": model.state_dict(),
             "versions": library_versions(),
-            "train_config": train_config or {},
-            "history": history or [],
+            "train_config": _plain(train_config or {}),
+            "history": _plain(history or []),
         },
         out / "checkpoint.pt",
     )

@@ -247,3 +247,20 @@ def test_lean_rebuild_takes_the_weights_without_copy_or_init(
         bad["embedding.table.weight"] = sd["embedding.table.weight"][:-1]
         rebuild_model(payload["model_config"], payload["embedding_config"], ck.feature_map,
                       checkpoints["full"] / "embedding_state.npz", weights=bad)
+
+
+def test_checkpoint_configs_are_saved_as_plain_values(checkpoints: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """numpy scalars and paths in a run's config or history must not make the checkpoint
+    unreadable by the weights-only loader."""
+    from lma.checkpoint import save_checkpoint
+
+    ck = load_checkpoint(checkpoints["lma"])
+    save_checkpoint(tmp_path / "ck", ck.model, ck.feature_map, {},
+                    train_config={"data": Path("/x/y.tsv"), "fractions": (0.8, 0.1, 0.1),
+                                  "lr": np.float32(0.5)},
+                    history=[{"val_auc": np.float64(0.75), "epoch": np.int64(1)}])
+    back = load_checkpoint(tmp_path / "ck")
+    assert back.config["train_config"] == {"data": "/x/y.tsv", "fractions": (0.8, 0.1, 0.1),
+                                           "lr": 0.5}
+    assert back.config["history"] == [{"val_auc": 0.75, "epoch": 1}]
