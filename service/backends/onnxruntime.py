@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from lma.bundle import WEIGHTS_FILE
 from service.backends import Placement, cuda_index
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class OnnxRuntimeBackend:
             device=dev,
             providers=used,
             memory=dev if on_cuda else "host",
-            memory_bytes={"model_file": path.stat().st_size},
+            # model.onnx, plus the weights file it points into (bundle format 2).
+            memory_bytes={"model_files": path.stat().st_size + (
+                weights.stat().st_size if (weights := bundle.file(WEIGHTS_FILE)).is_file() else 0)},
         )
         self._output = self.session.get_outputs()[0].name
 
