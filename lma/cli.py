@@ -123,6 +123,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "already encoded there from the same source are reused")
     g.add_argument("--epoch-rows", type=int, default=None,
                    help="train on at most this many (shuffled) training rows per epoch")
+    g.add_argument("--ddp", action="store_true",
+                   help="data parallel over the processes of `torchrun --nproc_per_node N -m "
+                        "lma.cli train --ddp ...` (gloo on CPU): every rank trains its share of "
+                        "each --batch-size batch; rank 0 writes --out and prints the metrics")
     g.add_argument("--vocab-from", default=None, metavar="DIR",
                    help="add the tokens and counts of this feature map (a folder with "
                         "feature_map.json/.npz, e.g. from `lma data synth --feature-map`) to the "
@@ -193,7 +197,7 @@ def train_config_from_args(args: argparse.Namespace):
         split=args.split, options=_kv_options(args.option), on_error=args.on_error,
         device=args.device, out=args.out, progress=not args.quiet, stream=args.stream,
         work_dir=args.work_dir, epoch_rows=args.epoch_rows, fractions=_fractions(args.fractions),
-        vocab_from=args.vocab_from,
+        vocab_from=args.vocab_from, ddp=args.ddp,
         **model_kwargs(args),
     )
 
@@ -211,8 +215,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lma.train import train_model
 
     result = train_model(train_config_from_args(args))
-    print_json(result.metrics)
+    if int(result.metrics.get("world_size", 1)) == 1 or _rank() == 0:
+        print_json(result.metrics)
     return 0
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lma.checkpoint import load_checkpoint

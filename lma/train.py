@@ -92,6 +92,9 @@ class TrainConfig:
     # A feature map whose tokens join the training rows' (e.g. the value set of a larger
     # dataset from `lma data synth --feature-map`): the vocabulary of more rows than are trained.
     vocab_from: str | None = None
+    # Data parallel over the processes torchrun starts (gloo on CPU, nccl on CUDA): each global
+    # batch of batch_size rows is split over the ranks and the gradients summed.
+    ddp: bool = False
 
     def validate(self) -> None:
         if self.embedding not in EMBEDDINGS:
@@ -323,6 +326,47 @@ def _score(val: dict[str, float]) -> float:
     return auc if math.isfinite(auc) else -math.inf
 
 
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sparse_ids(model: DLRM) -> set[int]:
+    ids = {id(p) for p in model.embedding.sparse_parameters()}
+    if model.first_order is not None:
+        ids |= {id(p) for p in model.first_order.sparse_parameters()}
+    return ids
+
+
+def _all_reduce_grads(model: DLRM) -> None:
+    """Sum every parameter's gradient over the ranks (data parallel): dense gradients with
+    all_reduce, sparse ones (embedding tables, shared memories) by gathering every rank's
+    entries, since their index sets differ."""
+    dist = torch.distributed
+    sparse = _sparse_ids(model)
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        g = p.grad
+        if id(p) in sparse:
+            # Every rank takes the same collective for a parameter, reached by its batch or not.
+            if g is None:
+                g = torch.sparse_coo_tensor(torch.zeros((p.dim(), 0), dtype=torch.int64),
+                                            torch.zeros((0, *p.shape[1:]), dtype=p.dtype),
+                                            p.shape)
+            g = g.coalesce()
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (g.indices(), g.values()))
+            p.grad = torch.sparse_coo_tensor(torch.cat([i for i, _ in parts], 1),
+                                             torch.cat([v for _, v in parts], 0),
+                                             g.shape).coalesce()
+        else:
+            if g is None:
+                g = p.grad = torch.zeros_like(p)
+            dist.all_reduce(g)
+
+
 class _MemoryRows:
     """Training rows resident on the device."""
 
@@ -374,6 +418,8 @@ class _Loop:
         self.work_dir = work_dir
         self.rng = np.random.default_rng(cfg.seed)
         self.loss_fn = nn.BCEWithLogitsLoss()
+        self.sum_loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+        self.rank, self.world = _dist_rank_world()
         self.best_auc, self.best_epoch = -1.0, -1
         self.best_state: dict[str, torch.Tensor] | Path | str | None = None
         self.history: list[dict[str, Any]] = []
@@ -421,13 +467,25 @@ class _Loop:
             # Running loss kept on the device: reading it back every step would stall a GPU.
             running_t = torch.zeros((), device=device)
             for b in range(n_batches):
-                sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                lo, hi = b * cfg.batch_size, min((b + 1) * cfg.batch_size, n_use)
+                if self.world > 1:
+                    # This rank's share of the global batch; the loss is its rows' sum over
+                    # the global batch size, so the summed gradients are the global mean's.
+                    lo, hi = lo + (hi - lo) * self.rank // self.world, lo + (hi - lo) * (
+                        self.rank + 1) // self.world
+                sl = slice(lo, hi)
                 dense, tokens, labels = self.rows.batch(perm[sl], perm_t[sl])
                 logits = model(dense, tokens)
-                loss = self.loss_fn(logits, labels)
+                if self.world > 1:
+                    n_global = min((b + 1) * cfg.batch_size, n_use) - b * cfg.batch_size
+                    loss = self.sum_loss_fn(logits, labels) / n_global
+                else:
+                    loss = self.loss_fn(logits, labels)
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.world > 1:
+                    _all_reduce_grads(model)
                 for o in opts:
                     o.step()
                 running_t = 0.98 * running_t + 0.02 * loss.detach() if b else loss.detach()
@@ -538,6 +596,10 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
     as in memory, row for row.
     """
     cfg.validate()
+    if cfg.ddp and not torch.distributed.is_initialized():
+        # Launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment); every
+        # rank reads the same rows and builds the same model, and trains its share of each batch.
+        torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -551,6 +613,8 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
             raise ValueError("streaming training reads its own source: pass no splits")
         if work_dir is None:
             tmp_dir = work_dir = Path(tempfile.mkdtemp(prefix="lma-train-"))
+        elif _dist_rank_world()[1] > 1:
+            work_dir = work_dir / f"rank{_dist_rank_world()[0]}"
         source = open_source(cfg.data, cfg.schema, on_error=cfg.on_error, progress=cfg.progress)
         store = EncodedStore.open_or_write(source, work_dir / "rows")
         data = _store_data(cfg, store, source.schema)
@@ -654,8 +718,10 @@ def _train(cfg: TrainConfig, data: _Data, source: DataSource | None, work_dir: P
     }
     if source is not None and getattr(source, "errors", None) is not None:
         metrics["bad_lines"] = source.errors.count
+    rank, world = _dist_rank_world()
+    metrics["world_size"] = world
     out = None
-    if cfg.out:
+    if cfg.out and rank == 0:
         t0 = time.perf_counter()
         out = Path(cfg.out)
         save_checkpoint(out, model, fmap, metrics, train_config=asdict(cfg), history=history)

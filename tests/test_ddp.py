@@ -1,0 +1,58 @@
+"""Data-parallel training (`torchrun ... lma.cli train --ddp`, gloo): two real processes give the
+model single-process training gives, within floating-point tolerance."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lma.checkpoint import load_checkpoint
+from lma.train import TrainConfig, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None,
+                    reason="torchrun is not installed")
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--embedding", "robez", "--compression", "4", "--option", "sparse=true",
+     "--optimizer", "rowwise"],
+])
+def test_two_gloo_processes_match_single_process(tmp_path, extra):
+    args = ["--data", "synth:3000:1", "--epochs", "2", "--batch-size", "256", "--threads", "1",
+            *extra]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [str(TORCHRUN if TORCHRUN.exists() else shutil.which("torchrun")), "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lma.cli", "-q",
+         "train", "--ddp", *args, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = json.loads(run.stdout)
+    assert ddp["world_size"] == 2
+    kw = dict(data="synth:3000:1", epochs=2, batch_size=256, threads=1, progress=False)
+    if extra:
+        kw.update(embedding="robez", compression=4, options={"sparse": True}, optimizer="rowwise")
+    single = train_model(TrainConfig(**kw))
+    assert ddp["test_auc"] == pytest.approx(single.metrics["test_auc"], abs=2e-4)
+    assert ddp["rows"] == single.metrics["rows"]
+    got = load_checkpoint(out).model.state_dict()
+    for k, v in single.model.state_dict().items():
+        assert torch.allclose(got[k].float(), v.float(), atol=1e-4, rtol=1e-3), k
