@@ -64,26 +64,45 @@ COMPONENTS = ("embedding", "key_lookup", "mlp", "other")
 @dataclass(frozen=True)
 class ModelSpec:
     """One model to build: ``lma16`` -> kind lma at 16x; ``full`` -> full tables; ``-fp16``
-    suffix -> float16 tables (needs the bundle exporter's fp16 support)."""
+    suffix -> float16 tables (needs the bundle exporter's fp16 support); ``-z16`` (any
+    ``-KEY=VALUE`` or ``-zN``) -> embedding options, e.g. ``lma16-z16`` is lma at 16x with Z = 16."""
 
     label: str
     kind: str
     compression: float
     fp16: bool = False
+    options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        m = re.fullmatch(r"([a-z]+?)(\d+(?:\.\d+)?)?(-fp16)?", text.strip())
+        label = text.strip()
+        head, *opts = label.split("-")
+        m = re.fullmatch(r"([a-z]+?)(\d+(?:\.\d+)?)?", head)
         if not m or m.group(1) not in KINDS:
-            raise ValueError(f"model {text!r}: expected KIND[COMPRESSION][-fp16] with KIND one of "
-                             f"{KINDS} (e.g. full, lma16, robez16, full-fp16)")
+            raise ValueError(f"model {text!r}: expected KIND[COMPRESSION][-fp16][-zN] with KIND "
+                             f"one of {KINDS} (e.g. full, lma16, robez16, full-fp16, lma16-z16)")
         kind = m.group(1)
         comp = float(m.group(2)) if m.group(2) else 1.0
         if kind == "full" and comp != 1.0:
             raise ValueError(f"model {text!r}: full tables have compression 1")
         if kind != "full" and m.group(2) is None:
             raise ValueError(f"model {text!r}: give the compression, e.g. {kind}16")
-        return cls(text.strip(), kind, comp, bool(m.group(3)))
+        fp16 = False
+        options: list[tuple[str, str]] = []
+        for o in opts:
+            if o == "fp16":
+                fp16 = True
+            elif re.fullmatch(r"z\d+", o):
+                options.append(("z", o[1:]))
+            elif "=" in o:
+                k, v = o.split("=", 1)
+                options.append((k, v))
+            else:
+                raise ValueError(f"model {text!r}: unknown suffix -{o} (fp16, zN or KEY=VALUE)")
+        return cls(label, kind, comp, fp16, tuple(options))
+
+    def train_options(self) -> list[str]:
+        return [a for k, v in self.options for a in ("--option", f"{k}={v}")]
 
 
 def fp16_export_available() -> bool:
@@ -118,7 +137,8 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
             bundles[s.label] = out
             continue
         argv = ["-q", "train", "--data", data, "--embedding", s.kind,
-                "--compression", f"{s.compression:g}", "--out", str(ck), *train_args]
+                "--compression", f"{s.compression:g}", *s.train_options(), "--out", str(ck),
+                *train_args]
         if (ck / "metrics.json").is_file():
             logger.info("exporting %s from its checkpoint %s", s.label, ck)
         else:
@@ -157,6 +177,7 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
     import numpy as np
 
     from lma.checkpoint import save_checkpoint
+    from lma.cli import _kv_options  # `lma train --option`'s reading of KEY=VALUE
     from lma.data import open_source
     from lma.data.synthetic import KAGGLE_ROWS, SynthConfig, value_set_feature_map
     from lma.train import TrainConfig, build_model
@@ -187,7 +208,8 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
                 logger.info("value-set feature map of %s at %d rows: %d tokens (%.0f s)", preset,
                             n_rows, sum(len(t) for t in fmap.tokens), time.perf_counter() - t0)
             cfg = TrainConfig(data=f"synth:{n_rows}:{seed}:{preset}", embedding=s.kind,
-                              compression=s.compression, dim=dim, seed=seed, progress=False)
+                              compression=s.compression, dim=dim, seed=seed, progress=False,
+                              options=_kv_options([f"{k}={v}" for k, v in s.options]))
             model = build_model(cfg, fmap, sig_tokens)
             metrics = {"untrained": True, "embedding": s.kind, "compression": s.compression,
                        "vocabulary": int(sum(len(t) for t in fmap.tokens)),

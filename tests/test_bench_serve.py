@@ -26,7 +26,11 @@ def test_model_spec_parse() -> None:
     assert ModelSpec.parse("lma16") == ModelSpec("lma16", "lma", 16.0)
     assert ModelSpec.parse("robez64") == ModelSpec("robez64", "robez", 64.0)
     assert ModelSpec.parse("full-fp16").fp16
-    for bad in ("lma", "full4", "bogus16", "lma16x"):
+    z16 = ModelSpec.parse("lma16-z16-aligned=true")
+    assert (z16.kind, z16.compression, z16.options) == ("lma", 16.0, (("z", "16"),
+                                                                       ("aligned", "true")))
+    assert z16.train_options() == ["--option", "z=16", "--option", "aligned=true"]
+    for bad in ("lma", "full4", "bogus16", "lma16x", "lma16-q"):
         with pytest.raises(ValueError, match="model"):
             ModelSpec.parse(bad)
 
