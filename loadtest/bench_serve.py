@@ -897,8 +897,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "vocabulary (kaggle: 33.7M values), for footprint and latency; requests "
                         "from synth:5000:1:PRESET unless --request-data")
     g.add_argument("--untrained-zipf", type=float, default=None,
-                   help="skew of the untrained vocabulary's value frequencies (default: the "
-                        "preset's); 0.7 gives ~33M kaggle values at 45.8M rows")
+                   help="skew of the untrained vocabulary's value frequencies, one exponent "
+                        "for every field (default: the preset's; kaggle's calibrated skew gives "
+                        "33.8M values at 45.8M rows)")
     g = p.add_argument_group("server (identical for every model)")
     g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     g.add_argument("--device", default="cpu")
