@@ -123,6 +123,9 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    if not any(m.get("test_auc") is not None for m in models):
+        ax.text(0.5, 0.5, "no AUC: untrained models", ha="center", va="center",
+                transform=ax.transAxes)
     for i, m in enumerate(models):
         total = (m.get("components") or {}).get("total") or 0
         auc = m.get("test_auc")
