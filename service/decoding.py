@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from lma.records import EncodedRecords, RecordEncoder
 from lma.schema import Schema
@@ -228,7 +229,7 @@ V2_OUTPUTS = ("probability", "logits")
 @dataclass
 class V2Request:
     id: str | None
-    tensors: dict[str, np.ndarray | list[Any]]  # numeric arrays, or lists of str for BYTES
+    tensors: dict[str, np.ndarray | pa.Array | list[Any]]  # numbers; BYTES: strings
     batch: int
     outputs: list[str]
     binary_outputs: set[str]
@@ -250,32 +251,68 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def _bytes_elements(raw: bytes, count: int, name: str, max_len: int) -> list[str]:
-    out: list[str] = []
+def _bytes_elements(raw: bytes, count: int, name: str, max_len: int) -> pa.Array:
+    """A binary BYTES tensor (each element a uint32 little-endian length, then its bytes) as a
+    UTF-8 string array; only the length prefixes are read in Python, the bytes are moved and
+    checked by numpy and Arrow."""
+    n = len(raw)
+    lens = np.empty(count, np.int64)
     pos = 0
-    mv = memoryview(raw)
-    for i in range(count):
-        if pos + 4 > len(raw):
+    first = int.from_bytes(raw[:4], "little") if n >= 4 else -1
+    if count and first >= 0 and n == count * (4 + first):
+        # Every element as long as the first (ids of one width, no missing cells): check the
+        # prefixes at once instead of walking them.
+        prefixes = np.frombuffer(raw, np.uint8).reshape(count, 4 + first)[:, :4]
+        if (np.ascontiguousarray(prefixes).view("<u4").ravel() == first).all():
+            lens[:] = first
+            pos = n
+            count_walked = 0
+        else:
+            count_walked = count
+    else:
+        count_walked = count
+    for i in range(count_walked):
+        if pos + 4 > n:
             raise RequestError(400, f"input {name!r}: BYTES element {i} is cut off (its 4-byte "
                                "length prefix is missing)", field=name, row=i)
-        ln = int.from_bytes(mv[pos:pos + 4], "little")
-        pos += 4
-        if pos + ln > len(raw):
+        ln = int.from_bytes(raw[pos:pos + 4], "little")
+        lens[i] = ln
+        pos += 4 + ln
+        if pos > n:
             raise RequestError(400, f"input {name!r}: BYTES element {i} says {ln} bytes but "
-                               f"only {len(raw) - pos} remain", field=name, row=i)
-        if ln > max_len:
-            raise RequestError(422, f"input {name!r}: element {i} is longer than {max_len} bytes "
-                               "(LMA_SERVE_MAX_STRING_BYTES)", field=name, row=i)
-        try:
-            out.append(bytes(mv[pos:pos + ln]).decode("utf-8"))
-        except UnicodeDecodeError:
-            raise RequestError(400, f"input {name!r}: element {i} is not UTF-8", field=name,
-                               row=i) from None
-        pos += ln
-    if pos != len(raw):
-        raise RequestError(400, f"input {name!r}: {len(raw) - pos} bytes left after {count} "
+                               f"only {n - pos + ln} remain", field=name, row=i)
+    if pos != n:
+        raise RequestError(400, f"input {name!r}: {n - pos} bytes left after {count} "
                            "BYTES elements (binary_data_size disagrees with the shape)", field=name)
-    return out
+    if count and lens.max() > max_len:
+        i = int(np.flatnonzero(lens > max_len)[0])
+        raise RequestError(422, f"input {name!r}: element {i} is longer than {max_len} bytes "
+                           "(LMA_SERVE_MAX_STRING_BYTES)", field=name, row=i)
+    buf = np.frombuffer(raw, np.uint8)
+    keep = np.ones(n, bool)
+    # Element i's prefix starts at 4 i + (bytes of the elements before it).
+    starts = 4 * np.arange(count, dtype=np.int64) + np.concatenate(([0], np.cumsum(lens)[:-1]))
+    for k in range(4):
+        keep[starts + k] = False
+    offsets = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
+    arr = pa.Array.from_buffers(pa.large_string(), count,
+                                [None, pa.py_buffer(offsets), pa.py_buffer(buf[keep])])
+    try:
+        arr.validate(full=True)
+    except pa.ArrowInvalid:
+        bad = next(i for i, v in enumerate(pa.Array.from_buffers(
+            pa.large_binary(), count, arr.buffers()).to_pylist()) if not _utf8(v))
+        raise RequestError(400, f"input {name!r}: element {bad} is not UTF-8", field=name,
+                           row=bad) from None
+    return arr
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def decode_v2(header: bytes, tail: bytes, max_rows: int, max_len: int) -> V2Request:
@@ -291,7 +328,7 @@ def decode_v2(header: bytes, tail: bytes, max_rows: int, max_len: int) -> V2Requ
     inputs = obj.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError(400, "'inputs' must be a non-empty list of tensors", field="inputs")
-    tensors: dict[str, np.ndarray | list[Any]] = {}
+    tensors: dict[str, np.ndarray | pa.Array | list[Any]] = {}
     offset = 0
     batch: int | None = None
     for k, t in enumerate(inputs):
@@ -337,7 +374,7 @@ def decode_v2(header: bytes, tail: bytes, max_rows: int, max_len: int) -> V2Requ
             raw = tail[offset:offset + size]
             offset += size
             if np_dtype is None:
-                value: np.ndarray | list[Any] = _bytes_elements(raw, count, name, max_len)
+                value: np.ndarray | pa.Array | list[Any] = _bytes_elements(raw, count, name, max_len)
             else:
                 if size != count * np_dtype.itemsize:
                     raise RequestError(400, f"input {name!r}: binary_data_size {size} is not "

@@ -209,3 +209,27 @@ def test_batcher_without_wait_batches_what_arrives_while_busy():
 
     asyncio.run(main())
     assert rec.calls == [2, 9]
+
+
+def test_binary_bytes_tensors_decode_like_tritonclient_encodes_them():
+    from tritonclient.utils import serialize_byte_tensor
+
+    from service.decoding import _bytes_elements
+
+    def ser(values):
+        s = serialize_byte_tensor(np.array([v.encode() for v in values], dtype=np.object_))
+        return s.item() if s.dtype == object else s.tobytes()
+
+    for values in (["68fd1e64", "", "é★x", "abc", ""], [f"{i:08x}" for i in range(300)],
+                   ["", ""], ["x"]):
+        raw = ser(values)
+        assert _bytes_elements(raw, len(values), "C1", 1024).to_pylist() == values
+    same = ser(["aaaa", "bbbb", "cccc"])
+    with pytest.raises(RequestError, match="not UTF-8"):
+        _bytes_elements(same[:-1] + b"\xff", 3, "C1", 1024)
+    with pytest.raises(RequestError, match="cut off|remain"):
+        _bytes_elements(same[:-2], 3, "C1", 1024)
+    with pytest.raises(RequestError, match="left after"):
+        _bytes_elements(same + b"x", 3, "C1", 1024)
+    with pytest.raises(RequestError, match="longer than 2 bytes"):
+        _bytes_elements(same, 3, "C1", 2)
