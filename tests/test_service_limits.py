@@ -217,7 +217,9 @@ def test_full_queue_answers_503_with_retry_after(slow_server):
                             timeout=30)
         import time
 
-        time.sleep(0.1)  # the 30 rows are queued for their batch (500 ms)
+        t_end = time.monotonic() + 0.4  # the 30 rows wait for their batch (500 ms)
+        while slow_server.metric("lma_queue_rows", model=MODEL) < 30 and time.monotonic() < t_end:
+            time.sleep(0.01)
         second = requests.post(slow_server.url + P, json=_rows(20), headers=LONG, timeout=30)
         assert second.status_code == 503, second.text
         assert int(second.headers["retry-after"]) >= 1
