@@ -264,9 +264,13 @@ class ServerSettings:
         return env
 
     def pin(self, argv: list[str]) -> list[str]:
-        if self.cpus and shutil.which("taskset"):
-            return ["taskset", "-c", self.cpus, *argv]
-        return argv
+        if not self.cpus or not shutil.which("taskset"):
+            return argv
+        if max(_cpu_list(self.cpus)) >= (os.cpu_count() or 1):
+            logger.warning("server CPUs %s are not on this machine (%s CPUs): not pinned",
+                           self.cpus, os.cpu_count())
+            return argv
+        return ["taskset", "-c", self.cpus, *argv]
 
 
 def free_port() -> int:
