@@ -124,6 +124,7 @@ class LoadedModel:
             "compression": metrics.get("compression"),
             "bytes": comp,
             "backend": self.backend.name,
+            "engine": p.engine,
             "providers": p.providers,
             "device": p.device,
             "embedding_memory": {"location": p.memory, "bytes": comp["embedding"],

@@ -42,7 +42,9 @@ def criteo_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     train_model(TrainConfig(data=f"criteo:{shared_data / 'criteo' / 'train_10k.tsv'}",
                             embedding="lma", compression=4, epochs=1, progress=False, threads=1,
                             out=str(root / "ck")))
-    return export_bundle(root / "ck", root / "repo" / MODEL / "1", name=MODEL, sample_rows=64)
+    # With the torch program, so the torch backend serves model.pt2 (the exported program).
+    return export_bundle(root / "ck", root / "repo" / MODEL / "1", name=MODEL, sample_rows=64,
+                         torch_program=True)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,8 @@ def test_v1_predictions_equal_lma_predict(backend, request, criteo_rows):
     assert info["kind"] == "lma"
     want = "CPUExecutionProvider" if backend == "onnxruntime" else "torch:cpu"
     assert want in info["providers"]
+    if backend == "torch":
+        assert info["engine"] == "program"
 
 
 def test_ranking_form_and_top_k(ort_server, criteo_rows):

@@ -22,6 +22,7 @@ class Placement:
     providers: list[str]  # execution providers the session uses (or the torch device)
     memory: str  # "host" or "cuda:N"
     memory_bytes: dict[str, int] = field(default_factory=dict)
+    engine: str = ""  # what runs: "onnx", or the torch "program" (model.pt2) / "eager" model
 
 
 class Backend(Protocol):

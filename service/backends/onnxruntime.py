@@ -58,6 +58,7 @@ class OnnxRuntimeBackend:
             # model.onnx, plus the weights file it points into (bundle format 2).
             memory_bytes={"model_files": path.stat().st_size + (
                 weights.stat().st_size if (weights := bundle.file(WEIGHTS_FILE)).is_file() else 0)},
+            engine="onnx",
         )
         self._output = self.session.get_outputs()[0].name
 

@@ -33,8 +33,10 @@ class TorchBackend:
         # the eager model (same lma ops, weights memory-mapped from weights.safetensors) runs.
         if bundle.program_path is not None:
             self.module = torch.export.load(str(bundle.program_path)).module().to(self.device)
+            engine = "program"
         else:
             self.module = bundle.eager_model().to(self.device)
+            engine = "eager"
         tensors = [*self.module.parameters(), *self.module.buffers()]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         where = {str(t.device) for t in tensors}
@@ -46,6 +48,7 @@ class TorchBackend:
             providers=[f"torch:{device}"],
             memory=memory,
             memory_bytes={"weights_and_buffers": int(nbytes)},
+            engine=engine,
         )
 
     @torch.inference_mode()
