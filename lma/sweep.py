@@ -65,8 +65,13 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def _normalise(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sorted(options.items()) if _DEFAULT_OPTIONS.get(k, object()) != v}
+def _normalise(options: dict[str, Any], kind: str = "") -> dict[str, Any]:
+    from lma.embeddings import EMBEDDINGS
+
+    defaults = dict(_DEFAULT_OPTIONS)
+    if kind in EMBEDDINGS and hasattr(EMBEDDINGS[kind], "default_z"):
+        defaults["z"] = EMBEDDINGS[kind].default_z  # lma: 4, robez: 1
+    return {k: v for k, v in sorted(options.items()) if defaults.get(k, object()) != v}
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,15 @@ class Run:
 
 
 def make_run(kind: str, compression: float, seed: int, options: dict[str, Any] | None = None) -> Run:
-    return Run(kind, float(compression), int(seed), json.dumps(_normalise(options or {}), sort_keys=True))
+    return Run(kind, float(compression), int(seed),
+               json.dumps(_normalise(options or {}, kind), sort_keys=True))
 
 
 def default_variants(dim: int = 16, compression: float = 16) -> list[tuple[str, float, dict[str, Any]]]:
     """Extra runs at one compression: LMA block sizes (aligned or not), co-occurrence sets, and
     ROBE-Z with whole-embedding blocks. Block sizes that do not divide ``dim`` are left out."""
     out: list[tuple[str, float, dict[str, Any]]] = []
-    for z in (4, 16):
+    for z in (1, 4, 16):  # the default block size's variant drops out as a repeat
         if dim % z == 0:
             for aligned in (False, True):
                 out.append(("lma", compression, {"z": z, "aligned": aligned}))

@@ -24,16 +24,16 @@ from lma.sweep import (
 def test_tiny_real_sweep_writes_files_and_resumes(tmp_path) -> None:
     kw = {"dim": 8, "epochs": 1, "batch_size": 512, "bottom_mlp": [16], "top_mlp": [16]}
     args = dict(data="synth:1200:3", out_dir=tmp_path, kinds=("full", "robez", "lma"),
-                compressions=(8,), variants=[("lma", 8, {"z": 4})], train_kwargs=kw,
+                compressions=(8,), variants=[("lma", 8, {"z": 2})], train_kwargs=kw,
                 progress=False)
     first = run_sweep(seeds=(0, 1), **args)
     assert len(first.ran) == 8 and not first.skipped
     rows = read_runs(first.csv)
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
-    assert {r["variant"] for r in rows} == {"full", "robez", "lma", "lma z=4"}
+    assert {r["variant"] for r in rows} == {"full", "robez", "lma", "lma z=2"}
     assert all(0 < r["test_auc"] < 1 and r["serving_bytes"] > 0 for r in rows)
     text = first.summary.read_text()
-    assert "| lma z=4 | 8x | 2 |" in text and "| full | 1x | 2 |" in text
+    assert "| lma z=2 | 8x | 2 |" in text and "| full | 1x | 2 |" in text
     assert first.plot is not None and first.plot.read_bytes()[:4] == b"\x89PNG"
 
     again = run_sweep(seeds=(0, 1), **args)  # nothing left to do
@@ -110,9 +110,11 @@ def test_plan_and_helpers() -> None:
     runs = plan_runs(["full", "lma"], [1, 16], [0, 1],
                      [("lma", 16, {"z": 1}), ("lma", 16, {"z": 4, "aligned": True})])
     keys = [r.key for r in runs]
-    assert len(keys) == len(set(keys)) == 2 * (1 + 2 + 1)  # the z=1 variant is the default run
+    assert len(keys) == len(set(keys)) == 2 * (1 + 2 + 2)  # lma's default is z=4, so z=1 is a variant
+    assert make_run("lma", 16, 0, {"z": 4}).variant == "lma"  # the default block size
+    assert make_run("robez", 16, 0, {"z": 1}).variant == "robez"
     assert sum(r.kind == "full" for r in runs) == 2
-    assert make_run("lma", 16, 0, {"aligned": True, "z": 4}).variant == "lma aligned=True z=4"
+    assert make_run("lma", 16, 0, {"aligned": True, "z": 4}).variant == "lma aligned=True"
     assert t975(1) == 12.706 and t975(30) == 2.042
     assert abs(t975(1000) - 1.9623) < 1e-3 and t975(31) < 2.042
     m, lo, hi = paired_interval([0.01, 0.02, 0.03])

@@ -9,7 +9,7 @@ their similarity: Pr[same block] ~ (J + (1 - J) / 16)^T.
 Tokens without a signature (rare, outside the signature sample, or never seen, e.g. at serving)
 use their token hash as the key: random allocation, with no vocabulary needed at serving.
 
-Options: ``z`` (default 1), ``aligned`` (False), ``t`` sub-keys per block key (8), ``seed`` (hash
+Options: ``z`` (default 4), ``aligned`` (False), ``t`` sub-keys per block key (8), ``seed`` (hash
 seed, default spec.seed), ``set_kind`` ("rows" | "cooccur"), ``sample_rows`` (125,000),
 ``sig_min_count`` (2).
 """
@@ -43,6 +43,10 @@ class LMAEmbedding(SharedMemoryEmbedding):
 
     kind = "lma"
     mode = "lma"
+    # Z = 4: at the Criteo-Kaggle vocabulary and 1000 rows 1.4-2.4x faster to serve than Z = 1 in
+    # the torch program and 1.2x or more in onnxruntime (docs/RESULTS.md, "Key lookup and model
+    # latency"), for ~0.001 AUC (RESULTS sections 2-3).
+    default_z = 4
 
     def __init__(self, spec: EmbeddingSpec, signatures: SignatureTable):
         super().__init__(spec)
