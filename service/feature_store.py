@@ -19,8 +19,9 @@ Fields whose names start with ``__`` are the store's own and never reach a reque
 replaces each entity's hash whole (no stale fields); ``--ttl`` sets an expiry per key.
 
 :func:`load_features` writes (sync client, pipelined per chunk); :class:`FeatureStore` reads
-(asyncio client with hiredis, one pipelined round trip per batch, a timeout on every call, and a
-back-off after a failure so a down server costs requests no time until it is retried).
+(asyncio client with hiredis, one round trip per batch: one server-side script returns every
+entity's hash, a timeout on every call, and a back-off after a failure so a down server costs
+requests no time until it is retried).
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ LAYOUT_VERSION = 1
 PREFIX = f"lma:fs:v{LAYOUT_VERSION}"
 META = "__meta__"
 TS_FIELD = "__ts"
+
+
+_HGETALL_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HGETALL', key)
+end
+return out
+"""
 
 
 class FeatureStoreError(RuntimeError):
@@ -276,7 +286,8 @@ class StoreStats:
 
 
 class FeatureStore:
-    """Async reader of the layout above: ``await store.fetch(entities)`` in one round trip.
+    """Async reader of the layout above: ``await store.fetch(entities)`` in one round trip (one
+    script call for all keys of the batch).
 
     ``timeout_s`` bounds every call (connect, send, read); after a failure the store answers
     :class:`FeatureStoreError` at once for ``backoff_s`` (doubling up to ``max_backoff_s`` while
@@ -308,7 +319,12 @@ class FeatureStore:
             socket_connect_timeout=self.timeout_s,
             max_connections=max_connections,
             retry_on_timeout=False,
+            decode_responses=True,  # hiredis decodes the replies in C
         )
+        # All hashes of a batch in one command and one reply: 2-3x cheaper for the client than a
+        # pipeline of one HGETALL per key (redis-py builds and parses each command in Python).
+        # The keys of one call must live on one server (no Redis Cluster across slots).
+        self._hgetall_many = self._client.register_script(_HGETALL_MANY)
         self._down_until = 0.0
         self._next_backoff = self.backoff_s
         self.last_error: str | None = None
@@ -334,7 +350,7 @@ class FeatureStore:
     ) -> list[dict[str, str] | None]:
         """Stored fields of each entity (None: no entity given, or none stored), in order.
 
-        Equal entities are fetched once; all in one pipelined round trip. Raises ValueError for
+        Equal entities are fetched once; all in one round trip. Raises ValueError for
         an entity with an empty value, :class:`FeatureStoreError` when the store cannot answer.
         """
         keys: list[str | None] = [
@@ -345,11 +361,8 @@ class FeatureStore:
         if not unique:
             return [None] * len(keys)
         t0 = time.perf_counter()
-        pipe = self._client.pipeline(transaction=False)
-        for k in unique:
-            pipe.hgetall(k)
         try:
-            raw = await self._call(pipe.execute(), timeout_s)
+            raw = await self._call(self._hgetall_many(keys=unique), timeout_s)
         finally:
             dt = time.perf_counter() - t0
             self.stats.last_seconds = dt
@@ -357,7 +370,8 @@ class FeatureStore:
         found: dict[str, dict[str, str] | None] = {}
         for k, h in zip(unique, raw, strict=True):
             if h:
-                found[k] = {f.decode(): v.decode() for f, v in h.items() if not f.startswith(b"__")}
+                pairs = zip(h[::2], h[1::2], strict=True)
+                found[k] = {f: v for f, v in pairs if not f.startswith("__")}
             else:
                 found[k] = None
         self.stats.keys += len(unique)

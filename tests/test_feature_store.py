@@ -283,7 +283,16 @@ def test_fetch_merges_like_inline_features(server: RedisServer, avazu_path: Path
     async def go():
         store = FeatureStore(server.url, "avazu", timeout_s=1.0)
         r = redis.Redis.from_url(server.url)
-        before = int(r.info("commandstats")["cmdstat_hgetall"]["calls"])
+
+        def counts() -> tuple[int, int]:
+            st = r.info("commandstats")
+            calls = sum(
+                int(st.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha")
+            )
+            return int(st["cmdstat_hgetall"]["calls"]), calls
+
+        await store.fetch([{"device_id": devices[0]}])  # loads the script
+        before = counts()
         # Requests carry the entity and a request-level value (hour); duplicates and unknowns.
         ents = [{"device_id": d} for d in devices] + [
             {"device_id": devices[0]},
@@ -291,14 +300,15 @@ def test_fetch_merges_like_inline_features(server: RedisServer, avazu_path: Path
             None,
         ]
         stored = await store.fetch(ents)
-        after = int(r.info("commandstats")["cmdstat_hgetall"]["calls"])
+        after = counts()
         await store.close()
-        return stored, after - before, store.stats
+        return stored, (after[0] - before[0], after[1] - before[1]), store.stats
 
-    stored, calls, stats = asyncio.run(go())
+    stored, (calls, round_trips), stats = asyncio.run(go())
     assert calls == len(devices) + 1  # each distinct key once
+    assert round_trips == 1  # one script call for the whole batch
     assert stored[-1] is None and stored[-2] is None and stored[-3] == stored[0]
-    assert stats.hits == len(devices) and stats.misses == 1
+    assert stats.hits == len(devices) + 1 and stats.misses == 1
     rows = [{"device_id": d, "hour": "14102300"} for d in devices]
     merged = merge_stored(rows, stored[: len(devices)])
     inline = [
