@@ -77,11 +77,13 @@ def measure(bundle: Path, workers: int, requests_n: int, rows: int, data: str | 
     proc = subprocess.Popen(
         [sys.executable, "-m", "lma.cli", "-q", "serve", str(bundle), "--port", str(port),
          "--workers", str(workers), "--threads", "1", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        t_end = time.monotonic() + 300
+        t_end = time.monotonic() + 600
         while time.monotonic() < t_end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{bundle}: the server exited: {proc.stderr.read()[-2000:]!r}")
             try:
                 if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
@@ -110,14 +112,20 @@ def measure(bundle: Path, workers: int, requests_n: int, rows: int, data: str | 
         others = [k for k in parent.children(recursive=True) if k not in kids]
         procs = kids if workers > 1 else [parent]
         rss = [p.memory_info().rss for p in procs]
-        uss = [p.memory_full_info().uss for p in procs]
-        supervisor = (parent.memory_info().rss + sum(k.memory_info().rss for k in others)
-                      if workers > 1 else 0)
+        full = [p.memory_full_info() for p in procs]
+        uss = [m.uss for m in full]
+        pss = [m.pss for m in full]
+        helpers = [parent, *others] if workers > 1 else []
+        supervisor = sum(k.memory_info().rss for k in helpers)
+        supervisor_pss = sum(k.memory_full_info().pss for k in helpers)
         return {"bundle": str(bundle), "model": name, "workers": workers,
                 "rss_per_worker_mb": [round(x / 2**20, 1) for x in rss],
                 "uss_per_worker_mb": [round(x / 2**20, 1) for x in uss],
                 "supervisor_rss_mb": round(supervisor / 2**20, 1),
-                "total_rss_mb": round((sum(rss) + supervisor) / 2**20, 1)}
+                "total_rss_mb": round((sum(rss) + supervisor) / 2**20, 1),
+                # PSS splits shared pages (libraries, memory-mapped weights) among the
+                # processes that map them: its sum is what the server really occupies.
+                "total_pss_mb": round((sum(pss) + supervisor_pss) / 2**20, 1)}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -157,18 +165,20 @@ def main() -> int:
         f"--workers {args.workers} --requests {args.requests} --rows {args.rows}"
         + (f" --data {args.data}" if args.data else "") + "`; machine: "
         f"{platform.machine()} Linux, shared 2-core machine (contended), onnxruntime CPU, one "
-        "intra-op thread. Memory read after the requests (tokens drawn from each model's "
-        "vocabulary). USS is a worker's private memory: what each additional worker costs.",
+        "intra-op thread. Memory read after the requests (rows of --data, else tokens drawn "
+        "from the model's vocabulary). USS is a worker's private memory: what each additional worker costs; total "
+        "PSS (shared pages split among the processes mapping them) is what the server occupies.",
         "",
         "| model | kind | bundle format | model bytes (MB) | workers | RSS per worker (MB) "
-        "| USS per worker (MB) | total RSS (MB) |",
-        "|---|---|---:|---:|---:|---|---|---:|",
+        "| USS per worker (MB) | total RSS (MB) | total PSS (MB) |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['format']} | {r['model_mb']} | {r['workers']} | "
             f"{', '.join(map(str, r['rss_per_worker_mb']))} | "
-            f"{', '.join(map(str, r['uss_per_worker_mb']))} | {r['total_rss_mb']} |")
+            f"{', '.join(map(str, r['uss_per_worker_mb']))} | {r['total_rss_mb']} | "
+            f"{r['total_pss_mb']} |")
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
