@@ -104,6 +104,7 @@ class Server:
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
             if self.proc.poll() is not None:
+                self._log_file.close()
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()}")
             try:
                 if requests.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
@@ -111,6 +112,7 @@ class Server:
             except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.1)
+        self.stop()  # no server is left behind by a failed start
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
 
     def stop(self) -> int:
