@@ -1,4 +1,4 @@
-"""The FastAPI application: routers, error handlers, request metrics, model warm-up."""
+"""The FastAPI application: routers, error handlers, request metrics."""
 
 from __future__ import annotations
 
@@ -6,24 +6,18 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import lma
-from service.decoding import rows_to_arrays
 from service.errors import RequestError
-from service.registry import LoadedModel, sample_rows
-from service.routers import ops, v1, v2
+from service.routers import admin, ops, v1, v2
 from service.routers.common import json_response
 from service.state import AppState
 
 logger = logging.getLogger(__name__)
-
-WARMUP_TOLERANCE = 1e-4
-
 
 def create_app(lifespan: Any = None) -> FastAPI:
     app = FastAPI(
@@ -36,7 +30,7 @@ def create_app(lifespan: Any = None) -> FastAPI:
     # The routers' routes go onto the app itself (they have no prefix or dependencies of their
     # own), so app.routes lists every route: FastAPI 0.163's include_router would nest them in
     # lazily resolved sub-routers that tools inspecting the app (and the probes' test) do not see.
-    for router in (v1.router, v2.router, ops.router):
+    for router in (v1.router, v2.router, admin.router, ops.router):
         app.router.routes.extend(router.routes)
 
     @app.exception_handler(RequestError)
@@ -114,27 +108,3 @@ class RequestMetrics:
                 model = "" if not model else "unknown"
             st.metrics.request_seconds.labels(path, model, str(status)).observe(
                 time.perf_counter() - t0)
-
-
-async def warm_up(state: AppState, model: LoadedModel) -> None:
-    """A real batch through the whole path: raw rows through decoding and the batcher, then the
-    bundle's sample rows, whose logits must match the ones saved at export."""
-    s = state.settings
-    n = min(s.warmup_rows, s.max_queue_rows)
-    rows: list[dict[str, Any]] = [{} for _ in range(n)]
-    for f in model.schema.dense_names:
-        rows[0][f] = 1
-    for f in model.schema.categorical_names:
-        rows[0][f] = "warmup"
-    dense, tokens = rows_to_arrays(model.encoder, rows, "warmup")
-    far = time.monotonic() + 600.0
-    await model.batcher.submit(dense, tokens, far)
-    d, t = sample_rows(model, n)
-    got = await model.batcher.submit(d, t, far)
-    want = model.bundle.sample()["logits"][: len(t)]
-    diff = float(np.max(np.abs(got - want))) if len(t) else 0.0
-    if not diff <= WARMUP_TOLERANCE:
-        raise RuntimeError(
-            f"{model.path}: the {model.backend.name} backend's logits on the bundle's sample rows "
-            f"differ from the exported ones by {diff:.3g} (> {WARMUP_TOLERANCE}); refusing to serve"
-        )

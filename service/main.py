@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from service.app import create_app, warm_up
+from service.app import create_app
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import ServeSettings
 from service.state import AppState
+from service.warmup import warm_up
 
 logger = logging.getLogger("service")
 

@@ -34,6 +34,16 @@ class Metrics:
         self.errors = Counter(
             "lma_errors_total", "Refused or failed requests, by type and status",
             ["type", "status"], registry=r)
+        self.reloads = Counter(
+            "lma_reloads_total", "Model versions loaded and swapped in by the admin routes",
+            ["model"], registry=r)
+        self.reload_failures = Counter(
+            "lma_reload_failures_total", "New versions refused on reload, by stage (open: "
+            "checksums, versions, backend; warmup: the warm-up batch)", ["model", "stage"],
+            registry=r)
+        self.unloads = Counter(
+            "lma_unloads_total", "Model versions unloaded after their requests finished",
+            ["model"], registry=r)
         self.rows_scored = Counter(
             "lma_rows_scored_total", "Rows answered with a prediction", ["model"], registry=r)
 

@@ -11,15 +11,18 @@ Serving lay them out::
 
 A path that is itself a model folder (numbered versions inside) or a bundle also works. The
 newest version answers requests that name no version. Entries are replaced by swapping one
-dict, so a later hot-reload (issue 10) can :meth:`ModelRegistry.add` a warmed version and
-:meth:`ModelRegistry.remove` the old one while requests keep resolving.
+dict, so a hot reload (:mod:`service.reload`) can :meth:`ModelRegistry.add` a warmed version and
+:meth:`ModelRegistry.remove` the old one while requests keep resolving; the old one is closed
+only after its in-flight requests (:meth:`LoadedModel.hold`) are answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,30 @@ class LoadedModel:
     warmup_s: float = 0.0
     ready: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    inflight: int = 0
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[LoadedModel]:
+        """Count a request as in flight on this version from the moment it resolved the model
+        (before its body is read) until it answers, so an unload waits for it: otherwise a
+        request that resolved the old version could find its batcher closed."""
+        self.inflight += 1
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait for the requests in flight (call it once the version is out of the registry, so
+        no new one starts), answer what its batcher still holds, then release the backend."""
+        while self.inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        await self.batcher.close()
+        self.backend.close()
 
     @property
     def n_dense(self) -> int:

@@ -24,6 +24,8 @@ variable                        meaning                                         
 ``LMA_SERVE_IGNORE_UNKNOWN``    ignore unknown field names instead of answering 422      false
 ``LMA_SERVE_VERIFY_CHECKSUMS``  check every bundle file's sha256 at load                  true
 ``LMA_SERVE_WARMUP_ROWS``       rows of the warm-up batch run before readiness           64
+``LMA_ADMIN_TOKEN``             bearer token of the admin routes (reload, load, unload);  (off)
+                                without it those routes answer 404
 ==============================  =======================================================  =========
 
 With ``LMA_SERVE_MAX_WAIT_MS=0`` a request adds no wait of its own: batches form from the requests
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["onnxruntime", "torch"]
@@ -65,6 +67,9 @@ class ServeSettings(BaseSettings):
     ignore_unknown: bool = False
     verify_checksums: bool = True
     warmup_rows: int = Field(64, ge=1)
+    # Not LMA_SERVE_-prefixed: a secret, kept apart from the options `lma serve` passes on.
+    admin_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LMA_ADMIN_TOKEN", "admin_token"))
 
     @field_validator("models", mode="before")
     @classmethod

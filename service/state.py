@@ -3,8 +3,9 @@ steps every prediction route takes (resolve the model, the request's deadline, s
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -27,6 +28,8 @@ class AppState:
     metrics: Metrics
     feature_source: FeatureSource | None = None
     started: float = 0.0
+    # One reload/unload at a time per model (see service.reload).
+    model_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
 
 def get_state(request: Request) -> AppState:

@@ -85,11 +85,15 @@ def free_port() -> int:
 class Server:
     """A real ``uvicorn service.main:app`` process with ``LMA_SERVE_*`` settings."""
 
-    def __init__(self, models: str, log: Path, **settings: object):
+    def __init__(self, models: str, log: Path, admin_token: str | None = None,
+                 **settings: object):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LMA_SERVE_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("LMA_SERVE_") and k != "LMA_ADMIN_TOKEN"}
         env["LMA_SERVE_MODELS"] = models
+        if admin_token is not None:
+            env["LMA_ADMIN_TOKEN"] = admin_token
         env["LMA_SERVE_THREADS"] = "1"
         for k, v in settings.items():
             env[f"LMA_SERVE_{k.upper()}"] = str(v)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.decoding import decode_v1, parse_json, rows_to_arrays, top_k_of
 from service.errors import RequestError
+from service.registry import LoadedModel
 from service.routers.common import body_of, inline_schema, json_response
 from service.state import State, deadline, resolve, score, sigmoid
 
@@ -59,6 +60,11 @@ _BODY = {
 
 async def _predict(request: Request, state: State, name: str, version: str | None) -> Response:
     model = resolve(state, name, version)
+    with model.hold():
+        return await _predict_on(model, request, state)
+
+
+async def _predict_on(model: LoadedModel, request: Request, state: State) -> Response:
     body = await body_of(request, state)
     req = decode_v1(parse_json(body), state.settings.max_rows)
     until = deadline(state, request.headers)

@@ -127,6 +127,11 @@ async def model_version_ready(name: str, version: str, state: State) -> Response
 
 async def _infer(request: Request, state: State, name: str, version: str | None) -> Response:
     model = resolve(state, name, version)
+    with model.hold():
+        return await _infer_on(model, request, state)
+
+
+async def _infer_on(model: LoadedModel, request: Request, state: State) -> Response:
     body = await body_of(request, state, (JSON, "application/octet-stream"))
     header, tail = split_binary(body, request.headers.get(HEADER_LENGTH))
     s = state.settings
