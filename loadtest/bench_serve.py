@@ -126,16 +126,10 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
     bundles: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     for s in specs:
-        if s.fp16 and not fp16_export_available():
-            skipped[s.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
-                                "with fp16 tables has not landed)")
+        paths = _paths_to_build(s, root, bundles, skipped)
+        if paths is None:
             continue
-        # An fp16 model is its float32 twin's checkpoint exported with float16 tables.
-        base = s.label.removesuffix("-fp16")
-        ck, out = root / "checkpoints" / base, root / "bundles" / s.label
-        if (out / "manifest.json").is_file():
-            bundles[s.label] = out
-            continue
+        ck, out = paths
         argv = ["-q", "train", "--data", data, "--embedding", s.kind,
                 "--compression", f"{s.compression:g}", *s.train_options(), "--out", str(ck),
                 *train_args]
@@ -148,6 +142,23 @@ def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args:
         export(ck, out, s, ["--sample-rows", str(sample_rows)])
         bundles[s.label] = out
     return bundles, skipped
+
+
+def _paths_to_build(spec: ModelSpec, root: Path, bundles: dict[str, Path],
+                    skipped: dict[str, str]) -> tuple[Path, Path] | None:
+    """(checkpoint, bundle) folders of a model still to build, or None when it is settled: its
+    bundle is already in ``root`` (recorded in ``bundles``) or it cannot be built (``skipped``).
+    An fp16 model is its float32 twin's checkpoint exported with float16 tables."""
+    if spec.fp16 and not fp16_export_available():
+        skipped[spec.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
+                               "with fp16 tables has not landed)")
+        return None
+    ck = root / "checkpoints" / spec.label.removesuffix("-fp16")
+    out = root / "bundles" / spec.label
+    if (out / "manifest.json").is_file():
+        bundles[spec.label] = out
+        return None
+    return ck, out
 
 
 def export(ck: Path, out: Path, spec: ModelSpec, extra: Sequence[str]) -> None:
@@ -188,15 +199,10 @@ def build_untrained_bundles(specs: Sequence[ModelSpec], preset: str, root: Path,
     fmap = None
     sig_tokens = None
     for s in specs:
-        if s.fp16 and not fp16_export_available():
-            skipped[s.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
-                                "with fp16 tables has not landed)")
+        paths = _paths_to_build(s, root, bundles, skipped)
+        if paths is None:
             continue
-        base = s.label.removesuffix("-fp16")
-        ck, out = root / "checkpoints" / base, root / "bundles" / s.label
-        if (out / "manifest.json").is_file():
-            bundles[s.label] = out
-            continue
+        ck, out = paths
         if not (ck / "metrics.json").is_file():
             if fmap is None:
                 t0 = time.perf_counter()
@@ -480,8 +486,7 @@ class LoadDriver:
         if candidates not in self._sets:
             spec = p.RequestSpec(data=self.load.data, candidates=candidates,
                                  unseen_rate=self.load.unseen_rate, top_k=None,
-                                 pool=self.load.pool, seed=self.load.seed,
-                                 rows=max(2000, candidates * 8))
+                                 pool=self.load.pool, seed=self.load.seed)
             self._sets[candidates] = p.load_request_set(spec)
         return p.build_payloads(self._sets[candidates], self.load.route, model)
 
@@ -604,7 +609,7 @@ def _inprocess_main(argv: Sequence[str]) -> int:
     out: dict[str, Any] = {}
     for b in (int(x) for x in a.batches.split(",")):
         spec = RequestSpec(data=a.data, candidates=b, unseen_rate=a.unseen_rate, top_k=None,
-                           pool=16, rows=max(2000, b * 8))
+                           pool=16)
         bodies = [p.body for p in build_payloads(load_request_set(spec), "v1", "m")]
         stages: dict[str, list[float]] = {k: [] for k in
                                           ("json_parse", "decode", "encode", "model", "response")}

@@ -117,7 +117,6 @@ def _pool(options, route: str) -> list[Payload]:
                 top_k=options.lma_top_k or None,
                 pool=options.lma_pool,
                 seed=options.lma_seed,
-                rows=max(2000, options.lma_candidates * 8),
             )
             rs = load_request_set(spec)
             for r in ROUTES:

@@ -296,7 +296,6 @@ async def _main(args: argparse.Namespace) -> list[RunResult]:
         top_k=args.top_k or None,
         pool=args.pool,
         seed=args.seed,
-        rows=max(2000, args.candidates * 8),
     )
     payloads = build_payloads(load_request_set(spec), args.route, args.model)
     url = args.url.rstrip("/")

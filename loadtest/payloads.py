@@ -48,9 +48,12 @@ class RequestSpec:
     context_fields: tuple[str, ...] | None = None
     pool: int = 64
     seed: int = 0
-    rows: int = 5000  # rows read from the source
+    # Rows read from the source; by default enough for varied pools of any request size.
+    rows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.rows is None:
+            object.__setattr__(self, "rows", max(2000, 8 * self.candidates))
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if not 0.0 <= self.unseen_rate <= 1.0:
