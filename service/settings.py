@@ -24,6 +24,9 @@ variable                        meaning                                         
 ``LMA_SERVE_IGNORE_UNKNOWN``    ignore unknown field names instead of answering 422      false
 ``LMA_SERVE_VERIFY_CHECKSUMS``  check every bundle file's sha256 at load                  true
 ``LMA_SERVE_WARMUP_ROWS``       rows of the warm-up batch run before readiness           64
+``REDIS_URL``                   Redis for the feature store, prediction cache and reload  (none)
+                                messages (``redis://``, ``rediss://`` for TLS, password
+                                in the URL); also ``LMA_SERVE_REDIS_URL``
 ``LMA_ADMIN_TOKEN``             bearer token of the admin routes (reload, load, unload);  (off)
                                 without it those routes answer 404
 ==============================  =======================================================  =========
@@ -67,6 +70,10 @@ class ServeSettings(BaseSettings):
     ignore_unknown: bool = False
     verify_checksums: bool = True
     warmup_rows: int = Field(64, ge=1)
+    # The conventional name first (compose, k8s and `lma features` use REDIS_URL); it may hold a
+    # password, so it is a secret too.
+    redis_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "LMA_SERVE_REDIS_URL", "redis_url"))
     # Not LMA_SERVE_-prefixed: a secret, kept apart from the options `lma serve` passes on.
     admin_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("LMA_ADMIN_TOKEN", "admin_token"))
