@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -29,57 +27,7 @@ from service.feature_store import (  # noqa: E402
     merge_stored,
 )
 from service.features_cli import register  # noqa: E402
-
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, port: int | None = None):
-        self.port = port or _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    return self
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
+from tests.service_fixtures import REDIS_SERVER, RedisServer, free_port, needs_redis  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +377,7 @@ def test_feature_source_hook(server: RedisServer, avazu_path: Path) -> None:
     assert rows[2]["device_model"] == latest[devices[2]]["device_model"]
     assert len(warnings) == 1 and "row 1" in warnings[0]
     # Store down: a warning, or 503 when it is required; a bad entity value is a 422.
-    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
     warnings = asyncio.run(go(dead, False, [{}], {"device_id": devices[0]}, None))
     assert len(warnings) == 1 and "unavailable" in warnings[0]
     with pytest.raises(RequestError) as e:
