@@ -64,7 +64,7 @@ COMPONENTS = ("embedding", "key_lookup", "mlp", "other")
 @dataclass(frozen=True)
 class ModelSpec:
     """One model to build: ``lma16`` -> kind lma at 16x; ``full`` -> full tables; ``-fp16``
-    suffix -> float16 tables (needs the bundle exporter's fp16 support); ``-z16`` (any
+    suffix -> float16 tables (``lma export --dtype float16``); ``-z16`` (any
     ``-KEY=VALUE`` or ``-zN``) -> embedding options, e.g. ``lma16-z16`` is lma at 16x with Z = 16."""
 
     label: str
@@ -105,15 +105,6 @@ class ModelSpec:
         return [a for k, v in self.options for a in ("--option", f"{k}={v}")]
 
 
-def fp16_export_available() -> bool:
-    """Whether ``lma export`` can write float16 tables (the bundle exporter's option)."""
-    import inspect
-
-    from model_export import bundle
-
-    return "dtype" in inspect.signature(bundle.export_bundle).parameters
-
-
 def build_bundles(specs: Sequence[ModelSpec], data: str, root: Path, train_args: Sequence[str],
                   sample_rows: int = 256) -> tuple[dict[str, Path], dict[str, str]]:
     """Train each model with ``lma train`` on ``data`` and export it with ``lma export``.
@@ -148,11 +139,8 @@ def _paths_to_build(spec: ModelSpec, root: Path, bundles: dict[str, Path],
                     skipped: dict[str, str]) -> tuple[Path, Path] | None:
     """(checkpoint, bundle) folders of a model still to build, or None when it is settled: its
     bundle is already in ``root`` (recorded in ``bundles``) or it cannot be built (``skipped``).
-    An fp16 model is its float32 twin's checkpoint exported with float16 tables."""
-    if spec.fp16 and not fp16_export_available():
-        skipped[spec.label] = ("float16 export is not in model_export.bundle yet (bundle format 2 "
-                               "with fp16 tables has not landed)")
-        return None
+    An fp16 model is its float32 twin's checkpoint exported with float16 tables (``lma export
+    --dtype float16``), so it is never trained or built twice."""
     ck = root / "checkpoints" / spec.label.removesuffix("-fp16")
     out = root / "bundles" / spec.label
     if (out / "manifest.json").is_file():
@@ -162,15 +150,12 @@ def _paths_to_build(spec: ModelSpec, root: Path, bundles: dict[str, Path],
 
 
 def export(ck: Path, out: Path, spec: ModelSpec, extra: Sequence[str]) -> None:
-    """``lma export`` of a checkpoint; float16 tables through the exporter's ``dtype``."""
+    """``lma export`` of a checkpoint (``--dtype float16`` for the ``-fp16`` models)."""
     from lma.cli import main as lma
 
-    if spec.fp16:
-        from model_export.bundle import export_bundle
-
-        export_bundle(ck, out, name=spec.label, dtype="float16")  # type: ignore[call-arg]
-        return
-    if lma(["-q", "export", str(ck), "--out", str(out), "--name", spec.label, *extra]) != 0:
+    dtype = ["--dtype", "float16"] if spec.fp16 else []
+    if lma(["-q", "export", str(ck), "--out", str(out), "--name", spec.label, *dtype,
+            *extra]) != 0:
         raise RuntimeError(f"lma export failed for {spec.label}")
 
 
@@ -673,6 +658,12 @@ def _bundle_metrics(path: Path) -> dict[str, Any]:
     return m if isinstance(m, dict) else {}
 
 
+def _bundle_table_dtype(path: Path) -> str:
+    """Storage type of the bundle's embedding tables (float32 before the manifest said)."""
+    dt = json.loads((path / "manifest.json").read_text()).get("dtype")
+    return str(dt.get("dtype", "float32")) if isinstance(dt, dict) else "float32"
+
+
 def _bundle_auc(path: Path) -> float | None:
     auc = _bundle_metrics(path).get("test_auc")
     return float(auc) if isinstance(auc, int | float) else None
@@ -688,6 +679,7 @@ def bench_model(label: str, bundle: Path, server: ServerSettings, load: LoadSett
                            "disk_bytes": _bundle_files(bundle), "errors_total": 0}
     res["disk_bytes_total"] = sum(res["disk_bytes"].values())
     res["untrained"] = bool(_bundle_metrics(bundle).get("untrained", False))
+    res["table_dtype"] = _bundle_table_dtype(bundle)
     with serve(bundle, server, run_dir / "raw" / f"server-{label}.log") as srv:
         models = _get_json(srv.url + "/v1/models")["models"]
         name = models[0]["name"]
@@ -797,7 +789,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def _find(models: list[dict[str, Any]], kind: str, compression: float | None) -> dict | None:
+    """The first float32 model of ``kind`` (at ``compression``): the targets compare LMA and
+    full tables as trained; float16 variants are reported beside them."""
     for m in models:
+        if m.get("table_dtype", "float32") != "float32":
+            continue
         if m.get("kind") == kind and (compression is None or
                                       float(m.get("compression") or 1) == compression):
             return m

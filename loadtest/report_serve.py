@@ -182,15 +182,16 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Summary",
         "",
-        "| model | kind | compression | test AUC | serving state MB (embedding + key lookup) "
+        "| model | kind | compression | tables | test AUC | serving state MB (embedding + key lookup) "
         "| model MB | bundle on disk MB | RSS loaded MB | RSS peak MB | ready s | "
         + " | ".join(f"saturation req/s ({c} cand.)" for c in shapes) + " | errors |",
-        "|---" * (11 + len(shapes)) + "|",
+        "|---" * (12 + len(shapes)) + "|",
     ]
     for m in models:
         sat = [_f(m["runs"].get(c, {}).get("closed_loop", {}).get("rps"), 1) for c in shapes]
         lines.append(
-            f"| {m['label']}{' (UNTRAINED)' if m.get('untrained') else ''} | {m.get('kind')} | {_f(m.get('compression'), 0)} | "
+            f"| {m['label']}{' (UNTRAINED)' if m.get('untrained') else ''} | {m.get('kind')} | "
+            f"{_f(m.get('compression'), 0)} | {m.get('table_dtype', 'float32')} | "
             f"{_f(m.get('test_auc'), 4)} | {_mb(_state(m))} | "
             f"{_mb((m.get('components') or {}).get('total'))} | {_mb(m['disk_bytes_total'])} | "
             f"{_mb(m['rss_loaded'])} | {_mb(m['rss_peak'])} | {_f(m['ready_s'])} | "

@@ -14,8 +14,18 @@ Layout written by :func:`export_bundle` (bundle format 2; each byte once)::
     embedding_state.npz   only for kinds with per-token state (the LMA signature table)
     model.pt2             only with ``torch_program=True`` (``lma export --torch-program``): the
                           ``torch.export`` program; ``import lma.ops`` before loading
-    sample.npz            rows for ``verify`` / warm-up (dense, tokens) and the eager logits
+    sample.npz            rows for ``verify`` / warm-up (dense, tokens) and the eager logits;
+                          with ``dtype="float16"`` also ``reference_logits``, those of the
+                          float32 model the bundle was made from
     manifest.json         names, versions, config, inputs, sizes, metrics, sha256 of every file
+
+``dtype="float16"`` (``lma export --dtype float16``) stores the embedding tables (full and
+hashing-trick rows, the ROBE-Z / LMA memory, and the first-order term's scalars) as float16 in
+weights.safetensors, half their bytes; the model still computes in float32: every lookup casts
+its rows right after the gather (a ``Cast`` after the ``Gather`` / ``HashedGather`` node in ONNX,
+``.float()`` after the index in torch; ``lma.embeddings.base.as_compute_dtype``). The manifest
+records it under ``dtype``; ``lma verify`` compares such a bundle with its float32 model within
+``model_export.verify.FLOAT16_TOLERANCE``.
 
 The hashes are computed once, here, and a verified-once marker is written beside the bundle
 (``lma.bundle``), so the first load does not hash again. ``bundle_format=1`` writes the old
@@ -69,6 +79,11 @@ from lma.jsonio import json_default
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_ROWS = 256
+# Storage types of the embedding tables (the model computes in float32 either way), and the
+# kinds whose lookups cast their rows to float32 (QR multiplies its component rows first, so
+# float16 storage would change its arithmetic: not offered).
+TABLE_DTYPES = ("float32", "float16")
+FLOAT16_KINDS = ("full", "hash", "robez", "lma")
 
 __all__ = [
     "BUNDLE_FORMAT", "DEFAULT_SAMPLE_ROWS", "FEATURE_FILES", "HASHED_KINDS", "INPUT_NAMES",
@@ -156,11 +171,39 @@ def _param_breakdown(model: Any) -> dict[str, Any]:
         top = name.split(".")[0]
         groups[top] = groups.get(top, 0) + p.numel()
     emb = model.embedding
-    out: dict[str, Any] = {k: {"count": v, "bytes": 4 * v} for k, v in sorted(groups.items())}
+    nbytes: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        nbytes[top] = nbytes.get(top, 0) + p.numel() * p.element_size()
+    out: dict[str, Any] = {k: {"count": v, "bytes": nbytes[k]} for k, v in sorted(groups.items())}
     out["embedding_state"] = {"bytes": int(emb.state_bytes())}
     total = sum(groups.values())
-    out["total"] = {"count": total, "bytes": 4 * total + int(emb.state_bytes())}
+    out["total"] = {"count": total, "bytes": sum(nbytes.values()) + int(emb.state_bytes())}
     return out
+
+
+def _store_tables_as(model: Any, dtype: str, kinds: dict[str, str]) -> list[str]:
+    """Cast the embedding tables of ``model`` (every :class:`lma.embeddings.Embedding` module:
+    the embedding and the first-order term) to ``dtype`` in place; returns the parameters cast.
+    ``kinds``: module -> embedding kind, for the refusal of kinds without float16 support."""
+    import torch
+
+    from lma.embeddings.base import Embedding
+
+    bad = {m: k for m, k in kinds.items() if k not in FLOAT16_KINDS}
+    if bad:
+        raise ValueError(f"--dtype {dtype}: supported for embedding kinds {FLOAT16_KINDS}; this "
+                         f"model has {', '.join(f'{m}: {k}' for m, k in bad.items())}")
+    target = getattr(torch, dtype)
+    cast = []
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, Embedding):
+            continue
+        for p_name, p in mod.named_parameters():
+            if p.is_floating_point() and p.dtype != target:
+                p.data = p.data.to(target)
+                cast.append(f"{mod_name}.{p_name}")
+    return cast
 
 
 def _component_bytes(model: Any) -> dict[str, int]:
@@ -328,11 +371,14 @@ def export_bundle(
     seed: int = 0,
     torch_program: bool = False,
     bundle_format: int = BUNDLE_FORMAT,
+    dtype: str = "float32",
 ) -> Path:
     """Write the bundle of a training checkpoint (see the module docstring); returns ``out_dir``.
 
     ``torch_program`` also writes ``model.pt2`` (the ``program`` engine). ``bundle_format=1``
-    writes the old layout (for tools that still need it; the reader takes both)."""
+    writes the old layout (for tools that still need it; the reader takes both). ``dtype``: the
+    storage type of the embedding tables, ``float32`` or ``float16`` (format 2 only; compute
+    stays float32, see the module docstring)."""
     import torch
 
     from lma.checkpoint import load_checkpoint
@@ -340,6 +386,10 @@ def export_bundle(
 
     if bundle_format not in (1, 2):
         raise ValueError(f"bundle_format must be 1 or 2, got {bundle_format!r}")
+    if dtype not in TABLE_DTYPES:
+        raise ValueError(f"dtype must be one of {TABLE_DTYPES}, got {dtype!r}")
+    if dtype != "float32" and bundle_format != 2:
+        raise ValueError(f"dtype {dtype} needs bundle format 2")
     ck_dir = Path(checkpoint_dir)
     out = Path(out_dir)
     ck = load_checkpoint(ck_dir)
@@ -356,6 +406,19 @@ def export_bundle(
     td, tt = torch.from_numpy(dense), torch.from_numpy(tokens)
     with torch.no_grad():
         logits = model(td, tt).float().numpy()
+    sample_extra: dict[str, np.ndarray] = {}
+    tables: dict[str, Any] = {"dtype": "float32", "compute": "float32", "cast": []}
+    if dtype != "float32":
+        kinds = {"embedding": kind}
+        fo = ck.config["model_config"].get("first_order")
+        if fo:
+            kinds["first_order"] = str(fo.get("kind"))
+        tables = {"dtype": dtype, "compute": "float32",
+                  "cast": _store_tables_as(model, dtype, kinds)}
+        sample_extra["reference_logits"] = logits
+        with torch.no_grad():
+            logits = model(td, tt).float().numpy()
+        _phase(f"tables cast to {dtype} ({', '.join(tables['cast'])})")
 
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     dyn = ({0: batch}, {0: batch})
@@ -388,7 +451,7 @@ def export_bundle(
         state_arrays = model.embedding.extra_state_arrays()
         if state_arrays:
             np.savez(out / STATE_FILE, **state_arrays)
-    np.savez(out / SAMPLE_FILE, dense=dense, tokens=tokens, logits=logits)
+    np.savez(out / SAMPLE_FILE, dense=dense, tokens=tokens, logits=logits, **sample_extra)
 
     schema_obj = ck.feature_map.schema
     emb_cfg = ck.config["embedding_config"]
@@ -411,6 +474,9 @@ def export_bundle(
             "signature_lookup": "in-graph" if kind == "lma" else None,
         },
         "hash_spec_version": hashspec.SPEC_VERSION if kind in HASHED_KINDS else None,
+        # Storage type of the embedding tables (``cast``: the parameters stored in ``dtype``);
+        # the model computes in ``compute`` (rows are cast after each lookup).
+        "dtype": tables,
         "inputs": [
             {"name": "dense", "dtype": "float32", "shape": ["batch", len(schema_obj.dense)]},
             {

@@ -33,6 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         sample_rows=args.sample_rows,
         torch_program=args.torch_program,
         bundle_format=args.bundle_format,
+        dtype=args.dtype,
     )
     b = load_bundle(out)
     m = b.manifest
@@ -138,6 +139,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2,
         help="2 (default): each byte once; 1: the old layout (weights in model.onnx and "
         "model.pt2, training counts), for readers that need it",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="storage type of the embedding tables (full and hashing-trick rows, LMA / ROBE-Z "
+        "memory): float16 halves their bytes; the model computes in float32 either way (kinds "
+        "full, hash, robez, lma; `lma verify` compares with the float32 model)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -6,6 +6,11 @@ with torch eager (tolerance 1e-5, relative above 1), and for lma / robez models 
 of every lookup as computed by the numpy hash spec, the pure-torch reference, the op's native
 backend, and the ONNX function stored in ``model.onnx`` itself (run on a memory that holds each
 slot's own index, split in two float32-exact halves).
+
+A bundle with float16 tables (``lma export --dtype float16``) is checked twice: its engines
+against each other as above (they read the same float16 rows, so 1e-5 holds), and its eager
+logits on the sample against those of the float32 model it was exported from (saved at export
+as ``reference_logits``) within ``FLOAT16_TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from lma import hashspec
 from model_export.bundle import ONNX_FILE, Bundle
 
 TOLERANCE = 1e-5
+# float16 tables against their float32 model: rounding a table value to float16 moves it by at
+# most 2^-11 of itself (4.9e-4); through the MLPs that measured at most 2.3e-4 in the logit on
+# real Criteo rows (tests/test_fp16_export.py), so 5e-3 (relative above 1) leaves a 20x margin
+# and still fails a wrong cast or a table read in the wrong type.
+FLOAT16_TOLERANCE = 5e-3
 _SPLIT = 1 << 12
 
 
@@ -65,7 +75,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
-def _compare(engine: str, got: np.ndarray, ref: np.ndarray, ms: float) -> dict[str, Any]:
+def _compare(engine: str, got: np.ndarray, ref: np.ndarray, ms: float,
+             tolerance: float = TOLERANCE) -> dict[str, Any]:
     got = np.asarray(got, dtype=np.float64).reshape(-1)
     ref = np.asarray(ref, dtype=np.float64).reshape(-1)
     if got.shape != ref.shape:
@@ -77,7 +88,7 @@ def _compare(engine: str, got: np.ndarray, ref: np.ndarray, ms: float) -> dict[s
             "ok": False,
         }
     d = np.abs(got - ref)
-    ok = bool(np.all(np.isfinite(got)) and np.all(d <= TOLERANCE * np.maximum(1.0, np.abs(ref))))
+    ok = bool(np.all(np.isfinite(got)) and np.all(d <= tolerance * np.maximum(1.0, np.abs(ref))))
     return {
         "engine": engine,
         "max_logit_diff": float(d.max(initial=0.0)),
@@ -184,9 +195,10 @@ def verify_bundle(
     from lma.ops import slot_indices, slot_indices_torch
 
     sample = bundle.sample()
-    export_logits = None
+    export_logits = reference_logits = None
     if dense is None or tokens is None:
         dense, tokens, export_logits = sample["dense"], sample["tokens"], sample["logits"]
+        reference_logits = sample.get("reference_logits")
     dense = np.ascontiguousarray(dense, dtype=np.float32)
     tokens = np.ascontiguousarray(tokens, dtype=np.int64)
     n_dense = sample["dense"].shape[1]
@@ -204,6 +216,11 @@ def verify_bundle(
     report.lines.append(_compare("torch eager", ref, ref, ms))
     if export_logits is not None:
         report.lines.append(_compare("eager at export (sample.npz)", export_logits, ref, 0.0))
+    if reference_logits is not None:
+        dtype = (bundle.manifest.get("dtype") or {}).get("dtype", "?")
+        report.lines.append(_compare(f"float32 model at export ({dtype} tables, tolerance "
+                                     f"{FLOAT16_TOLERANCE:g})", ref, reference_logits, 0.0,
+                                     FLOAT16_TOLERANCE))
     if bundle.program_path is not None:
         prog = bundle.program().module()
         with torch.no_grad():

@@ -68,13 +68,17 @@ def test_metrics_breakdown_reads_route_labels_with_braces() -> None:
     assert b["other_ms_per_request"] == pytest.approx(5.0)
 
 
-def test_fp16_models_are_reported_not_built_without_the_exporter(tmp_path: Path) -> None:
-    from loadtest.bench_serve import fp16_export_available
-
-    if fp16_export_available():
-        pytest.skip("the bundle exporter writes float16 tables here")
-    bundles, skipped = build_bundles([ModelSpec.parse("full-fp16")], DATA, tmp_path, [])
-    assert bundles == {} and "float16" in skipped["full-fp16"]
+def test_fp16_model_is_its_float32_twin_exported_with_float16_tables(tmp_path: Path) -> None:
+    """`full-fp16` reuses `full`'s checkpoint (one training) and exports it with float16 tables."""
+    bundles, skipped = build_bundles([ModelSpec.parse("full"), ModelSpec.parse("full-fp16")],
+                                     DATA, tmp_path, ["--epochs", "1", "--threads", "1"])
+    assert not skipped and set(bundles) == {"full", "full-fp16"}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["full"]
+    m32, m16 = (json.loads((bundles[k] / "manifest.json").read_text())
+                for k in ("full", "full-fp16"))
+    assert (m32["dtype"]["dtype"], m16["dtype"]["dtype"]) == ("float32", "float16")
+    assert m16["components"]["embedding"] * 2 == m32["components"]["embedding"]
+    assert m16["model"]["name"] == "full-fp16"
 
 
 def test_bench_serve_smoke(tmp_path: Path) -> None:

@@ -92,6 +92,13 @@ class Embedding(nn.Module, ABC):
         return []
 
 
+def as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Rows read from float16 storage (bundles exported with ``lma export --dtype float16``) as
+    float32: the model computes in float32 whatever its tables are stored in. Float32 rows pass
+    through untouched, so trained and float32 models trace exactly as before."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 EMBEDDINGS: dict[str, type[Embedding]] = {}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lma.embeddings.base import Embedding, EmbeddingSpec, register
+from lma.embeddings.base import Embedding, EmbeddingSpec, as_compute_dtype, register
 from lma.embeddings.tables import SPARSE_THRESHOLD
 from lma.features import FeatureMap
 from lma.ops import GatherConstants, HashedGatherConfig, hashed_gather, slot_indices
@@ -89,7 +89,7 @@ class SharedMemoryEmbedding(Embedding):
         if self.sparse and self.training and torch.is_grad_enabled():
             idx = slot_indices(keys.reshape(-1), consts, self.gather_config)  # (N, d)
             return _SparseGather.apply(self.memory, idx).reshape(*keys.shape, self.dim)
-        return hashed_gather(self.memory, keys, consts, self.gather_config)
+        return as_compute_dtype(hashed_gather(self.memory, keys, consts, self.gather_config))
 
     def resolved_options(self) -> dict[str, Any]:
         return {"z": self.z, "aligned": self.aligned, "seed": self.hash_seed}

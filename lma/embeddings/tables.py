@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lma.embeddings.base import Embedding, EmbeddingSpec, register
+from lma.embeddings.base import Embedding, EmbeddingSpec, as_compute_dtype, register
 from lma.features import FeatureMap
 from lma.ops.key_lookup import KeyLookup
 
@@ -78,7 +78,7 @@ class FullTables(Embedding):
         return torch.where(found, pos, self.n_vocab + self.slot_fields)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.table(self.rows(tokens))
+        return as_compute_dtype(self.table(self.rows(tokens)))
 
     def parameter_count(self) -> int:
         return self.table.weight.numel()
@@ -113,7 +113,7 @@ class HashingTrick(Embedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Token hashes are fmix64-mixed, so a plain remainder spreads them evenly.
-        return self.table(torch.remainder(tokens, self.n_rows))
+        return as_compute_dtype(self.table(torch.remainder(tokens, self.n_rows)))
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.table.weight] if self.sparse else []
