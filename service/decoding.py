@@ -69,11 +69,13 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
 
 
 class FeatureSource(Protocol):
-    """Fills fields that rows do not carry, by entity (issue 10: the Redis feature store).
+    """Fills fields that rows do not carry, by entity (:class:`service.feature_store.
+    RedisFeatureSource` on Redis).
 
     ``entities`` is the request-level mapping (e.g. ``{"device_id": "a99f214a"}``) or None;
-    ``row_entities`` one mapping per row (or None). Stored values go under the rows' own values
-    (the request wins). Returns warnings to pass back in the answer."""
+    ``row_entities`` one mapping (or None) per row, or None. Stored values go under the rows' own
+    values (the request wins); one round trip for the whole request, never past ``until`` (the
+    request's deadline, ``time.monotonic()``). Returns warnings to pass back in the answer."""
 
     async def fill(
         self,
@@ -81,7 +83,39 @@ class FeatureSource(Protocol):
         rows: list[dict[str, Any]],
         entities: dict[str, Any] | None,
         row_entities: list[dict[str, Any] | None] | None,
+        *,
+        until: float | None = None,
     ) -> list[str]: ...
+
+    async def status(self, probe: bool = False) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+ENTITIES = "entities"
+
+
+def check_entity(value: Any, prefix: str = "", row: int | None = None) -> dict[str, Any]:
+    """An ``entities`` object as a request sent it: a non-empty object of entity field name ->
+    id (string or number; several fields make one compound key), or the 422 naming the field
+    (``prefix`` locates it, e.g. ``candidates[3].``) and the row."""
+    where = f"{prefix}{ENTITIES}"
+    if not isinstance(value, dict) or not value:
+        raise RequestError(422, f"{where} must be a non-empty object of entity field -> id, "
+                           f"e.g. {{\"device_id\": \"a99f214a\"}}; got {value!r}"[:300],
+                           field=ENTITIES, row=row, kind="bad_entity")
+    for name, v in value.items():
+        if not name or ":" in name or "," in name:
+            raise RequestError(422, f"{where}: bad entity field name {name!r} (non-empty, no ':' "
+                               "or ',')", field=f"{ENTITIES}.{name}", row=row, kind="bad_entity")
+        ok = (isinstance(v, str) and v != "") or (
+            isinstance(v, int | float) and not isinstance(v, bool) and v == v
+            and abs(v) != float("inf"))
+        if not ok:
+            raise RequestError(422, f"{where}.{name}: an entity id must be a non-empty string or "
+                               f"a number, got {v!r}"[:300], field=f"{ENTITIES}.{name}", row=row,
+                               kind="bad_entity")
+    return value
 
 
 FeatureSourceFactory = Callable[[], Awaitable[FeatureSource | None]]
@@ -150,15 +184,17 @@ class V1Request:
     top_k: int | None
     entities: dict[str, Any] | None
     where: str
+    # Per row (instances[i].entities, candidates[i].entities), or None when no row names one.
+    row_entities: list[dict[str, Any] | None] | None = None
 
 
 def decode_v1(obj: Any, max_rows: int) -> V1Request:
     if not isinstance(obj, dict):
         raise RequestError(422, "the body must be a JSON object with 'instances' (or 'context' and "
                            "'candidates')", field="body", kind="bad_shape")
-    entities = obj.get("entities")
-    if entities is not None and not isinstance(entities, dict):
-        raise RequestError(422, "'entities' must be an object of entity name -> id", field="entities")
+    entities = obj.get(ENTITIES)
+    if entities is not None:
+        check_entity(entities)
     if "instances" in obj:
         extra = set(obj) - {"instances", "entities"}
         if extra:
@@ -190,19 +226,29 @@ def decode_v1(obj: Any, max_rows: int) -> V1Request:
     if len(rows) > max_rows:
         raise RequestError(413, f"{len(rows)} rows in '{where}'; the limit is {max_rows} per "
                            "request (LMA_SERVE_MAX_ROWS)", field=where, kind="too_many_rows")
+    row_entities: list[dict[str, Any] | None] | None = None
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise RequestError(422, f"{where}[{i}] must be an object of field name -> value",
                                field=where, row=i, kind="bad_shape")
+        if ENTITIES in r:
+            # "entities" is reserved in a row: the row's own entity, not a feature.
+            if row_entities is None:
+                row_entities = [None] * len(rows)
+            row_entities[i] = check_entity(r.pop(ENTITIES), f"{where}[{i}].", i)
     if ranking:
         ctx = obj.get("context")
         if ctx is not None:
             if not isinstance(ctx, dict):
                 raise RequestError(422, "'context' must be an object of field name -> value",
                                    field="context", kind="bad_shape")
+            if ENTITIES in ctx:
+                raise RequestError(422, "context.entities: the request's entities go at the top "
+                                   "level ('entities' beside 'context'), a candidate's in the "
+                                   "candidate", field="context.entities", kind="bad_entity")
             if ctx:
                 rows = [{**ctx, **r} for r in rows]  # candidate values win
-    return V1Request(rows, ranking, top_k, entities, where)
+    return V1Request(rows, ranking, top_k, entities, where, row_entities)
 
 
 def top_k_of(probabilities: np.ndarray, k: int) -> dict[str, list[Any]]:
@@ -234,6 +280,8 @@ class V2Request:
     outputs: list[str]
     binary_outputs: set[str]
     timeout_ms: float | None
+    entities: dict[str, Any] | None = None  # parameters.entities: for every row
+    entity_inputs: list[str] | None = None  # parameters.entity_inputs: per-row entity tensors
 
 
 def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -398,7 +446,24 @@ def decode_v2(header: bytes, tail: bytes, max_rows: int, max_len: int) -> V2Requ
                                 or not timeout > 0):
         raise RequestError(400, "parameters.timeout_ms must be a positive number",
                            field="parameters.timeout_ms")
-    return V2Request(rid, tensors, batch, outputs, binary, timeout)
+    entities = params.get(ENTITIES)
+    if entities is not None:
+        check_entity(entities, "parameters.")
+    entity_inputs = params.get("entity_inputs")
+    if entity_inputs is not None:
+        if (not isinstance(entity_inputs, list) or not entity_inputs
+                or not all(isinstance(n, str) for n in entity_inputs)):
+            raise RequestError(400, "parameters.entity_inputs must be a non-empty list of input "
+                               "names", field="parameters.entity_inputs")
+        for n in entity_inputs:
+            if n not in tensors:
+                raise RequestError(400, f"parameters.entity_inputs names {n!r}, which is not an "
+                                   f"input (inputs: {sorted(tensors)})",
+                                   field="parameters.entity_inputs")
+            if not n or ":" in n or "," in n:
+                raise RequestError(400, f"parameters.entity_inputs: bad entity field name {n!r}",
+                                   field="parameters.entity_inputs")
+    return V2Request(rid, tensors, batch, outputs, binary, timeout, entities, entity_inputs)
 
 
 def _json_tensor(name: str, data: Any, shape: list[int], count: int, dtype: str,
@@ -465,6 +530,48 @@ def _requested_outputs(obj: dict[str, Any], params: dict[str, Any]) -> tuple[lis
         if all_binary or (isinstance(p, dict) and p.get("binary_data")):
             binary.add(o["name"])
     return names or ["probability"], binary
+
+
+async def fill_v2(source: FeatureSource, schema: Schema, req: V2Request,
+                  until: float | None) -> list[str]:
+    """Add the stored fields of the request's entities to its raw feature tensors, in place.
+
+    ``parameters.entities`` names one entity for every row; ``parameters.entity_inputs`` names
+    input tensors whose values are each row's entity (a row with an empty value has none). An
+    entity input that is not a model field is a key only and leaves the inputs. Tensors the
+    request sends are its values for every row; stored fields fill only fields it does not send.
+    """
+    if {"dense", "tokens"} & set(req.tensors):
+        raise RequestError(422, "entities need raw feature inputs (one tensor per field), not "
+                           "the encoded 'dense'/'tokens'", field="parameters.entities",
+                           kind="bad_entity")
+    n = req.batch
+    row_entities: list[dict[str, Any] | None] | None = None
+    if req.entity_inputs:
+        cols = {name: _as_list(req.tensors[name]) for name in req.entity_inputs}
+        row_entities = []
+        for i in range(n):
+            ent = {name: c[i] for name, c in cols.items()}
+            row_entities.append(None if any(v is None or v == "" for v in ent.values()) else ent)
+        known = set(schema.dense_names) | set(schema.categorical_names)
+        for name in req.entity_inputs:
+            if name not in known:
+                del req.tensors[name]
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    warnings = await source.fill(schema, rows, req.entities, row_entities, until=until)
+    sent = set(req.tensors)
+    fields = {k for r in rows for k in r} - sent
+    for k in sorted(fields):
+        req.tensors[k] = [r.get(k) for r in rows]
+    return warnings
+
+
+def _as_list(v: np.ndarray | pa.Array | list[Any]) -> list[Any]:
+    if isinstance(v, np.ndarray):
+        return v.reshape(-1).tolist()
+    if isinstance(v, pa.Array):
+        return v.to_pylist()
+    return list(v)
 
 
 def v2_to_arrays(req: V2Request, encoder: RecordEncoder,

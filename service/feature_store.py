@@ -32,7 +32,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -51,6 +51,10 @@ LAYOUT_VERSION = 1
 PREFIX = f"lma:fs:v{LAYOUT_VERSION}"
 META = "__meta__"
 TS_FIELD = "__ts"
+# The service's back-off after a failed call: 0.25 s doubling to 2 s, so while Redis is down a
+# worker asks it again at most every 2 s and is back within 2 s of its return.
+BACKOFF_S = 0.25
+MAX_BACKOFF_S = 2.0
 
 
 _HGETALL_MANY = """
@@ -63,7 +67,22 @@ return out
 
 
 class FeatureStoreError(RuntimeError):
-    """The store could not answer (connection refused or lost, timeout, back-off after those)."""
+    """The store could not answer (connection refused or lost, timeout, back-off after those);
+    ``kind`` says which (connection, timeout, backoff, redis, deadline), for metrics."""
+
+    kind = "connection"
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class FeatureStoreDeadline(FeatureStoreError):
+    """The request's own deadline ran out before the store answered. Not the store's fault: no
+    back-off follows (one client's short deadline must not take the store away from the rest)."""
+
+    kind = "deadline"
 
 
 def entity_prefix(project: str, entity_fields: Sequence[str]) -> str:
@@ -274,7 +293,7 @@ def get_features(
 
 @dataclass
 class StoreStats:
-    """What the service exports as metrics."""
+    """Counts of one store's calls (the service also exports them as metrics)."""
 
     calls: int = 0
     keys: int = 0
@@ -285,26 +304,33 @@ class StoreStats:
     total_seconds: float = 0.0
 
 
+# (seconds, hits, misses, error kind or None) of one fetch: the service's metrics hook.
+FetchObserver = Callable[[float, int, int, "str | None"], None]
+
+
 class FeatureStore:
     """Async reader of the layout above: ``await store.fetch(entities)`` in one round trip (one
     script call for all keys of the batch).
 
-    ``timeout_s`` bounds every call (connect, send, read); after a failure the store answers
-    :class:`FeatureStoreError` at once for ``backoff_s`` (doubling up to ``max_backoff_s`` while
-    failures continue), then tries the server again: a down Redis never holds a request past its
-    deadline, and the store is back by itself when Redis is. One connection pool per instance
-    (per worker process).
+    ``timeout_s`` bounds every call (connect, send, read; a call given ``until``, a request's
+    deadline on ``time.monotonic()``, waits at most until then). After a failure the store
+    answers :class:`FeatureStoreError` at once for ``backoff_s`` (doubling up to
+    ``max_backoff_s`` while failures continue), then tries the server again: a down Redis never
+    holds a request past its deadline, and the store is back by itself when Redis is. One
+    connection pool per instance (per worker process); ``project`` is the key namespace unless a
+    call names its own.
     """
 
     def __init__(
         self,
         url: str,
-        project: str,
+        project: str | None = None,
         *,
         timeout_s: float = 0.05,
         backoff_s: float = 0.5,
         max_backoff_s: float = 10.0,
         max_connections: int = 64,
+        observer: FetchObserver | None = None,
     ):
         import redis.asyncio as aioredis
 
@@ -313,21 +339,29 @@ class FeatureStore:
         self.timeout_s = float(timeout_s)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
-        self._client = aioredis.Redis.from_url(
+        self.observer = observer
+        # A blocking pool: past max_connections concurrent calls a call waits for a connection
+        # (within its timeout) instead of failing, which would put the store into back-off.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=self.timeout_s,
             socket_timeout=self.timeout_s,
             socket_connect_timeout=self.timeout_s,
-            max_connections=max_connections,
             retry_on_timeout=False,
             decode_responses=True,  # hiredis decodes the replies in C
         )
+        self._client = aioredis.Redis(connection_pool=pool)
         # All hashes of a batch in one command and one reply: 2-3x cheaper for the client than a
         # pipeline of one HGETALL per key (redis-py builds and parses each command in Python).
         # The keys of one call must live on one server (no Redis Cluster across slots).
         self._hgetall_many = self._client.register_script(_HGETALL_MANY)
         self._down_until = 0.0
         self._next_backoff = self.backoff_s
-        self.last_error: str | None = None
+        self.reachable: bool | None = None  # None until the first call
+        self.last_error: str | None = None  # kept after recovery, with its time
+        self.last_error_at: float | None = None  # time.time()
+        self.last_ok_at: float | None = None
         self.stats = StoreStats()
 
     @property
@@ -340,21 +374,31 @@ class FeatureStore:
 
     async def ping(self, timeout_s: float | None = None) -> bool:
         try:
-            await self._call(self._client.ping(), timeout_s)
+            await self._call(self._client.ping(), timeout_s, None)
             return True
         except FeatureStoreError:
             return False
 
     async def fetch(
-        self, entities: Sequence[Mapping[str, Any] | None], timeout_s: float | None = None
+        self,
+        entities: Sequence[Mapping[str, Any] | None],
+        timeout_s: float | None = None,
+        *,
+        until: float | None = None,
+        project: str | None = None,
     ) -> list[dict[str, str] | None]:
         """Stored fields of each entity (None: no entity given, or none stored), in order.
 
-        Equal entities are fetched once; all in one round trip. Raises ValueError for
-        an entity with an empty value, :class:`FeatureStoreError` when the store cannot answer.
+        Equal entities are fetched once; all in one round trip, waiting at most ``timeout_s``
+        (default: the store's) and never past ``until``. Raises ValueError for an entity with
+        an empty value, :class:`FeatureStoreDeadline` when ``until`` ran out first,
+        :class:`FeatureStoreError` when the store cannot answer.
         """
+        ns = project or self.project
+        if ns is None:
+            raise ValueError("no project: the store has none and the call names none")
         keys: list[str | None] = [
-            None if e is None or not e else entity_key(self.project, e) for e in entities
+            None if e is None or not e else entity_key(ns, e) for e in entities
         ]
         unique = list(dict.fromkeys(k for k in keys if k is not None))
         self.stats.calls += 1
@@ -362,7 +406,10 @@ class FeatureStore:
             return [None] * len(keys)
         t0 = time.perf_counter()
         try:
-            raw = await self._call(self._hgetall_many(keys=unique), timeout_s)
+            raw = await self._call(self._hgetall_many(keys=unique), timeout_s, until)
+        except FeatureStoreError as e:
+            self._observe(time.perf_counter() - t0, 0, 0, e.kind)
+            raise
         finally:
             dt = time.perf_counter() - t0
             self.stats.last_seconds = dt
@@ -378,29 +425,81 @@ class FeatureStore:
         hits = sum(1 for v in found.values() if v is not None)
         self.stats.hits += hits
         self.stats.misses += len(unique) - hits
+        self._observe(dt, hits, len(unique) - hits, None)
         return [None if k is None else found[k] for k in keys]
 
-    async def _call(self, aw: Any, timeout_s: float | None) -> Any:
+    def _observe(self, seconds: float, hits: int, misses: int, error: str | None) -> None:
+        if self.observer is not None:
+            self.observer(seconds, hits, misses, error)
+
+    async def _call(self, aw: Any, timeout_s: float | None, until: float | None) -> Any:
         if not self.available:
             _close(aw)
             self.stats.errors += 1
             raise FeatureStoreError(
                 f"feature store {self._safe_url()} unavailable (retrying in "
-                f"{self._down_until - time.monotonic():.1f} s): {self.last_error}"
+                f"{self._down_until - time.monotonic():.1f} s): {self.last_error}",
+                kind="backoff",
+            )
+        budget = self.timeout_s if timeout_s is None else float(timeout_s)
+        bound_by_request = False
+        if until is not None and until - time.monotonic() < budget:
+            budget = until - time.monotonic()
+            bound_by_request = True
+        if budget <= 0:
+            _close(aw)
+            self.stats.errors += 1
+            raise FeatureStoreDeadline(
+                "the request's deadline passed before the feature store was asked"
             )
         try:
-            async with asyncio.timeout(timeout_s if timeout_s is not None else self.timeout_s):
+            async with asyncio.timeout(budget):
                 out = await aw
         except (TimeoutError, OSError, ConnectionError, _redis_errors()) as e:
             self.stats.errors += 1
-            self.last_error = f"{type(e).__name__}: {e}"
-            self._down_until = time.monotonic() + self._next_backoff
-            self._next_backoff = min(self._next_backoff * 2, self.max_backoff_s)
-            log.warning("feature store %s: %s", self._safe_url(), self.last_error)
-            raise FeatureStoreError(f"feature store {self._safe_url()}: {self.last_error}") from e
+            timed_out = isinstance(e, TimeoutError | _redis_timeout())
+            if timed_out and bound_by_request:
+                raise FeatureStoreDeadline(
+                    f"feature store {self._safe_url()}: no answer within the "
+                    f"{budget * 1e3:.0f} ms left of the request's deadline"
+                ) from e
+            self._failed(e)
+            kind = "timeout" if timed_out else (
+                "connection" if isinstance(e, OSError | ConnectionError | _redis_conn()) else "redis"
+            )
+            raise FeatureStoreError(
+                f"feature store {self._safe_url()}: {self.last_error}", kind=kind
+            ) from e
         self._next_backoff = self.backoff_s
-        self.last_error = None
+        self.reachable = True
+        self.last_ok_at = time.time()
         return out
+
+    def _failed(self, e: BaseException) -> None:
+        self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        self.last_error_at = time.time()
+        self.reachable = False
+        self._down_until = time.monotonic() + self._next_backoff
+        self._next_backoff = min(self._next_backoff * 2, self.max_backoff_s)
+        log.warning("feature store %s: %s", self._safe_url(), self.last_error)
+
+    def status(self) -> dict[str, Any]:
+        """What readiness details show: reachable (None before the first call), the last error
+        and when, back-off left, counts."""
+        wait = self._down_until - time.monotonic()
+        return {
+            "url": self._safe_url(),
+            "reachable": self.reachable,
+            "last_ok_at": _iso(self.last_ok_at),
+            "last_error": self.last_error,
+            "last_error_at": _iso(self.last_error_at),
+            "retry_in_s": round(wait, 3) if wait > 0 else 0.0,
+            "timeout_ms": self.timeout_s * 1e3,
+            "calls": self.stats.calls,
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "errors": self.stats.errors,
+        }
 
     def _safe_url(self) -> str:
         """The URL without its password."""
@@ -413,10 +512,28 @@ class FeatureStore:
         return self.url
 
 
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
+
+
 def _redis_errors() -> type[BaseException]:
     import redis.exceptions
 
     return redis.exceptions.RedisError
+
+
+def _redis_timeout() -> type[BaseException]:
+    import redis.exceptions
+
+    return redis.exceptions.TimeoutError
+
+
+def _redis_conn() -> type[BaseException]:
+    import redis.exceptions
+
+    return redis.exceptions.ConnectionError
 
 
 def _close(aw: Any) -> None:
@@ -436,17 +553,26 @@ def merge_stored(
 class RedisFeatureSource:
     """The service's feature-source hook (:class:`service.decoding.FeatureSource`) on a store.
 
-    For each row, its own entity mapping (per candidate) or else the request's: the entity's
-    stored fields are added where the row has no value (the request wins), and the entity fields
-    themselves too when they are model features. One round trip per request. When the store
-    cannot answer, the rows keep only their own values and the answer carries a warning, or,
-    with ``required=True``, the request fails with 503. Entities without stored features are
-    warned about, not refused (their rows take the missing values, as unseen values do).
+    A request may name one entity for all its rows (``entities``) and one per row
+    (``row_entities``); all are fetched in one round trip. Each row is then filled, field by
+    field where it has no value, in this order (the first one with a value wins): the row's own
+    values (the request's, context included), its own entity's fields, the request entity's
+    fields (entity fields are values the caller sent, when they are model features), the stored
+    fields of its own entity, then those of the request's entity.
+
+    When the store cannot answer, the rows keep only their own values (and the entity fields)
+    and the answer carries a warning, or, with ``required=True``, the request fails with 503.
+    When the request's deadline runs out first, 504. Entities without stored features are warned
+    about, not refused (their rows take the missing values, as unseen values do). Keys live under
+    ``project``, or each model's schema name (``lma features load``'s default) without one.
     """
 
-    def __init__(self, store: FeatureStore, *, required: bool = False):
+    def __init__(
+        self, store: FeatureStore, *, required: bool = False, project: str | None = None
+    ):
         self.store = store
         self.required = required
+        self.project = project
 
     async def fill(
         self,
@@ -454,41 +580,99 @@ class RedisFeatureSource:
         rows: list[dict[str, Any]],
         entities: dict[str, Any] | None,
         row_entities: list[dict[str, Any] | None] | None,
+        *,
+        until: float | None = None,
     ) -> list[str]:
         from lma.records import encoder_for
         from service.errors import RequestError
 
-        per_row = [
-            (row_entities[i] if row_entities is not None and row_entities[i] else entities)
-            for i in range(len(rows))
-        ]
+        own = row_entities if row_entities is not None else [None] * len(rows)
+        known = encoder_for(schema).known
         try:
-            stored = await self.store.fetch(per_row)
+            stored = await self.store.fetch(
+                [entities, *own], until=until, project=self.project or schema.name
+            )
         except ValueError as e:
             raise RequestError(422, f"entities: {e}", field="entities", kind="bad_entity") from None
+        except FeatureStoreDeadline as e:
+            raise RequestError(504, str(e), kind="deadline") from None
         except FeatureStoreError as e:
             if self.required:
                 raise RequestError(
-                    503, str(e), kind="feature_store", headers={"Retry-After": "1"}
+                    503,
+                    f"{e} (LMA_SERVE_FEATURES_REQUIRED is set)",
+                    kind="feature_store",
+                    headers={"Retry-After": "1"},
                 ) from None
+            for row, ent in zip(rows, own, strict=True):
+                _fill(row, (ent, entities), known)
             return [f"feature store unavailable, stored features left out: {e}"]
-        known = encoder_for(schema).known
+        req_stored, row_stored = stored[0], stored[1:]
         misses = []
-        for i, (row, ent, got) in enumerate(zip(rows, per_row, stored, strict=True)):
-            if not ent:
-                continue
-            for k, v in ent.items():
-                if k in known and row.get(k) is None:
-                    row[k] = v
-            if got is None:
+        for i, (row, ent, got) in enumerate(zip(rows, own, row_stored, strict=True)):
+            _fill(row, (ent, entities, got, req_stored), known)
+            if ent and got is None:
                 misses.append(i)
-                continue
-            for k, v in got.items():
-                if k in known and row.get(k) is None:
-                    row[k] = v
+        warnings = []
+        if entities and req_stored is None:
+            warnings.append(f"no stored features for the request's entities {entities}")
         if misses:
-            return [
+            warnings.append(
                 f"no stored features for the entities of {len(misses)} row(s) "
-                f"(first: row {misses[0]}, {per_row[misses[0]]})"
-            ]
-        return []
+                f"(first: row {misses[0]}, {own[misses[0]]})"
+            )
+        return warnings
+
+    async def status(self, probe: bool = False) -> dict[str, Any]:
+        """Readiness details; ``probe`` pings the server first (within the store's timeout)."""
+        if probe:
+            await self.store.ping()
+        return {
+            "configured": True,
+            "project": self.project or "each model's schema name",
+            "required": self.required,
+            **self.store.status(),
+        }
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def _fill(row: dict[str, Any], layers: Iterable[Mapping[str, Any] | None], known: Any) -> None:
+    """Set the row's missing model fields from the first layer that has them."""
+    for layer in layers:
+        if not layer:
+            continue
+        for k, v in layer.items():
+            if k in known and row.get(k) is None:
+                row[k] = v
+
+
+def no_store_status() -> dict[str, Any]:
+    """Readiness details of a server without ``REDIS_URL``."""
+    return {
+        "configured": False,
+        "mode": "inline features only: REDIS_URL is not set, requests naming entities get 422",
+    }
+
+
+def open_feature_source(settings: Any, metrics: Any = None) -> RedisFeatureSource | None:
+    """The service's feature source from its settings (None without ``REDIS_URL``): one
+    :class:`FeatureStore`, hence one connection pool, per worker process. Opening connects to
+    nothing; the first request or readiness probe does."""
+    if settings.redis_url is None:
+        return None
+    store = FeatureStore(
+        settings.redis_url.get_secret_value(),
+        settings.feature_project,
+        timeout_s=settings.feature_timeout_ms / 1e3,
+        backoff_s=BACKOFF_S,
+        max_backoff_s=MAX_BACKOFF_S,
+        observer=None if metrics is None else metrics.observe_feature_fetch,
+    )
+    if metrics is not None:
+        metrics.feature_store_up.set_function(lambda: 1.0 if store.reachable else 0.0)
+    return RedisFeatureSource(
+        store, required=settings.features_required, project=settings.feature_project
+    )
+

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.feature_store import open_feature_source
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import ServeSettings
@@ -32,7 +33,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
     registry.discover_all()
-    state = AppState(settings, registry, metrics, started=time.time())
+    state = AppState(settings, registry, metrics, started=time.time(),
+                     feature_source=open_feature_source(settings, metrics))
     app.state.lma = state
     loading = asyncio.create_task(registry.load_all(lambda m: warm_up(state, m)))
     try:
@@ -42,6 +44,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await registry.close()
+        if state.feature_source is not None:
+            await state.feature_source.close()
         logger.info("models closed; queued requests were answered")
 
 

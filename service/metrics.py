@@ -44,6 +44,23 @@ class Metrics:
         self.unloads = Counter(
             "lma_unloads_total", "Model versions unloaded after their requests finished",
             ["model"], registry=r)
+        self.feature_store_seconds = Histogram(
+            "lma_feature_store_seconds", "Feature-store round trip of one request (every entity "
+            "of the request in one call), by result (ok or the error kind)", ["result"],
+            buckets=_LATENCY, registry=r)
+        self.feature_store_hits = Counter(
+            "lma_feature_store_hits_total", "Distinct entities found in the feature store",
+            registry=r)
+        self.feature_store_misses = Counter(
+            "lma_feature_store_misses_total", "Distinct entities the feature store holds nothing "
+            "for", registry=r)
+        self.feature_store_errors = Counter(
+            "lma_feature_store_errors_total", "Feature-store calls that failed, by kind "
+            "(connection, timeout, redis: an error reply, backoff: refused at once while backing "
+            "off, deadline: the request's own deadline ran out first)", ["kind"], registry=r)
+        self.feature_store_up = Gauge(
+            "lma_feature_store_up", "1 while the last feature-store call (a request's or a "
+            "readiness probe's) succeeded", registry=r)
         self.rows_scored = Counter(
             "lma_rows_scored_total", "Rows answered with a prediction", ["model"], registry=r)
 
@@ -54,6 +71,15 @@ class Metrics:
         h = self.queue_wait_seconds.labels(model)
         for w in stats.queue_wait_s:
             h.observe(w)
+
+    def observe_feature_fetch(self, seconds: float, hits: int, misses: int,
+                              error: str | None) -> None:
+        self.feature_store_seconds.labels(error or "ok").observe(seconds)
+        if error is not None:
+            self.feature_store_errors.labels(error).inc()
+            return
+        self.feature_store_hits.inc(hits)
+        self.feature_store_misses.inc(misses)
 
     def queue_depth(self, model: str, rows: int) -> None:
         self.queue_rows.labels(model).set(rows)

@@ -27,6 +27,13 @@ variable                        meaning                                         
 ``REDIS_URL``                   Redis for the feature store, prediction cache and reload  (none)
                                 messages (``redis://``, ``rediss://`` for TLS, password
                                 in the URL); also ``LMA_SERVE_REDIS_URL``
+``LMA_SERVE_FEATURE_PROJECT``   feature-store key namespace (``lma features load          (schema)
+                                --project``); default: each model's schema name
+``LMA_SERVE_FEATURE_TIMEOUT_MS``
+                                longest wait for one feature-store call; never past      50
+                                the request's own deadline
+``LMA_SERVE_FEATURES_REQUIRED`` 503 instead of a warning when the store cannot answer    false
+                                a request naming entities
 ``LMA_ADMIN_TOKEN``             bearer token of the admin routes (reload, load, unload);  (off)
                                 without it those routes answer 404
 ==============================  =======================================================  =========
@@ -74,6 +81,11 @@ class ServeSettings(BaseSettings):
     # password, so it is a secret too.
     redis_url: SecretStr | None = Field(
         None, validation_alias=AliasChoices("REDIS_URL", "LMA_SERVE_REDIS_URL", "redis_url"))
+    # The feature store (service.feature_store); None: each model's schema name, as `lma
+    # features load` defaults to.
+    feature_project: str | None = None
+    feature_timeout_ms: float = Field(50.0, gt=0)
+    features_required: bool = False
     # Not LMA_SERVE_-prefixed: a secret, kept apart from the options `lma serve` passes on.
     admin_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("LMA_ADMIN_TOKEN", "admin_token"))
@@ -83,6 +95,13 @@ class ServeSettings(BaseSettings):
     def _split_models(cls, v: object) -> object:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("feature_project")
+    @classmethod
+    def _check_project(cls, v: str | None) -> str | None:
+        if v is not None and (not v or ":" in v):
+            raise ValueError(f"feature_project must be non-empty without ':', got {v!r}")
         return v
 
     @field_validator("device")

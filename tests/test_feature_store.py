@@ -368,13 +368,17 @@ def test_feature_source_hook(server: RedisServer, avazu_path: Path) -> None:
     assert rows[0]["C1"] == "9999" and rows[1]["C1"] == want["C1"]
     assert rows[1]["device_id"] == devices[0] and rows[1]["device_model"] == want["device_model"]
     assert rows[1]["hour"] == "14102300"
-    # Per-row entities; an unknown entity is a warning.
+    # Per-row entities go over the request's; a row whose own entity is unknown (a warning)
+    # still gets the request entity's stored fields, under its own entity fields.
     rows = [{}, {}, {}]
     per_row = [{"device_id": devices[1]}, {"device_id": "nope"}, None]
     warnings = asyncio.run(go(server.url, False, rows, {"device_id": devices[2]}, per_row))
     assert rows[0]["device_model"] == latest[devices[1]]["device_model"]
-    assert rows[1] == {"device_id": "nope"}
+    assert rows[0]["device_id"] == devices[1]
+    assert rows[1]["device_id"] == "nope"
+    assert rows[1]["device_model"] == latest[devices[2]]["device_model"]
     assert rows[2]["device_model"] == latest[devices[2]]["device_model"]
+    assert rows[2]["device_id"] == devices[2]
     assert len(warnings) == 1 and "row 1" in warnings[0]
     # Store down: a warning, or 503 when it is required; a bad entity value is a 422.
     dead = f"redis://127.0.0.1:{free_port()}/0"

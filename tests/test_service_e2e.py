@@ -97,7 +97,7 @@ def test_v2_tritonclient_binary_and_json(ort_server, criteo_rows):
 
 def test_metadata_and_readiness(ort_server):
     assert requests.get(f"{ort_server.url}/v2/health/live", timeout=5).status_code == 200
-    assert requests.get(f"{ort_server.url}/v2/health/ready", timeout=5).json() == {"ready": True}
+    assert requests.get(f"{ort_server.url}/v2/health/ready", timeout=5).json()["ready"] is True
     meta = requests.get(f"{ort_server.url}/v2/models/{MODEL}/versions/1", timeout=5).json()
     assert meta["inputs"][1] == {"name": "tokens", "datatype": "INT64", "shape": [-1, 26]}
     models = requests.get(f"{ort_server.url}/v1/models", timeout=5).json()["models"]

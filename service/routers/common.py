@@ -36,6 +36,15 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
+async def feature_store_status(state: AppState, probe: bool = False) -> dict[str, Any]:
+    """The feature store in readiness details: configured or not, reachable, last error."""
+    from service.feature_store import no_store_status
+
+    if state.feature_source is None:
+        return no_store_status()
+    return await state.feature_source.status(probe)
+
+
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
                     media_type=JSON, headers=headers)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.decoding import decode_v1, parse_json, rows_to_arrays, top_k_of
 from service.errors import RequestError
 from service.registry import LoadedModel
-from service.routers.common import body_of, inline_schema, json_response
+from service.routers.common import body_of, feature_store_status, inline_schema, json_response
 from service.state import State, deadline, resolve, score, sigmoid
 
 router = APIRouter(tags=["v1 (KServe v1 / TF Serving)"])
@@ -34,7 +34,10 @@ class PredictRequest(BaseModel):
         None, description="ranking form: one row per candidate")
     top_k: int | None = Field(None, ge=1, description="ranking form: also list the best K")
     entities: dict[str, str | int] | None = Field(
-        None, description="entity ids whose stored features fill missing fields (feature store)")
+        None, description="entity ids whose stored features fill the fields no row carries "
+        "(feature store), e.g. {\"device_id\": \"a99f214a\"}; several fields make one "
+        "compound key. A row (instance or candidate) may hold its own under the reserved key "
+        "\"entities\"; its stored fields go under the row's values and over the request's")
 
 
 class TopK(BaseModel):
@@ -47,7 +50,9 @@ class PredictResponse(BaseModel):
     model: str
     version: str
     top_k: TopK | None = None
-    warnings: list[str] | None = None
+    warnings: list[str] | None = Field(
+        None, description="e.g. the feature store could not answer, or holds nothing for an "
+        "entity: the rows were scored with their own values")
 
 
 _BODY = {
@@ -70,11 +75,13 @@ async def _predict_on(model: LoadedModel, request: Request, state: State) -> Res
     until = deadline(state, request.headers)
     s = state.settings
     warnings: list[str] = []
-    if req.entities is not None:
+    if req.entities is not None or req.row_entities is not None:
         if state.feature_source is None:
-            raise RequestError(422, "'entities' needs a feature store, and none is configured",
-                               field="entities")
-        warnings += await state.feature_source.fill(model.schema, req.rows, req.entities, None)
+            raise RequestError(422, "'entities' needs a feature store, and none is configured "
+                               "(REDIS_URL is not set): send the features inline",
+                               field="entities", kind="no_feature_store")
+        warnings += await state.feature_source.fill(model.schema, req.rows, req.entities,
+                                                    req.row_entities, until=until)
     dense, tokens = rows_to_arrays(model.encoder, req.rows, req.where, s.ignore_unknown)
     probs = sigmoid(await score(state, model, dense, tokens, until))
     out: dict[str, Any] = {"predictions": probs, "model": model.name, "version": model.version}
@@ -99,13 +106,15 @@ async def predict_version(name: str, version: str, request: Request, state: Stat
 
 @router.get("/v1/models", summary="Every model and version this server holds")
 async def list_models(state: State) -> Response:
-    return json_response({"models": [m.describe() for m in state.registry.all()]})
+    return json_response({"models": [m.describe() for m in state.registry.all()],
+                          "feature_store": await feature_store_status(state)})
 
 
 @router.get("/v1/models/{name}", summary="A model's newest version: kind, bytes, placement")
 async def model_info(name: str, state: State) -> Response:
     m = resolve(state, name)
-    return json_response({**m.describe(), "versions": state.registry.versions(name)})
+    return json_response({**m.describe(), "versions": state.registry.versions(name),
+                          "feature_store": await feature_store_status(state)})
 
 
 @router.get("/v1/models/{name}/versions/{version}", summary="One version of a model")

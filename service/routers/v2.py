@@ -12,9 +12,16 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 import lma
-from service.decoding import decode_v2, split_binary, v2_to_arrays
+from service.decoding import decode_v2, fill_v2, split_binary, v2_to_arrays
+from service.errors import RequestError
 from service.registry import LoadedModel
-from service.routers.common import JSON, body_of, inline_schema, json_response
+from service.routers.common import (
+    JSON,
+    body_of,
+    feature_store_status,
+    inline_schema,
+    json_response,
+)
 from service.state import State, deadline, resolve, score, sigmoid
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
@@ -67,11 +74,15 @@ async def live() -> Response:
 @router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed")
 async def ready(state: State) -> Response:
     reg = state.registry
+    # Readiness is the models' alone: Redis is shared by every replica, so failing them all at
+    # once for it would stop the requests that carry their features too. The details say it.
+    fs = await feature_store_status(state, probe=True)
     if reg.ready:
-        return json_response({"ready": True})
+        return json_response({"ready": True, "feature_store": fs})
     body: dict[str, Any] = {"ready": False,
                             "loaded": [f"{m.name}/{m.version}" for m in reg.all()],
-                            "expected": [f"{s.name}/{s.version}" for s in reg.sources]}
+                            "expected": [f"{s.name}/{s.version}" for s in reg.sources],
+                            "feature_store": fs}
     if reg.error:
         body["error"] = reg.error
     return json_response(body, status=503, headers={"Retry-After": "1"})
@@ -137,6 +148,14 @@ async def _infer_on(model: LoadedModel, request: Request, state: State) -> Respo
     s = state.settings
     req = decode_v2(header, tail, s.max_rows, s.max_string_bytes)
     until = deadline(state, request.headers, req.timeout_ms)
+    warnings: list[str] = []
+    if req.entities is not None or req.entity_inputs:
+        if state.feature_source is None:
+            raise RequestError(422, "parameters.entities / entity_inputs need a feature store, "
+                               "and none is configured (REDIS_URL is not set): send the "
+                               "features inline", field="parameters.entities",
+                               kind="no_feature_store")
+        warnings = await fill_v2(state.feature_source, model.schema, req, until)
     dense, tokens = v2_to_arrays(req, model.encoder, s.ignore_unknown)
     logits = await score(state, model, dense, tokens, until)
     values = {"logits": logits.astype(np.float32),
@@ -157,6 +176,8 @@ async def _infer_on(model: LoadedModel, request: Request, state: State) -> Respo
                             "outputs": outputs}
     if req.id is not None:
         resp["id"] = req.id
+    if warnings:
+        resp["parameters"] = {"warnings": warnings}
     head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return Response(head, media_type=JSON)
