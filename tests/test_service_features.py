@@ -347,6 +347,7 @@ def test_redis_hung_killed_and_restarted(env: Env) -> None:
         t_killed = time.monotonic()
         time.sleep(1.5)
         # Restarted on the same port, empty: loaded again.
+        t_restart = time.monotonic()
         env.redis.start()
         load(env.redis.url, env.avazu)
         t_back = time.monotonic()
@@ -373,10 +374,10 @@ def test_redis_hung_killed_and_restarted(env: Env) -> None:
     assert not slow, slow[:5]
     # While Redis was down: warnings from one server, 503 from the other, nothing else.
     down = [a for a in entity
-            if t_hung + 0.15 < a.at < t_cont or t_killed + 0.1 < a.at < t_back]
+            if t_hung + 0.15 < a.at < t_cont or t_killed + 0.1 < a.at < t_restart]
     warn_down = [a for a in down if a.server == "warn"]
     req_down = [a for a in down if a.server == "required"]
-    marks = {"hung": t_hung, "cont": t_cont, "killed": t_killed, "back": t_back}
+    marks = {"hung": t_hung, "cont": t_cont, "killed": t_killed, "restart": t_restart}
     odd = [(a, {k: round(a.at - v, 3) for k, v in marks.items()})
            for a in warn_down if not (a.status == 200 and a.warned)]
     assert warn_down and not odd, odd[:5]
