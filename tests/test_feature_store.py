@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -390,3 +392,61 @@ def test_feature_source_hook(server: RedisServer, avazu_path: Path) -> None:
     with pytest.raises(RequestError) as e:
         asyncio.run(go(server.url, False, [{}], {"device_id": ""}, None))
     assert e.value.status == 422 and e.value.field == "entities"
+
+
+OPENSSL = shutil.which("openssl")
+
+
+@needs_redis
+@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
+def test_service_store_over_tls_with_password(tmp_path: Path, monkeypatch) -> None:
+    """The service's own wiring (settings -> open_feature_source) on a rediss:// URL with a
+    password, against a redis-server speaking TLS only; a wrong password is a store error."""
+    from service.feature_store import open_feature_source
+    from service.metrics import Metrics
+    from service.settings import ServeSettings
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind",
+                             "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                             "--tls-auth-clients", "no", "--save", "", "--requirepass", "pw"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://:pw@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    try:
+        sync = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+        for _ in range(100):
+            try:
+                sync.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        sync.hset(entity_key("avazu", {"device_id": "d1"}), mapping={"C1": "1005"})
+        monkeypatch.setenv("REDIS_URL", url)
+        settings = ServeSettings(models=["unused"], feature_timeout_ms=2000)
+        assert "pw" not in repr(settings)
+
+        async def go(s: ServeSettings):
+            source = open_feature_source(s, Metrics())
+            assert source is not None
+            try:
+                got = await source.store.fetch([{"device_id": "d1"}], project="avazu")
+                return got, await source.status(probe=True)
+            finally:
+                await source.close()
+
+        got, status = asyncio.run(go(settings))
+        assert got == [{"C1": "1005"}]
+        assert status["reachable"] is True and status["url"].startswith("rediss://:***@")
+        monkeypatch.setenv("REDIS_URL", url.replace(":pw@", ":wrong@"))
+        with pytest.raises(FeatureStoreError):
+            asyncio.run(go(ServeSettings(models=["unused"], feature_timeout_ms=2000)))
+        monkeypatch.delenv("REDIS_URL")
+        assert open_feature_source(ServeSettings(models=["unused"])) is None
+    finally:
+        proc.kill()
+        proc.wait()
