@@ -339,32 +339,153 @@ def _sparse_ids(model: DLRM) -> set[int]:
     return ids
 
 
-def _all_reduce_grads(model: DLRM) -> None:
-    """Sum every parameter's gradient over the ranks (data parallel): dense gradients with
-    all_reduce, sparse ones (embedding tables, shared memories) by gathering every rank's
-    entries, since their index sets differ."""
+def _socket_bytes_written() -> int | None:
+    """Bytes this process (all threads) has written with write(2)/writev(2) so far, sockets
+    included (/proc/self/io ``wchar``; gloo's TCP transport writes with writev). None off Linux."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class GradSyncStats:
+    """What the data-parallel gradient sync of one rank handed to the collectives, summed over
+    steps. ``dense_bytes``: the one flat buffer of dense gradients all-reduced per step.
+    ``sparse_bytes``: this rank's coalesced sparse entries (indices + values), and
+    ``sparse_sent_bytes`` the same padded to the largest rank's entry count, as all_gather
+    sends them. ``wire_bytes``: what the process wrote meanwhile (/proc/self/io), i.e. what the
+    collectives really put on the sockets, headers and algorithm included."""
+
+    steps: int = 0
+    dense_bytes: int = 0
+    sparse_entries: int = 0  # coalesced rows (tables) or floats (shared memories) of this rank
+    sparse_bytes: int = 0
+    sparse_sent_bytes: int = 0
+    count_bytes: int = 0  # the per-step exchange of entry counts
+    wire_bytes: int | None = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        per = max(self.steps, 1)
+        out: dict[str, Any] = {"steps": self.steps, "seconds": self.seconds}
+        for k in ("dense_bytes", "sparse_entries", "sparse_bytes", "sparse_sent_bytes",
+                  "count_bytes", "wire_bytes"):
+            v = getattr(self, k)
+            out[f"{k}_per_step"] = None if v is None else v / per
+        return out
+
+
+def _all_reduce_grads(model: DLRM, stats: GradSyncStats | None = None) -> None:
+    """Sum every parameter's gradient over the ranks (data parallel), so every rank takes the
+    step single-process training takes. Dense gradients go in one flat buffer through one
+    all_reduce. Sparse ones (large tables, shared memories) are never densified: a dense
+    all-reduce of an (M,) memory would move M floats per step whatever the batch touched.
+    Each rank coalesces its entries (one per touched row or slot), the counts are exchanged,
+    and indices (int32 when the parameter's extent allows) and values are all-gathered padded to
+    the largest count, then summed."""
     dist = torch.distributed
-    sparse = _sparse_ids(model)
+    world = dist.get_world_size()
+    t0 = time.perf_counter()
+    w0 = _socket_bytes_written() if stats is not None else None
+    sparse_ids = _sparse_ids(model)
+    dense: list[torch.Tensor] = []
+    sparse: list[tuple[nn.Parameter, torch.Tensor]] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        g = p.grad
-        if id(p) in sparse:
-            # Every rank takes the same collective for a parameter, reached by its batch or not.
+        if id(p) in sparse_ids:
+            g = p.grad
+            # Every rank takes the same collectives for a parameter, reached by its batch or not.
             if g is None:
-                g = torch.sparse_coo_tensor(torch.zeros((p.dim(), 0), dtype=torch.int64),
-                                            torch.zeros((0, *p.shape[1:]), dtype=p.dtype),
-                                            p.shape)
-            g = g.coalesce()
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (g.indices(), g.values()))
-            p.grad = torch.sparse_coo_tensor(torch.cat([i for i, _ in parts], 1),
-                                             torch.cat([v for _, v in parts], 0),
-                                             g.shape).coalesce()
+                g = torch.sparse_coo_tensor(
+                    torch.zeros((p.dim(), 0), dtype=torch.int64, device=p.device),
+                    torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device), p.shape)
+            sparse.append((p, g.coalesce()))
         else:
-            if g is None:
-                g = p.grad = torch.zeros_like(p)
-            dist.all_reduce(g)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dense.append(p.grad)
+    if dense:
+        flat = torch.cat([g.reshape(-1) for g in dense])
+        dist.all_reduce(flat)
+        off = 0
+        for g in dense:
+            g.copy_(flat[off : off + g.numel()].view_as(g))
+            off += g.numel()
+        if stats is not None:
+            stats.dense_bytes += flat.numel() * flat.element_size()
+    if sparse:
+        dev = sparse[0][1].device
+        counts = torch.tensor([g.indices().shape[1] for _, g in sparse], dtype=torch.int64,
+                              device=dev)
+        all_counts = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(all_counts, counts)
+        table = torch.stack(all_counts).cpu()  # (world, n_sparse)
+        for j, (p, g) in enumerate(sparse):
+            n = int(table[:, j].max())
+            idx, val = g.indices(), g.values()
+            idx_dtype = torch.int32 if max(p.shape) < 2**31 else torch.int64
+            idx_pad = torch.zeros((idx.shape[0], n), dtype=idx_dtype, device=dev)
+            idx_pad[:, : idx.shape[1]] = idx
+            val_pad = torch.zeros((n, *val.shape[1:]), dtype=val.dtype, device=dev)
+            val_pad[: val.shape[0]] = val
+            idx_parts = [torch.empty_like(idx_pad) for _ in range(world)]
+            val_parts = [torch.empty_like(val_pad) for _ in range(world)]
+            dist.all_gather(idx_parts, idx_pad)
+            dist.all_gather(val_parts, val_pad)
+            k = [int(c) for c in table[:, j]]
+            p.grad = torch.sparse_coo_tensor(
+                torch.cat([ip[:, :c] for ip, c in zip(idx_parts, k, strict=True)], 1).to(torch.int64),
+                torch.cat([vp[:c] for vp, c in zip(val_parts, k, strict=True)], 0), g.shape).coalesce()
+            if stats is not None:
+                # Bytes per entry: its index (one per sparse dimension) and its value row.
+                row = idx_pad.shape[0] * idx_pad.element_size() + math.prod(
+                    val.shape[1:]) * val_pad.element_size()
+                stats.sparse_entries += idx.shape[1]
+                stats.sparse_bytes += idx.shape[1] * row
+                stats.sparse_sent_bytes += n * row
+        if stats is not None:
+            stats.count_bytes += counts.numel() * counts.element_size()
+    if stats is not None:
+        stats.steps += 1
+        stats.seconds += time.perf_counter() - t0
+        w1 = _socket_bytes_written()
+        if w0 is None or w1 is None or stats.wire_bytes is None:
+            stats.wire_bytes = None
+        else:
+            stats.wire_bytes += w1 - w0
+
+
+def _ddp_summary(model: DLRM, sync: GradSyncStats, optimizer_state: int) -> dict[str, Any]:
+    """What each worker holds (the whole model and its optimizer state: plain data parallelism
+    replicates them) and what each rank's gradient sync sent per step, gathered from every rank
+    once at the end."""
+    sparse = _sparse_ids(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    mine = {"sync": sync.summary(), "peak_rss_bytes": peak_rss_bytes()}
+    ranks: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, mine)
+    summary = {
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "optimizer_state_bytes": optimizer_state,
+        "dense_gradient_floats": sum(p.numel() for p in params if id(p) not in sparse),
+        "sparse_parameters": [list(p.shape) for p in params if id(p) in sparse],
+        "ranks": ranks,
+    }
+    s0 = ranks[0]["sync"]
+    log.info("ddp: %d ranks; per step rank 0 all-reduced %.3f MB dense, gathered %.3f MB sparse "
+             "(%.0f entries), wrote %s MB to sockets; worker holds %.1f MB model + %.1f MB "
+             "optimizer state", len(ranks), s0["dense_bytes_per_step"] / 1e6,
+             s0["sparse_sent_bytes_per_step"] / 1e6, s0["sparse_entries_per_step"],
+             "?" if s0["wire_bytes_per_step"] is None else f"{s0['wire_bytes_per_step'] / 1e6:.3f}",
+             (summary["parameter_bytes"] + summary["buffer_bytes"]) / 1e6, optimizer_state / 1e6)
+    return summary
 
 
 class _MemoryRows:
@@ -420,6 +541,7 @@ class _Loop:
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.sum_loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
         self.rank, self.world = _dist_rank_world()
+        self.sync = GradSyncStats()
         self.best_auc, self.best_epoch = -1.0, -1
         self.best_state: dict[str, torch.Tensor] | Path | str | None = None
         self.history: list[dict[str, Any]] = []
@@ -485,7 +607,7 @@ class _Loop:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.world > 1:
-                    _all_reduce_grads(model)
+                    _all_reduce_grads(model, self.sync)
                 for o in opts:
                     o.step()
                 running_t = 0.98 * running_t + 0.02 * loss.detach() if b else loss.detach()
@@ -720,6 +842,8 @@ def _train(cfg: TrainConfig, data: _Data, source: DataSource | None, work_dir: P
         metrics["bad_lines"] = source.errors.count
     rank, world = _dist_rank_world()
     metrics["world_size"] = world
+    if world > 1:
+        metrics["ddp"] = _ddp_summary(model, loop.sync, optimizer_state)
     out = None
     if cfg.out and rank == 0:
         t0 = time.perf_counter()

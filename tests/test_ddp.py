@@ -56,3 +56,34 @@ def test_two_gloo_processes_match_single_process(tmp_path, extra):
     got = load_checkpoint(out).model.state_dict()
     for k, v in single.model.state_dict().items():
         assert torch.allclose(got[k].float(), v.float(), atol=1e-4, rtol=1e-3), k
+    _check_sync_bytes(ddp, single.model, extra)
+
+
+def _check_sync_bytes(ddp: dict, model: torch.nn.Module, extra: list[str]) -> None:
+    """The sync's byte counters against the model: the dense all-reduce is every non-sparse
+    gradient float once per step; a sparse shared memory sends 4 bytes of int32 index and 4 of
+    value per touched float, at most every float its rank's rows read; and what the process
+    wrote to its sockets is that payload plus small per-collective headers (two ranks: a ring
+    all-reduce and an all-gather each send one payload)."""
+    info = ddp["ddp"]
+    sparse = {id(p) for p in model.embedding.sparse_parameters()}
+    dense_floats = sum(p.numel() for p in model.parameters() if id(p) not in sparse)
+    assert info["dense_gradient_floats"] == dense_floats
+    assert info["parameter_bytes"] == 4 * sum(p.numel() for p in model.parameters())
+    steps = 2 * -(-ddp["rows"]["train"] // 256)
+    rows_per_rank = 128  # half of each 256-row batch
+    for r in info["ranks"]:
+        sync = r["sync"]
+        assert sync["steps"] == steps
+        assert sync["dense_bytes_per_step"] == 4 * dense_floats
+        if extra:
+            assert info["sparse_parameters"] == [[model.embedding.memory.numel()]]
+            assert 0 < sync["sparse_entries_per_step"] <= rows_per_rank * 26 * 16
+            assert sync["sparse_bytes_per_step"] == pytest.approx(8 * sync["sparse_entries_per_step"])
+            assert sync["sparse_sent_bytes_per_step"] >= sync["sparse_bytes_per_step"]
+        else:
+            assert info["sparse_parameters"] == []
+            assert sync["sparse_sent_bytes_per_step"] == 0
+        if sync["wire_bytes_per_step"] is not None:
+            payload = sync["dense_bytes_per_step"] + sync["sparse_sent_bytes_per_step"]
+            assert payload <= sync["wire_bytes_per_step"] <= 1.02 * payload + 4096
