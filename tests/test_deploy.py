@@ -310,6 +310,66 @@ def test_serving_image_runs_as_non_root_with_prebuilt_op():
     assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:[\d.]+-cudnn-runtime-", gpu.read_text())
 
 
+# CUDA (major, minor) and cuDNN major each GPU package version is built for, read from the
+# wheels' metadata (`pip install --dry-run --report` of the cp312 manylinux wheels, 2026-12-01):
+# torch 2.13.0 requires cuda-toolkit==13.0.3 and nvidia-cudnn-cu13==9.20.0.48; onnxruntime-gpu
+# 1.31.1's cuda/cudnn extras require nvidia-cuda-runtime~=13.0 and nvidia-cudnn-cu13~=9.0.
+# A version bump must add its row after the same check.
+GPU_BUILDS = {
+    ("torch", "2.13.0"): ((13, 0), 9),
+    ("onnxruntime-gpu", "1.31.1"): ((13, 0), 9),
+}
+
+
+def _gpu_versions() -> tuple[tuple[int, int], str, str]:
+    text = DOCKERFILES[1].read_text()
+    m = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu[\d.]+\n", text)
+    assert m, "Dockerfile.gpu: CUDA_IMAGE must be an nvidia/cuda X.Y.Z-cudnn-runtime tag"
+    torch_version = re.search(r"ARG TORCH_VERSION=(\S+)", text).group(1)
+    ort = next(s for s in PYPROJECT["project"]["optional-dependencies"]["serve-gpu"]
+               if s.startswith("onnxruntime-gpu=="))
+    return (int(m.group(1)), int(m.group(2))), torch_version, ort.partition("==")[2]
+
+
+def test_gpu_image_cuda_versions_agree():
+    """The GPU image's CUDA base, torch's CUDA build and onnxruntime-gpu's CUDA build share a
+    CUDA major version (the base's minor at least the builds'), and the base's cuDNN (9 in every
+    `-cudnn-` tag of CUDA 12.4 and later) is the one both were built against."""
+    base, torch_version, ort_version = _gpu_versions()
+    for pkg, version in (("torch", torch_version), ("onnxruntime-gpu", ort_version)):
+        assert (pkg, version) in GPU_BUILDS, (
+            f"{pkg}=={version}: add its CUDA/cuDNN build to GPU_BUILDS after checking its wheel")
+        (major, minor), cudnn = GPU_BUILDS[(pkg, version)]
+        assert major == base[0] and minor <= base[1], (
+            f"{pkg}=={version} is built for CUDA {major}.{minor}; the base is CUDA {base}")
+        assert cudnn == 9, f"{pkg}=={version} needs cuDNN {cudnn}; the -cudnn- base has 9"
+
+
+def test_gpu_builds_table_matches_installed_metadata():
+    """Where a GPU build is installed (a GPU host), its metadata says what GPU_BUILDS says."""
+    import importlib.metadata as md
+
+    checked = 0
+    try:
+        reqs = md.requires("onnxruntime-gpu") or []
+        version = md.version("onnxruntime-gpu")
+    except md.PackageNotFoundError:
+        reqs = []
+    for r in reqs:
+        if m := re.match(r"nvidia-cuda-runtime(?:-cu\d+)?\s*~=\s*(\d+)\.(\d+)", r):
+            want = GPU_BUILDS[("onnxruntime-gpu", version)][0]
+            assert (int(m.group(1)), int(m.group(2))) == want
+            checked += 1
+    import torch
+
+    if torch.version.cuda:
+        want = GPU_BUILDS[("torch", torch.__version__.split("+")[0])][0]
+        assert tuple(int(x) for x in torch.version.cuda.split(".")[:2]) == want
+        checked += 1
+    if not checked:
+        pytest.skip("no CUDA build of torch or onnxruntime-gpu is installed here")
+
+
 def test_train_stage_entry_point():
     train = dict(_stage_instructions(DOCKERFILES[0], "train"))
     assert json.loads(train["ENTRYPOINT"]) == ["lma-train-bundle"]
