@@ -550,6 +550,17 @@ def _env(container: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", [])}
 
 
+def _pod_env(k8s: dict, container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: envFrom ConfigMaps (which must be in
+    deploy/k8s), then env entries over them."""
+    out: dict[str, str] = {}
+    for src in container.get("envFrom", []):
+        name = src["configMapRef"]["name"]
+        assert ("ConfigMap", name) in k8s, f"envFrom names ConfigMap {name!r}, not in deploy/k8s"
+        out.update(k8s[("ConfigMap", name)]["data"])
+    return {**out, **_env(container)}
+
+
 def _probe_path(container: dict, probe: str) -> str:
     return container[probe]["httpGet"]["path"]
 
@@ -589,7 +600,7 @@ def test_k8s_deployment(k8s, name):
     assert sec["runAsNonRoot"] is True and sec["runAsUser"] == 10001  # the image's USER
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "/tmp" in mounts
-    host = re.match(r"redis://([\w.-]+):6379", env["REDIS_URL"]).group(1)
+    host = re.match(r"redis://([\w.-]+):6379", _pod_env(k8s, c)["REDIS_URL"]).group(1)
     assert ("Service", host) in k8s and ("StatefulSet", host) in k8s, "the same Redis"
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 30
 
@@ -639,6 +650,86 @@ def test_kserve_inference_service(k8s):
     assert _probe_path(c, "readinessProbe") == READY and _probe_path(c, "livenessProbe") == LIVE
     assert c["readinessProbe"]["httpGet"]["port"] == port
     assert c["resources"]["limits"]["cpu"]
+
+
+def _settings_env_names() -> tuple[set[str], set[str]]:
+    """Every environment name service.settings.ServeSettings reads, and the subset that is
+    online state shared through Redis (the Redis URL, the feature store, the prediction cache,
+    the reload channel and folder watch): what replicas must agree on."""
+    try:
+        from service.settings import ServeSettings
+    except ImportError as exc:
+        pytest.skip(f"service.settings is not importable ({exc})")
+    from pydantic import AliasChoices
+
+    prefix = ServeSettings.model_config["env_prefix"]
+    names, shared = set(), set()
+    for field, info in ServeSettings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            envs = {c for c in alias.choices if isinstance(c, str) and c.isupper()}
+        elif isinstance(alias, str):
+            envs = {alias.upper()}
+        else:
+            envs = {(prefix + field).upper()}
+        names |= envs
+        if field == "redis_url" or field.startswith(("feature", "cache", "reload", "watch")):
+            shared |= envs
+    return names, shared
+
+
+def _replica_envs(k8s: dict, compose: dict) -> dict[str, dict[str, str]]:
+    out = {f"compose {n}": {k: str(v) for k, v in compose["services"][n]["environment"].items()}
+           for n in ("api", "api-gpu")}
+    for name in ("lma-api", "lma-api-gpu"):
+        out[f"k8s {name}"] = _pod_env(k8s, _container(k8s[("Deployment", name)]))
+    (c,) = k8s[("InferenceService", "lma-ctr")]["spec"]["predictor"]["containers"]
+    out["kserve lma-ctr"] = _pod_env(k8s, c)
+    return out
+
+
+def _replica_problems(envs: dict[str, dict[str, str]], names: set[str],
+                      shared: set[str]) -> list[str]:
+    problems = []
+    for where, env in envs.items():
+        ours = {k for k in env if k.startswith(("LMA_SERVE_", "LMA_ADMIN")) or k in shared}
+        if unknown := ours - names:
+            problems.append(f"{where}: {sorted(unknown)} are not settings of service/settings.py")
+        if "REDIS_URL" not in env:
+            problems.append(f"{where}: no REDIS_URL")
+    for key in sorted(shared):
+        values = {where: env.get(key) for where, env in envs.items()}
+        if any(v is not None for v in values.values()) and len(set(values.values())) > 1:
+            problems.append(f"{key} differs between replicas: {values}")
+    return problems
+
+
+def test_replicas_share_the_online_state_settings(k8s, compose):
+    """Every replica definition (compose api and api-gpu, the CPU and GPU Deployments, the KServe
+    predictor) sets only environment names the service really reads, and the online-state ones
+    (the same Redis for features, cache and reload messages) to the same values everywhere; the
+    Redis they name is the Redis service of compose and of deploy/k8s."""
+    names, shared = _settings_env_names()
+    assert "REDIS_URL" in shared
+    envs = _replica_envs(k8s, compose)
+    assert _replica_problems(envs, names, shared) == []
+    url = envs["compose api"]["REDIS_URL"]
+    host = re.match(r"redis://([\w.-]+):6379/\d+$", url).group(1)
+    assert host in compose["services"] and ("Service", host) in k8s
+
+
+def test_replica_settings_check_catches_drift(k8s, compose):
+    """The check above fails on a misspelt setting, a replica without Redis, and replicas that
+    name different Redis servers."""
+    names, shared = _settings_env_names()
+    envs = _replica_envs(k8s, compose)
+    typo = {**envs, "k8s lma-api": {**envs["k8s lma-api"], "LMA_SERVE_MAX_BATCH_ROW": "64"}}
+    assert any("LMA_SERVE_MAX_BATCH_ROW" in p for p in _replica_problems(typo, names, shared))
+    other = {**envs, "kserve lma-ctr": {**envs["kserve lma-ctr"], "REDIS_URL": "redis://x:6379/0"}}
+    assert any("REDIS_URL differs" in p for p in _replica_problems(other, names, shared))
+    gone = {**envs, "compose api-gpu": {k: v for k, v in envs["compose api-gpu"].items()
+                                        if k != "REDIS_URL"}}
+    assert any("no REDIS_URL" in p for p in _replica_problems(gone, names, shared))
 
 
 def test_probe_paths_are_served_by_the_app():
