@@ -60,7 +60,8 @@ class Metrics:
             "off, deadline: the request's own deadline ran out first)", ["kind"], registry=r)
         self.feature_store_up = Gauge(
             "lma_feature_store_up", "1 while the last feature-store call (a request's or a "
-            "readiness probe's) succeeded", registry=r)
+            "readiness probe's) succeeded; 0 after a failure, before the first call, and without "
+            "REDIS_URL", registry=r)
         self.rows_scored = Counter(
             "lma_rows_scored_total", "Rows answered with a prediction", ["model"], registry=r)
 

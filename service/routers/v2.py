@@ -40,7 +40,10 @@ class Tensor(BaseModel):
 
 class InferRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="timeout_ms; binary_data_output; entities (one entity for every row, "
+        "e.g. {\"device_id\": \"a99f214a\"}) and entity_inputs (names of input tensors whose "
+        "values are each row's entity): their stored features fill the fields not sent")
     inputs: list[Tensor] = Field(description="'dense' FP32 [B, n_dense] and 'tokens' INT64 "
                                  "[B, S], or one tensor per feature field")
     outputs: list[dict[str, Any]] | None = None
