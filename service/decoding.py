@@ -108,14 +108,27 @@ def check_entity(value: Any, prefix: str = "", row: int | None = None) -> dict[s
         if not name or ":" in name or "," in name:
             raise RequestError(422, f"{where}: bad entity field name {name!r} (non-empty, no ':' "
                                "or ',')", field=f"{ENTITIES}.{name}", row=row, kind="bad_entity")
-        ok = (isinstance(v, str) and v != "") or (
-            isinstance(v, int | float) and not isinstance(v, bool) and v == v
-            and abs(v) != float("inf"))
-        if not ok:
-            raise RequestError(422, f"{where}.{name}: an entity id must be a non-empty string or "
-                               f"a number, got {v!r}"[:300], field=f"{ENTITIES}.{name}", row=row,
-                               kind="bad_entity")
+        reason = _bad_entity_id(v)
+        if reason:
+            raise RequestError(422, f"{where}.{name}: {reason}"[:300],
+                               field=f"{ENTITIES}.{name}", row=row, kind="bad_entity")
     return value
+
+
+def _bad_entity_id(v: Any) -> str | None:
+    """Why ``v`` cannot be an entity id (None: it can): ids are keyed by the text
+    :func:`lma.records.canonical_text` gives, so ``15706``, ``15706.0`` and ``"15706"`` agree."""
+    from lma.records import canonical_text
+
+    if not isinstance(v, str | int | float) or isinstance(v, bool):
+        return f"an entity id must be a non-empty string or a number, got {v!r}"
+    try:
+        text = canonical_text(v)
+    except ValueError as e:
+        return f"{e} (got {v!r})"
+    if not text:
+        return "an entity id must not be empty"
+    return None
 
 
 FeatureSourceFactory = Callable[[], Awaitable[FeatureSource | None]]
@@ -552,7 +565,15 @@ async def fill_v2(source: FeatureSource, schema: Schema, req: V2Request,
         row_entities = []
         for i in range(n):
             ent = {name: c[i] for name, c in cols.items()}
-            row_entities.append(None if any(v is None or v == "" for v in ent.values()) else ent)
+            if any(v is None or v == "" for v in ent.values()):
+                row_entities.append(None)
+                continue
+            for name, v in ent.items():
+                reason = _bad_entity_id(v)
+                if reason:
+                    raise RequestError(422, f"input {name!r} (an entity input), row {i}: "
+                                       f"{reason}"[:300], field=name, row=i, kind="bad_entity")
+            row_entities.append(ent)
         known = set(schema.dense_names) | set(schema.categorical_names)
         for name in req.entity_inputs:
             if name not in known:

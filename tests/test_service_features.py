@@ -230,7 +230,7 @@ def test_unknown_and_bad_entities(env: Env) -> None:
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "entities.device_id" and r.json()["row"] == 2
     assert "candidates[2].entities.device_id" in r.json()["error"]
-    for bad in ({"device_id": [1]}, {"device_id": True}, {}, "a99f214a"):
+    for bad in ({"device_id": [1]}, {"device_id": True}, {}, "a99f214a", {"device_id": 1e300}):
         r = _post(env.warn, PREDICT, {"entities": bad, "instances": [{}]})
         assert r.status_code == 422 and r.json()["field"].startswith("entities"), r.text
     r = _post(env.warn, PREDICT, {"context": {"entities": {"device_id": d}}, "candidates": [{}]})
@@ -241,6 +241,10 @@ def test_unknown_and_bad_entities(env: Env) -> None:
     r = _post(env.warn, INFER, {"inputs": [_bytes_tensor("hour", ["1"])],
                                 "parameters": {"entity_inputs": ["device_id"]}})
     assert r.status_code == 400 and r.json()["field"] == "parameters.entity_inputs"
+    r = _post(env.warn, INFER, {"inputs": [{"name": "C14", "shape": [2], "datatype": "FP64",
+                                            "data": [15706, 1e300]}],
+                                "parameters": {"entity_inputs": ["C14"]}})
+    assert r.status_code == 422 and (r.json()["field"], r.json()["row"]) == ("C14", 1), r.text
 
 
 def test_one_round_trip_per_request_and_metrics(env: Env) -> None:
