@@ -55,6 +55,7 @@ TS_FIELD = "__ts"
 # worker asks it again at most every 2 s and is back within 2 s of its return.
 BACKOFF_S = 0.25
 MAX_BACKOFF_S = 2.0
+PROBE_TIMEOUT_S = 0.25
 
 
 _HGETALL_MANY = """
@@ -624,9 +625,10 @@ class RedisFeatureSource:
         return warnings
 
     async def status(self, probe: bool = False) -> dict[str, Any]:
-        """Readiness details; ``probe`` pings the server first (within the store's timeout)."""
+        """Readiness details; ``probe`` pings the server first, waiting at most the store's
+        timeout or ``PROBE_TIMEOUT_S`` (a readiness probe has its own timeout, often 1 s)."""
         if probe:
-            await self.store.ping()
+            await self.store.ping(min(self.store.timeout_s, PROBE_TIMEOUT_S))
         return {
             "configured": True,
             "project": self.project or "each model's schema name",

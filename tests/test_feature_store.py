@@ -312,6 +312,38 @@ def test_fetch_times_out_on_a_silent_server() -> None:
         sock.close()
 
 
+def test_request_deadline_bounds_the_wait_without_back_off() -> None:
+    """A call given the request's deadline waits min(store timeout, time left); running out of
+    the request's own time is FeatureStoreDeadline and leaves the store available to others."""
+    from service.feature_store import FeatureStoreDeadline
+
+    sock, port = _silent_server()
+    try:
+
+        async def go():
+            store = FeatureStore(f"redis://127.0.0.1:{port}/0", "p", timeout_s=2.0, backoff_s=5)
+            t0 = time.perf_counter()
+            with pytest.raises(FeatureStoreDeadline):
+                await store.fetch([{"id": "1"}], until=time.monotonic() + 0.15)
+            waited = time.perf_counter() - t0
+            after_deadline = store.available
+            with pytest.raises(FeatureStoreDeadline):
+                await store.fetch([{"id": "1"}], until=time.monotonic() - 1)
+            # The store's own timeout, shorter than the time left: a store failure, back-off.
+            store.timeout_s = 0.1
+            with pytest.raises(FeatureStoreError) as e:
+                await store.fetch([{"id": "1"}], until=time.monotonic() + 5)
+            kind = e.value.kind
+            await store.close()
+            return waited, after_deadline, kind, store.available
+
+        waited, after_deadline, kind, available = asyncio.run(go())
+        assert 0.1 < waited < 1.0 and after_deadline is True
+        assert kind == "timeout" and available is False
+    finally:
+        sock.close()
+
+
 @needs_redis
 def test_redis_killed_and_restarted(tmp_path: Path) -> None:
     srv = RedisServer().start()
