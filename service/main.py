@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.cache import open_cache
 from service.feature_store import open_feature_source
 from service.metrics import Metrics
 from service.registry import ModelRegistry
+from service.reload import start_triggers
 from service.settings import ServeSettings
 from service.state import AppState
 from service.warmup import warm_up
@@ -36,13 +38,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = AppState(settings, registry, metrics, started=time.time(),
                      feature_source=open_feature_source(settings, metrics))
     app.state.lma = state
+    state.cache = open_cache(settings, metrics)
     loading = asyncio.create_task(registry.load_all(lambda m: warm_up(state, m)))
+    triggers = start_triggers(state)
     try:
         yield
     finally:
+        await triggers.stop()
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading
+        if state.cache is not None:
+            await state.cache.close()
         await registry.close()
         if state.feature_source is not None:
             await state.feature_source.close()

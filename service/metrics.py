@@ -64,6 +64,36 @@ class Metrics:
             "REDIS_URL", registry=r)
         self.rows_scored = Counter(
             "lma_rows_scored_total", "Rows answered with a prediction", ["model"], registry=r)
+        # Prediction cache (service.cache) and reload triggers (service.reload, service.pubsub).
+        self.cache_hits = Counter(
+            "lma_prediction_cache_hits_total", "Rows answered from the prediction cache",
+            ["model"], registry=r)
+        self.cache_misses = Counter(
+            "lma_prediction_cache_misses_total", "Rows looked up in the prediction cache and "
+            "scored by the model", ["model"], registry=r)
+        self.cache_hit_ratio = Gauge(
+            "lma_prediction_cache_hit_ratio", "Hits / rows looked up in the cache since start",
+            ["model"], registry=r)
+        self.cache_writes = Counter(
+            "lma_prediction_cache_writes_total", "Entries written to the prediction cache",
+            ["model"], registry=r)
+        self.cache_errors = Counter(
+            "lma_prediction_cache_errors_total", "Cache calls failed or skipped (op: get, set; "
+            "reason: error, timeout, backoff after a failure, deadline, too_many_pending)",
+            ["op", "reason"], registry=r)
+        self.reload_triggers = Counter(
+            "lma_reload_triggers_total", "Reloads asked for, by trigger (admin, watch, pubsub) "
+            "and outcome (loaded, unchanged, refused, error)", ["model", "trigger", "outcome"],
+            registry=r)
+        self.reload_messages = Counter(
+            "lma_reload_messages_total", "Messages on the reload channel, by result (reload, "
+            "own: sent by this process, bad)", ["result"], registry=r)
+        self.reload_listener_connected = Gauge(
+            "lma_reload_listener_connected", "1 while subscribed to the reload channel",
+            registry=r)
+        self.reload_listener_reconnects = Counter(
+            "lma_reload_listener_reconnects_total", "Times the reload channel's connection was "
+            "lost and tried again", registry=r)
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         self.batch_rows.labels(model).observe(stats.rows)

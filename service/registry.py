@@ -34,6 +34,7 @@ from lma.records import RecordEncoder
 from lma.schema import Schema
 from service.backends import Backend, open_backend
 from service.batcher import BatchStats, MicroBatcher
+from service.cache import bundle_fingerprint
 from service.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ class LoadedModel:
     ready: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     inflight: int = 0
+    # Names the bundle's content in the prediction cache's keys (service.cache).
+    fingerprint: str = ""
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
@@ -240,7 +243,7 @@ class ModelRegistry:
                                on_batch=on_batch, on_queue_depth=on_depth, name=name)
         encoder = RecordEncoder(schema, max_value_bytes=s.max_string_bytes)
         return LoadedModel(name, version, src.path, bundle, schema, backend, batcher, encoder,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, fingerprint=bundle_fingerprint(src.path))
 
     def discover_all(self) -> list[ModelSource]:
         """Find every configured bundle (fast; fails on a path with no bundle or a name twice)."""

@@ -8,13 +8,21 @@ batch as at startup, and only then added to the registry, which swaps one dict: 
 resolves either the old or the new version, never a half-loaded one. If it is refused, the next
 older new version is tried; the old one keeps serving either way. After a swap, every older
 version leaves the registry at once and is closed once its in-flight requests are answered.
+
+Besides the admin routes, two triggers run the same :func:`reload_model` (started by
+:func:`start_triggers`, both off by default): :class:`FolderWatch` polls the model folders every
+``LMA_SERVE_WATCH_INTERVAL_S`` seconds, and :class:`service.pubsub.ReloadListener` reloads on a
+message on ``LMA_SERVE_RELOAD_CHANNEL``. ``lma_reload_triggers_total{trigger, outcome}`` counts
+every reload asked for, by where it came from and what it did.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from service.errors import RequestError
@@ -61,8 +69,21 @@ async def _retire(state: AppState, name: str, versions: list[str]) -> tuple[list
     return [m.version for m in gone], time.perf_counter() - t0
 
 
-async def reload_model(state: AppState, name: str) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, answer) of reloading ``name``."""
+async def reload_model(state: AppState, name: str, trigger: str = "admin"
+                       ) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, answer) of reloading ``name``; counted by ``trigger``."""
+    try:
+        status, answer = await _reload(state, name)
+    except RequestError:
+        label = name if name in state.registry.names() else "unknown"
+        state.metrics.reload_triggers.labels(label, trigger, "error").inc()
+        raise
+    outcome = ("refused" if status != 200 else "loaded" if answer.get("loaded") else "unchanged")
+    state.metrics.reload_triggers.labels(name, trigger, outcome).inc()
+    return status, answer
+
+
+async def _reload(state: AppState, name: str) -> tuple[int, dict[str, Any]]:
     _check_ready(state)
     reg, metrics = state.registry, state.metrics
     loop = asyncio.get_running_loop()
@@ -139,3 +160,157 @@ async def unload_model(state: AppState, name: str) -> dict[str, Any]:
                                f"{state.registry.names()})", field="model", kind="unknown_model")
         unloaded, drain_s = await _retire(state, name, versions)
     return {"model": name, "unloaded": unloaded, "drain_seconds": round(drain_s, 4)}
+
+
+async def trigger_reload(state: AppState, name: str, trigger: str) -> tuple[int, dict[str, Any]]:
+    """:func:`reload_model` for the triggers that have no one to answer: refusals are logged."""
+    try:
+        status, answer = await reload_model(state, name, trigger)
+    except RequestError as exc:
+        logger.warning("%s reload of %s not done: %s", trigger, name, exc.message)
+        return exc.status, exc.body()
+    if answer.get("loaded"):
+        logger.info("%s reload of %s: serving version %s", trigger, name, answer["serving"])
+    elif status != 200:
+        logger.warning("%s reload of %s refused: %s", trigger, name, answer.get("error"))
+    return status, answer
+
+
+def _folder_state(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes while a version folder is being written: its files' names, sizes, mtimes."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out.append((str(f.relative_to(path)), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class FolderWatch:
+    """Polls the configured model paths every ``interval_s`` and reloads a served model when a
+    version folder newer than its serving version appears.
+
+    A new version is tried once its folder looks the same (file names, sizes, mtimes) in two
+    consecutive polls, so a folder still being copied is not opened half-written (publishing
+    by one rename, as the README shows, is still the safe way). A refused version is not tried
+    again until its folder changes. Models unloaded through the admin route are left alone:
+    only models the registry serves are watched.
+    """
+
+    def __init__(self, state: AppState, interval_s: float):
+        self.state = state
+        self.interval_s = interval_s
+        self._seen: dict[str, Any] = {}  # model -> folder state of its newer versions, last poll
+        self._refused: dict[str, Any] = {}  # model -> folder state that was refused
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="folder-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("model folder watch: poll failed; trying again")
+
+    def _newer(self) -> dict[str, Any]:
+        """model -> folder state of its version folders newer than the serving one (blocking)."""
+        reg = self.state.registry
+        out: dict[str, Any] = {}
+        for name in reg.names():
+            serving = reg.get(name)
+            if serving is None:
+                continue
+            try:
+                found = _discover(self.state.settings, name)
+            except (OSError, ValueError) as exc:
+                logger.warning("model folder watch: %s", exc)
+                continue
+            newer = [s for s in found if _version_key(s.version) > _version_key(serving.version)]
+            if newer:
+                out[name] = tuple((s.version, _folder_state(s.path)) for s in newer)
+        return out
+
+    async def poll(self) -> None:
+        if not self.state.registry.ready:
+            return
+        loop = asyncio.get_running_loop()
+        newer = await loop.run_in_executor(None, self._newer)
+        seen, self._seen = self._seen, newer
+        for name, folders in newer.items():
+            if seen.get(name) != folders or self._refused.get(name) == folders:
+                continue
+            status, _ = await trigger_reload(self.state, name, "watch")
+            if status == 409:
+                self._refused[name] = folders
+            else:
+                self._refused.pop(name, None)
+
+
+class Triggers:
+    """The reload triggers a server runs besides its admin routes."""
+
+    def __init__(self, watch: FolderWatch | None, listener: Any):
+        self.watch = watch
+        self.listener = listener
+
+    async def stop(self) -> None:
+        if self.watch is not None:
+            await self.watch.stop()
+        if self.listener is not None:
+            await self.listener.stop()
+
+
+def start_triggers(state: AppState) -> Triggers:
+    """Start the folder watch and the reload-channel listener the settings ask for."""
+    s = state.settings
+    watch = None
+    if s.watch_interval_s > 0:
+        watch = FolderWatch(state, s.watch_interval_s)
+        watch.start()
+        logger.info("watching the model folders for new versions every %.1f s",
+                    s.watch_interval_s)
+    listener = None
+    if s.reload_channel and s.redis_url is not None:
+        from service.pubsub import ReloadListener
+
+        async def on_reload(model: str, catch_up: bool) -> None:
+            if not catch_up:
+                await trigger_reload(state, model, "pubsub")
+            elif state.registry.ready:
+                # Messages sent while the listener was away are lost: check every model once.
+                for name in state.registry.names():
+                    await trigger_reload(state, name, "pubsub")
+
+        listener = ReloadListener(s.redis_url.get_secret_value(), s.reload_channel, on_reload,
+                                  state.metrics)
+        listener.start()
+    return Triggers(watch, listener)
+
+
+async def broadcast(state: AppState, name: str) -> dict[str, Any]:
+    """Publish a reload of ``name`` on the reload channel; what the answer says about it."""
+    from service.pubsub import publish_async
+
+    s = state.settings
+    if not s.reload_channel or s.redis_url is None:
+        raise RequestError(409, "broadcast needs LMA_SERVE_RELOAD_CHANNEL and REDIS_URL on the "
+                           "server", field="broadcast", kind="broadcast_off")
+    try:
+        n = await publish_async(s.redis_url.get_secret_value(), s.reload_channel, name)
+    except Exception as exc:  # noqa: BLE001 - reported in the answer; the local reload still runs
+        logger.warning("broadcast of %s on %r failed: %s", name, s.reload_channel, exc)
+        return {"channel": s.reload_channel, "receivers": 0,
+                "error": f"{type(exc).__name__}: {exc}"}
+    # The count includes this process's own listener, which skips its own message.
+    return {"channel": s.reload_channel, "receivers": n}

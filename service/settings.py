@@ -36,6 +36,11 @@ variable                        meaning                                         
                                 a request naming entities
 ``LMA_ADMIN_TOKEN``             bearer token of the admin routes (reload, load, unload);  (off)
                                 without it those routes answer 404
+``LMA_SERVE_CACHE_TTL_S``       prediction cache in Redis: seconds an entry lives; 0 off   0
+``LMA_SERVE_CACHE_TIMEOUT_MS``  longest wait for one cache call (capped by the deadline)  20
+``LMA_SERVE_WATCH_INTERVAL_S``  poll the model folders for new versions every S s; 0 off  0
+``LMA_SERVE_RELOAD_CHANNEL``    Redis pub/sub channel of reload messages (every replica   (off)
+                                subscribed reloads the named model), e.g. ``lma:reload:v1``
 ==============================  =======================================================  =========
 
 With ``LMA_SERVE_MAX_WAIT_MS=0`` a request adds no wait of its own: batches form from the requests
@@ -90,6 +95,12 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("LMA_ADMIN_TOKEN", "admin_token"))
 
+    # Online state beyond the feature store (service.cache, service.reload); all off by default.
+    cache_ttl_s: float = Field(0.0, ge=0)
+    cache_timeout_ms: float = Field(20.0, gt=0)
+    watch_interval_s: float = Field(0.0, ge=0)
+    reload_channel: str = ""
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, v: object) -> object:
@@ -118,6 +129,14 @@ class ServeSettings(BaseSettings):
                 "no model to serve: set LMA_SERVE_MODELS (bundle folders or model repositories, "
                 "comma-separated) or LMA_SERVE_MODEL_REPOSITORY, or pass them to `lma serve`"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _redis_features_need_redis(self) -> ServeSettings:
+        for on, what in ((self.cache_ttl_s > 0, "LMA_SERVE_CACHE_TTL_S > 0 (prediction cache)"),
+                         (bool(self.reload_channel), "LMA_SERVE_RELOAD_CHANNEL (reload messages)")):
+            if on and self.redis_url is None:
+                raise ValueError(f"{what} needs REDIS_URL (or LMA_SERVE_REDIS_URL)")
         return self
 
     def model_paths(self) -> list[str]:

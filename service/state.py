@@ -30,6 +30,8 @@ class AppState:
     started: float = 0.0
     # One reload/unload at a time per model (see service.reload).
     model_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # The prediction cache (service.cache.PredictionCache) when LMA_SERVE_CACHE_TTL_S > 0.
+    cache: Any = None
 
 
 def get_state(request: Request) -> AppState:
@@ -77,7 +79,20 @@ def deadline(state: AppState, headers: Any, override_ms: float | None = None) ->
 
 async def score(state: AppState, model: LoadedModel, dense: np.ndarray, tokens: np.ndarray,
                 until: float) -> np.ndarray:
-    """Logits (N,) float32 of the rows, through the model's batcher."""
+    """Logits (N,) float32 of the rows: from the prediction cache where it holds them, the rest
+    through the model's batcher."""
+    if state.cache is None:
+        logits = await _run_model(model, dense, tokens, until)
+    else:
+        logits = await state.cache.score(
+            model.name, model.version, model.fingerprint, dense, tokens, until,
+            lambda d, t: _run_model(model, d, t, until))
+    state.metrics.rows_scored.labels(model.name).inc(len(logits))
+    return logits
+
+
+async def _run_model(model: LoadedModel, dense: np.ndarray, tokens: np.ndarray, until: float
+                     ) -> np.ndarray:
     try:
         logits = await model.batcher.submit(dense, tokens, until)
     except QueueFull as exc:
@@ -88,7 +103,6 @@ async def score(state: AppState, model: LoadedModel, dense: np.ndarray, tokens: 
     except ShuttingDown as exc:
         raise RequestError(503, str(exc), kind="shutting_down",
                            headers={"Retry-After": "1"}) from None
-    state.metrics.rows_scored.labels(model.name).inc(len(logits))
     return logits
 
 

@@ -32,6 +32,7 @@ def shared_data() -> Path:
 # The service's end-to-end fixtures (trained bundle, real Criteo rows, uvicorn processes).
 from tests.service_fixtures import (  # noqa: E402, F401
     criteo_bundle,
+    criteo_bundle_v2,
     criteo_rows,
     model_repo,
     ort_server,

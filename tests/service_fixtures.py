@@ -54,6 +54,35 @@ def criteo_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def criteo_bundle_v2(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another model of the same schema (another seed), so its answers differ from
+    ``criteo_bundle``'s: the new version of the reload and cache tests."""
+    from lma.train import TrainConfig, train_model
+    from model_export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("v2")
+    train_model(TrainConfig(data=f"criteo:{shared_data / 'criteo' / 'train_10k.tsv'}",
+                            embedding="lma", compression=4, epochs=1, progress=False, threads=1,
+                            seed=7, out=str(root / "ck")))
+    return export_bundle(root / "ck", root / "bundle", name=MODEL, version="2", sample_rows=64)
+
+
+def publish_version(bundle: Path, model_dir: Path, version: str, tamper: bool = False) -> Path:
+    """Copy a bundle in as a version folder the way a publisher should: under a hidden name, then
+    one rename, so a reload never sees half a folder. ``tamper`` flips one byte of the weights."""
+    tmp = model_dir / f".incoming-{version}"
+    shutil.copytree(bundle, tmp)
+    if tamper:
+        w = tmp / "weights.safetensors"
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        w.write_bytes(bytes(data))
+    dest = model_dir / version
+    os.rename(tmp, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
 def criteo_rows(shared_data: Path, criteo_bundle: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> CriteoRows:
     from lma.cli import main

@@ -3,7 +3,6 @@ while client threads keep sending requests, and a tampered version refused."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import time
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.service_fixtures import MODEL, Server
+from tests.service_fixtures import MODEL, Server, publish_version
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +25,6 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def bundle_v2(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another model of the same schema (another seed), so its answers differ from version 1's."""
-    from lma.train import TrainConfig, train_model
-    from model_export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("v2")
-    train_model(TrainConfig(data=f"criteo:{shared_data / 'criteo' / 'train_10k.tsv'}",
-                            embedding="lma", compression=4, epochs=1, progress=False, threads=1,
-                            seed=7, out=str(root / "ck")))
-    return export_bundle(root / "ck", root / "bundle", name=MODEL, version="2", sample_rows=64)
-
-
-@pytest.fixture(scope="module")
 def admin_server(criteo_bundle: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[Server]:
     repo = tmp_path_factory.mktemp("reload_repo")
@@ -47,21 +33,6 @@ def admin_server(criteo_bundle: Path, tmp_path_factory: pytest.TempPathFactory
     s.model_dir = repo / MODEL  # type: ignore[attr-defined]
     yield s
     s.stop()
-
-
-def _publish(bundle: Path, model_dir: Path, version: str, tamper: bool = False) -> Path:
-    """Copy a bundle in as a version folder the way a publisher should: under a hidden name, then
-    one rename, so a reload never sees half a folder."""
-    tmp = model_dir / f".incoming-{version}"
-    shutil.copytree(bundle, tmp)
-    if tamper:
-        w = tmp / "weights.safetensors"
-        data = bytearray(w.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        w.write_bytes(bytes(data))
-    dest = model_dir / version
-    os.rename(tmp, dest)
-    return dest
 
 
 def _predict(server: Server, rows: list[dict], session: requests.Session | None = None
@@ -84,17 +55,21 @@ def test_admin_routes_need_the_token(admin_server, ort_server, criteo_rows):
         # A server started without LMA_ADMIN_TOKEN has them off, whatever the request carries.
         r = requests.post(ort_server.url + path, headers=AUTH, timeout=10)
         assert r.status_code == 404 and "LMA_ADMIN_TOKEN" in r.json()["error"], r.text
+    # Broadcasting needs a reload channel, which this server has not.
+    r = requests.post(f"{admin_server.url}/v1/models/{MODEL}/reload?broadcast=true",
+                      headers=AUTH, timeout=10)
+    assert r.status_code == 409 and "LMA_SERVE_RELOAD_CHANNEL" in r.json()["error"], r.text
     # Nothing was unloaded by the refused requests.
     r = _predict(admin_server, criteo_rows.records[:N])
     assert r.status_code == 200 and r.json()["version"] == "1"
     assert admin_server.metric("lma_errors_total", type="forbidden", status="403") >= 3
 
 
-def test_a_tampered_version_is_refused(admin_server, criteo_rows, bundle_v2):
+def test_a_tampered_version_is_refused(admin_server, criteo_rows, criteo_bundle_v2):
     serving = requests.get(f"{admin_server.url}/v1/models/{MODEL}", timeout=5).json()["version"]
     assert serving == "1", "run before the reload test (file order)"
     before = admin_server.metric("lma_reload_failures_total", model=MODEL, stage="open")
-    bad = _publish(bundle_v2, admin_server.model_dir, "2", tamper=True)
+    bad = publish_version(criteo_bundle_v2, admin_server.model_dir, "2", tamper=True)
     try:
         r = requests.post(f"{admin_server.url}/v2/repository/models/{MODEL}/load", headers=AUTH,
                           timeout=60)
@@ -112,12 +87,12 @@ def test_a_tampered_version_is_refused(admin_server, criteo_rows, bundle_v2):
         shutil.rmtree(bad)
 
 
-def test_reload_under_load(admin_server, criteo_rows, bundle_v2):
+def test_reload_under_load(admin_server, criteo_rows, criteo_bundle_v2):
     from lma.predictor import Predictor
 
     rows = criteo_rows.records[:N]
     want = {"1": criteo_rows.expected[:N],
-            "2": Predictor.open(bundle_v2).predict(criteo_rows.dense[:N], criteo_rows.tokens[:N])}
+            "2": Predictor.open(criteo_bundle_v2).predict(criteo_rows.dense[:N], criteo_rows.tokens[:N])}
     assert np.max(np.abs(want["1"] - want["2"])) > 1e-3, "the two versions must answer differently"
     reloads = admin_server.metric("lma_reloads_total", model=MODEL)
     stop = threading.Event()
@@ -138,7 +113,7 @@ def test_reload_under_load(admin_server, criteo_rows, bundle_v2):
         t.start()
     try:
         time.sleep(1.0)
-        _publish(bundle_v2, admin_server.model_dir, "2")
+        publish_version(criteo_bundle_v2, admin_server.model_dir, "2")
         r = requests.post(f"{admin_server.url}/v1/models/{MODEL}/reload", headers=AUTH,
                           timeout=120)
         swapped = time.monotonic()
@@ -170,6 +145,8 @@ def test_reload_under_load(admin_server, criteo_rows, bundle_v2):
                       json={"instances": rows}, timeout=10)
     assert r.status_code == 404
     assert admin_server.metric("lma_reloads_total", model=MODEL) == reloads + 1
+    assert admin_server.metric("lma_reload_triggers_total", model=MODEL, trigger="admin",
+                               outcome="loaded") == 1
     assert admin_server.metric("lma_unloads_total", model=MODEL) >= 1
 
     # Nothing newer: a second reload changes nothing. Unload, then load again from the folder.

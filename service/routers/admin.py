@@ -1,15 +1,20 @@
 """Admin routes: hot reload (``POST /v1/models/{name}/reload``) and the v2 model repository
 extension's load and unload. Off unless ``LMA_ADMIN_TOKEN`` is set; then each needs
-``Authorization: Bearer <token>``."""
+``Authorization: Bearer <token>``.
+
+``?broadcast=true`` on reload and load also publishes the reload on ``LMA_SERVE_RELOAD_CHANNEL``
+(before reloading here), so every replica subscribed to it reloads too; the answer's
+``broadcast`` says on which channel and how many subscribers received it."""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from service.errors import RequestError
+from service.reload import broadcast as publish_reload
 from service.reload import reload_model, unload_model
 from service.routers.common import json_response
 from service.state import State
@@ -38,18 +43,28 @@ router = APIRouter(tags=["admin (LMA_ADMIN_TOKEN)"])
 _ADMIN = [Depends(require_admin)]
 
 
+_BROADCAST = Query(False, description="also publish the reload on LMA_SERVE_RELOAD_CHANNEL, so "
+                   "every replica subscribed to it reloads")
+
+
+async def _reload(state: State, name: str, to_all: bool) -> Response:
+    sent = await publish_reload(state, name) if to_all else None
+    status, answer = await reload_model(state, name)
+    if sent is not None:
+        answer["broadcast"] = sent
+    return json_response(answer, status=status)
+
+
 @router.post("/v1/models/{name}/reload", dependencies=_ADMIN,
              summary="Load the model's newest version folder, warm it, swap it in, retire the old")
-async def reload(name: str, state: State) -> Response:
-    status, answer = await reload_model(state, name)
-    return json_response(answer, status=status)
+async def reload(name: str, state: State, broadcast: bool = _BROADCAST) -> Response:
+    return await _reload(state, name, broadcast)
 
 
 @router.post("/v2/repository/models/{name}/load", dependencies=_ADMIN,
              summary="The same as the v1 reload (model repository extension)")
-async def load(name: str, state: State) -> Response:
-    status, answer = await reload_model(state, name)
-    return json_response(answer, status=status)
+async def load(name: str, state: State, broadcast: bool = _BROADCAST) -> Response:
+    return await _reload(state, name, broadcast)
 
 
 @router.post("/v2/repository/models/{name}/unload", dependencies=_ADMIN,
