@@ -185,14 +185,14 @@ def test_pubsub_reload_under_load_on_two_servers(pair, redis_server, criteo_rows
     assert np.max(np.abs(want["1"] - want["2"])) > 1e-3, "the two versions must answer differently"
     assert [_serving(s) for s in servers] == ["1", "1"]
     with Load(servers, rows) as load:
-        time.sleep(1.0)
+        time.sleep(1.5)
         published = time.monotonic()
         assert _cli(["models", "publish", str(criteo_bundle_v2), "--repository",
                      str(model_dir.parent), "--channel", channel,
                      "--redis", redis_server.url]) == 0
         _wait(lambda: all(load.first_end(i, "2") for i in range(2)), 60,
               "both servers to answer from version 2")
-        time.sleep(1.0)
+        time.sleep(1.5)
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["version"] == "2" and out["broadcast"] == {"channel": channel, "receivers": 2}
     seen = load.check(want, "2")
