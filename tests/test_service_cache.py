@@ -77,7 +77,10 @@ def cache_server(redis_server: RedisServer, criteo_bundle: Path,
     repo = tmp_path_factory.mktemp("cache_repo")
     shutil.copytree(criteo_bundle, repo / MODEL / "1")
     s = Server(str(repo), repo.parent / "cache.log", admin_token=TOKEN,
-               redis_url=redis_server.url, cache_ttl_s=60).wait_ready()
+               redis_url=redis_server.url, cache_ttl_s=60,
+               # Generous: on a loaded machine a starved event loop must not turn the first
+               # call into a timeout (the down test kills Redis: refusals are immediate).
+               cache_timeout_ms=2000).wait_ready()
     s.model_dir = repo / MODEL  # type: ignore[attr-defined]
     yield s
     s.stop()
@@ -124,7 +127,7 @@ def test_repeated_rows_come_from_the_cache(cache_server, redis_server, criteo_ro
     first = r.json()["predictions"]
     np.testing.assert_allclose(first, criteo_rows.expected[:N], atol=1e-6, rtol=0)
     c1 = Counts(cache_server)
-    assert (c1.hits - c0.hits, c1.misses - c0.misses) == (0, N)
+    assert (c1.hits - c0.hits, c1.misses - c0.misses) == (0, N), cache_server.log.read_text()
     assert c1.rows - c0.rows == N
     _wait_writes(cache_server, c0.writes + N)
 
