@@ -592,6 +592,7 @@ def _inprocess_main(argv: Sequence[str]) -> int:
     backend = open_backend(a.backend, bundle, a.device, a.threads)
     encoder = RecordEncoder(bundle.feature_map().schema)
     out: dict[str, Any] = {}
+    encoded_by_batch: dict[str, list[tuple[Any, Any]]] = {}
     for b in (int(x) for x in a.batches.split(",")):
         spec = RequestSpec(data=a.data, candidates=b, unseen_rate=a.unseen_rate, top_k=None,
                            pool=16)
@@ -642,6 +643,19 @@ def _inprocess_main(argv: Sequence[str]) -> int:
             "p99_ms": float(np.percentile(model_times, 99)) * 1e3,
             "rows_per_s": b * len(model_times) / sum(model_times),
         }
+        encoded_by_batch[str(b)] = encoded
+    if a.backend == "onnxruntime" and a.device == "cpu":
+        # The model split into key resolution, gather and the rest (loadtest.model_profile);
+        # the served session is closed first, so the cut copies do not add to its memory.
+        from loadtest.model_profile import StageModels
+
+        del backend
+        stage_models = StageModels(bundle, a.threads)
+        try:
+            for b, encoded in encoded_by_batch.items():
+                out[b]["model_stages_ms"] = stage_models.profile(encoded, a.seconds / 3)
+        finally:
+            stage_models.close()
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
@@ -996,6 +1010,9 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
                       "throughput, memory, bytes, AUC")
     add_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
+    from loadtest import soak
+
+    soak.register(bench_subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

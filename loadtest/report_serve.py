@@ -266,6 +266,37 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_f(b['server_ms_per_request'])} | "
                          f"{_f(b['queue_wait_ms_per_part'])} | {_f(b['compute_ms_per_batch'])} | "
                          f"{_f(b['rows_per_batch'], 1)} | {_f(b['other_ms_per_request'])} |")
+    lines += ["", "## Profile per model: where a request's time goes", "",
+              "Median ms per request of each step. JSON decoding (parse + request decoding), "
+              "row encoding (token hashing) and the response (orjson) are the in-process steps "
+              "of the next section; queue wait is the server's own mean at the moderate rate "
+              "above (`/metrics`); key resolution, gather and MLP & rest split the model call "
+              "on the same encoded rows by timing cut copies of its ONNX graph "
+              "(`loadtest/model_profile.py`: up to the key lookups, up to the embedding rows, "
+              "the whole model; each includes one onnxruntime call's fixed cost).", "",
+              "| model | candidates | JSON decoding | encoding | queue wait | key resolution | "
+              "gather | MLP & rest | response | model (whole) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in shapes:
+        rate = None
+        if ref is not None and c in ref["runs"]:
+            from loadtest.bench_serve import moderate_rate
+
+            rate = moderate_rate(ref, c, report["load"]["rates"][c])
+        for m in models:
+            ip = (m.get("inprocess") or {}).get(c)
+            if not ip:
+                continue
+            st = ip.get("stages_median_ms", {})
+            ms = ip.get("model_stages_ms") or {}
+            pt = _point(m, c, rate) if rate is not None else None
+            qw = ((pt or {}).get("server") or {}).get("queue_wait_ms_per_part")
+            dec = (st["json_parse"] + st["decode"]) if "json_parse" in st else None
+            lines.append(
+                f"| {m['label']} | {c} | {_f(dec, 3)} | {_f(st.get('encode'), 3)} | "
+                f"{_f(qw, 3)} | {_f(ms.get('key_resolution'), 3)} | {_f(ms.get('gather'), 3)} | "
+                f"{_f(ms.get('mlp_and_rest'), 3)} | {_f(st.get('response'), 3)} | "
+                f"{_f(ms.get('model'), 3)} |")
     lines += ["", "## Service against in-process scoring", "",
               "The same request bodies scored in one thread of a child process with the same "
               "backend and threads, pinned to the server's CPUs, through the service's own steps "

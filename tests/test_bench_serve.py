@@ -115,10 +115,14 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
                 assert r["server"]["requests"] >= r["ok"]
             assert run["server_open_loop"]["requests"] >= sum(r["ok"] for r in run["open_loop"])
             assert m["inprocess"][c]["rows_per_s"] > 0
+            split = m["inprocess"][c]["model_stages_ms"]
+            assert split["model"] > 0 and split["key_resolution"] > 0  # both kinds look keys up
+            assert min(split["gather"], split["mlp_and_rest"]) >= 0
     full, lma = report["models"]
     assert lma["components"]["embedding"] < full["components"]["embedding"]
     md = (run_dir / "report.md").read_text()
     assert "shared 2-core machine" in md and "| lma16 | lma | 16 |" in md
+    assert "## Profile per model" in md
     assert any(t["target"].startswith("serving state") for t in report["targets"])
 
 
