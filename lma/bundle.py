@@ -44,7 +44,8 @@ FEATURE_FILES = (FEATURE_JSON, "feature_map.npz")
 WEIGHTS_FILE = "weights.safetensors"
 VOCAB_FILE = "vocabulary.npz"
 # Kinds whose rebuild needs each field's own vocabulary (format 2 keeps it in vocabulary.npz);
-# full tables need only the sorted set of all tokens, which their weights hold (``.vocab``).
+# full tables need only their key table, which their weights hold (older bundles: the sorted
+# vocabulary ``.vocab`` it is built from).
 PER_FIELD_VOCAB_KINDS = ("qr",)
 INPUT_NAMES = ("dense", "tokens")
 OUTPUT_NAMES = ("logits",)
@@ -461,7 +462,7 @@ def _eager_model(bundle: Bundle) -> Any:
     weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
     fmap = bundle.feature_map()
     if not bundle.manifest.get("vocabulary"):
-        fmap = _vocabulary_from_weights(bundle, fmap, arrays)
+        fmap = _vocabulary_sizes(bundle, fmap, arrays)
     try:
         model = rebuild_model(model_cfg, emb_cfg, fmap, state, weights=weights)
     except ValueError as exc:
@@ -469,25 +470,44 @@ def _eager_model(bundle: Bundle) -> Any:
     return model.eval()
 
 
-def _vocabulary_from_weights(bundle: Bundle, fmap: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """Full tables index rows by position in the sorted set of all their tokens, which their
-    weights hold as ``<table>.vocab``: a feature map with that set (in its first field) rebuilds
-    them exactly. Every full table of the model (embedding, first-order term) must agree."""
+def _vocabulary_sizes(bundle: Bundle, fmap: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """A feature map that gives each full table of the model (embedding, first-order term) its
+    vocabulary's size and nothing else: full tables built to receive their weights need only
+    that, since the weights hold their key table (or, in bundles written before key tables were
+    stored, the sorted vocabulary it is built from). The sizes come from the tables' row counts
+    (vocabulary + one OOV row per field); the tokens are zero-byte placeholders, and the map is
+    flagged so that nothing builds a vocabulary from them."""
+    from lma.embeddings.tables import SIZES_ONLY
     from lma.features import FeatureMap
 
-    kinds = {"embedding": bundle.manifest["embedding"]["config"]["kind"]}
+    configs = {"embedding": bundle.manifest["embedding"]["config"]}
     fo = bundle.manifest["model"]["config"].get("first_order")
     if fo:
-        kinds["first_order"] = fo.get("kind")
-    vocabs = [arrays[f"{t}.vocab"] for t, k in kinds.items() if k == "full"]
-    if not vocabs:
+        configs["first_order"] = fo
+    n_fields = len(fmap.schema.categorical)
+    need: dict[int, int] = {}  # min_count -> vocabulary size
+    for t, cfg in configs.items():
+        if cfg.get("kind") != "full":
+            continue
+        w = arrays.get(f"{t}.table.weight")
+        if w is None:
+            raise BundleError(f"{bundle.file(WEIGHTS_FILE)}: no {t}.table.weight")
+        m, n = int(cfg.get("min_count", 1)), int(w.shape[0]) - n_fields
+        if need.setdefault(m, n) != n:
+            raise BundleError(f"{bundle.file(WEIGHTS_FILE)}: full tables with min_count {m} "
+                              f"have {need[m]} and {n} tokens")
+    if not need:
         return fmap
-    missing = [t for t, k in kinds.items() if k == "full" and f"{t}.vocab" not in arrays]
-    if missing or any(not np.array_equal(v, vocabs[0]) for v in vocabs[1:]):
-        raise BundleError(f"{bundle.file(WEIGHTS_FILE)}: the full tables' vocabularies are "
-                          f"missing or differ ({missing}); re-export the bundle")
-    vocab = np.asarray(vocabs[0])
-    tokens = [vocab] + [np.zeros(0, np.int64) for _ in fmap.tokens[1:]]
-    big = np.int64(np.iinfo(np.int64).max)
-    counts = [np.broadcast_to(big, t.shape) for t in tokens]
-    return FeatureMap(fmap.schema, tokens, counts, fmap.n_rows, fmap.meta)
+    # Field k holds the tokens counted exactly at the k-th highest threshold, so a table with
+    # threshold m counts every token of fields whose threshold is >= m.
+    tokens = [np.zeros(0, np.int64) for _ in range(n_fields)]
+    counts = [np.zeros(0, np.int64) for _ in range(n_fields)]
+    done = 0
+    for k, (m, n) in enumerate(sorted(need.items(), reverse=True)):
+        if n < done or k >= n_fields:
+            raise BundleError(f"{bundle.file(WEIGHTS_FILE)}: the full tables' vocabulary sizes "
+                              f"{need} do not nest by min_count")
+        tokens[k] = np.broadcast_to(np.int64(0), (n - done,))
+        counts[k] = np.broadcast_to(np.int64(m), (n - done,))
+        done = n
+    return FeatureMap(fmap.schema, tokens, counts, fmap.n_rows, {**fmap.meta, SIZES_ONLY: True})

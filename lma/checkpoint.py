@@ -2,7 +2,11 @@
 
 Layout of a checkpoint folder:
     checkpoint.pt          torch.save of {"format", "model_config", "embedding_config",
-                           "state_dict", "versions", "train_config", "history"}
+                           "state_dict", "versions", "train_config", "history"}; the state dict
+                           holds the built key tables of full tables and LMA (``key_table.*``;
+                           checkpoints written before hold the sorted vocabulary instead, and
+                           the table is built from it at load: :func:`upgrade_checkpoint`
+                           stores it once)
     feature_map.json/.npz  the schema and per-field token counts (lma.features.FeatureMap)
     embedding_state.npz    per-token state of the embedding (e.g. LMA signatures), maybe empty
     metrics.json           evaluation results of the run
@@ -11,7 +15,10 @@ Layout of a checkpoint folder:
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,7 @@ from lma.model import DLRM
 from lma.rebuild import rebuild_model
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint", "rebuild_model",
-           "save_checkpoint"]
+           "save_checkpoint", "upgrade_checkpoint"]
 
 CHECKPOINT_FORMAT = 2  # 2: DLRM carries dense standardisation buffers
 
@@ -67,23 +74,44 @@ def save_checkpoint(out: str | Path, model: DLRM, fmap: FeatureMap, metrics: dic
                     train_config: dict[str, Any] | None = None,
                     history: list[dict[str, float]] | None = None) -> Path:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fmap.save(out)
-    np.savez(out / "embedding_state.npz", **model.embedding.extra_state_arrays())
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "model_config": model.config.to_dict(),
-            "embedding_config": model.embedding.config(),
-            "state_dict": model.state_dict(),
-            "versions": library_versions(),
-            "train_config": _plain(train_config or {}),
-            "history": _plain(history or []),
-        },
-        out / "checkpoint.pt",
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model.config.to_dict(),
+        "embedding_config": model.embedding.config(),
+        "state_dict": model.state_dict(),
+        "versions": library_versions(),
+        "train_config": _plain(train_config or {}),
+        "history": _plain(history or []),
+    }
+    with _replacing(out) as tmp:
+        fmap.save(tmp)
+        np.savez(tmp / "embedding_state.npz", **model.embedding.extra_state_arrays())
+        torch.save(payload, tmp / "checkpoint.pt")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
     return out
+
+
+class _replacing:
+    """Files written into a temporary folder inside ``out`` and then renamed over the old
+    ones: a model loaded from ``out`` maps its files (``mmap=True``), and rewriting a mapped
+    file in place would change the weights under it (or fault); a rename leaves the old inode
+    to its readers."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".lma-save-", dir=self.out))
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                for f in sorted(self.tmp.iterdir()):
+                    os.replace(f, self.out / f.name)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -105,7 +133,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{ck}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}; "
             "retrain with this version of lma"
         )
-    fmap = FeatureMap.load(path)
+    # Memory-mapped: an export needs the schema and the vocabulary's size, not its tokens.
+    fmap = FeatureMap.load(path, mmap=True)
     try:
         model = rebuild_model(payload["model_config"], payload["embedding_config"], fmap,
                               path / "embedding_state.npz", weights=payload["state_dict"])
@@ -117,3 +146,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     config = {k: v for k, v in payload.items() if k != "state_dict"}
     return Checkpoint(model=model, feature_map=fmap, config=config, metrics=metrics, path=path)
+
+
+def upgrade_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
+    """Rewrite a checkpoint written before key tables were stored so that it holds them:
+    the tables are built once, here (at the Criteo-Kaggle vocabulary several GB and tens of
+    seconds), instead of at every load (export, evaluation). Weights, configs, versions and the
+    other files are kept; ``checkpoint.pt`` records the upgrade. ``out``: write the upgraded
+    checkpoint there (the other files are copied) instead of replacing ``path``'s."""
+    src = Path(path)
+    dst = Path(out) if out is not None else src
+    ck = load_checkpoint(src)
+    payload = torch.load(src / "checkpoint.pt", map_location="cpu", weights_only=True, mmap=True)
+    before = set(payload["state_dict"])
+    payload["state_dict"] = ck.model.state_dict()
+    payload["upgraded"] = {"stored": sorted(set(payload["state_dict"]) - before),
+                           "dropped": sorted(before - set(payload["state_dict"])),
+                           "versions": library_versions()}
+    with _replacing(dst) as tmp:
+        torch.save(payload, tmp / "checkpoint.pt")
+        if dst.resolve() != src.resolve():
+            for f in sorted(src.iterdir()):
+                if f.is_file() and f.name != "checkpoint.pt":
+                    shutil.copyfile(f, tmp / f.name)
+    return dst

@@ -379,6 +379,37 @@ def _merge_counts(
     return t[starts], np.add.reduceat(c, starts).astype(np.int64)
 
 
+def _npz_memmap(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an uncompressed ``.npz`` (``np.savez``) as copy-on-write memory maps of the
+    file, or None when a member is compressed or not a plain array (read it normally then)."""
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                return None
+            # The member's data follows its local header (30 bytes + name + extra field).
+            f.seek(info.header_offset)
+            local = f.read(30)
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+                int.from_bytes(local[28:30], "little")
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                return None
+            name = info.filename[: -len(".npy")]
+            if int(np.prod(shape)) == 0:
+                out[name] = np.zeros(shape, dtype)
+            else:
+                out[name] = np.memmap(path, dtype=dtype, mode="c", offset=f.tell(), shape=shape,
+                                      order="F" if fortran else "C")
+    return out
+
+
 class FeatureMap:
     """Schema + per-field token counts from a streaming pass over the training rows.
 
@@ -489,8 +520,22 @@ class FeatureMap:
         )
 
     @classmethod
-    def load(cls, directory: str | Path) -> FeatureMap:
+    def load(cls, directory: str | Path, mmap: bool = False) -> FeatureMap:
+        """Read a saved map; ``mmap=True`` maps the token and count arrays from the file
+        (copy-on-write) instead of reading them, so a caller that needs only the schema and
+        sizes (exporting a checkpoint) holds none of the vocabulary in memory. A file saved
+        over a mapped one must replace it (new inode), not be rewritten in place."""
         d = Path(directory)
+        if mmap:
+            info = json.loads((d / "feature_map.json").read_text())
+            if info.get("version") == FEATURE_MAP_VERSION:
+                arrays = _npz_memmap(d / "feature_map.npz")
+                if arrays is not None:
+                    schema = Schema.from_dict(info["schema"])
+                    n = len(schema.categorical)
+                    return cls(schema, [arrays[f"tokens_{i}"] for i in range(n)],
+                               [arrays[f"counts_{i}"] for i in range(n)], info["n_rows"],
+                               info.get("meta"))
         info = json.loads((d / "feature_map.json").read_text())
         if info.get("version") != FEATURE_MAP_VERSION:
             raise ValueError(

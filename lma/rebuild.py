@@ -13,6 +13,7 @@ import torch
 from lma.embeddings import EmbeddingSpec, build_embedding
 from lma.features import FeatureMap
 from lma.model import DLRM, DLRMConfig, build_dlrm
+from lma.ops.key_lookup import KeyTableUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,11 @@ def rebuild_model(model_config: dict[str, Any], embedding_config: dict[str, Any]
     Without ``weights`` the model is untrained (randomly initialised). With ``weights`` (a state
     dict) it is built on the meta device, so no memory is filled with random values that would
     be overwritten, and then takes those tensors as its own (``load_state_dict(assign=True)``:
-    memory-mapped tensors stay mapped, nothing is copied). Should a kind make a derived buffer
-    with a torch factory (left on the meta device), the model is rebuilt on the CPU instead and
-    the weights are copied in, with a warning."""
+    memory-mapped tensors stay mapped, nothing is copied; key tables are taken from the weights
+    too, see :class:`lma.ops.key_lookup.KeyLookup`). Should a kind make a derived buffer with a
+    torch factory (left on the meta device), or the weights hold no usable key table and nothing
+    to build one from, the model is rebuilt on the CPU from ``fmap`` instead and the weights are
+    copied in, with a warning."""
     arrays = _state_arrays(state)
     spec = EmbeddingSpec.from_config(embedding_config)
     if weights is None:
@@ -47,12 +50,21 @@ def rebuild_model(model_config: dict[str, Any], embedding_config: dict[str, Any]
     with torch.device("meta"):
         emb = build_embedding(spec, fmap, **arrays)
         model = build_dlrm(DLRMConfig(**model_config), emb, fmap)
-    _load_weights(model, weights, assign=True)
+    why = ""
+    try:
+        _load_weights(model, weights, assign=True)
+    except KeyTableUnavailable as exc:
+        why = str(exc)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        logger.warning("lean load: %s cannot be built on the meta device; building the model "
-                       "on the CPU and copying the weights in", ", ".join(left[:5]))
-        model = build_dlrm(DLRMConfig(**model_config), build_embedding(spec, fmap, **arrays), fmap)
+    if why or left:
+        why = why or f"{', '.join(left[:5])} cannot be built on the meta device"
+        logger.warning("lean load: %s; building the model on the CPU and copying the weights in",
+                       why)
+        try:
+            model = build_dlrm(DLRMConfig(**model_config), build_embedding(spec, fmap, **arrays),
+                               fmap)
+        except ValueError as exc:
+            raise ValueError(f"{why}, and the model cannot be built without it: {exc}") from None
         _load_weights(model, weights, assign=False)
     return model
 

@@ -117,21 +117,30 @@ def _lookup_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def _onnx_lookup_inputs(
     bundle: Bundle, dense: np.ndarray, tokens: np.ndarray
 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-    """Run model.onnx exposing the inputs of every HashedGather node (keys, A, B, W, memory)."""
+    """Run model.onnx exposing the inputs of every HashedGather node (keys, A, B, W; the
+    memory's size). The graph is changed without loading its external data, which onnxruntime
+    reads from the bundle's folder, and the memory is never copied out."""
     import onnxruntime as ort
 
-    model = onnx.load(str(bundle.file(ONNX_FILE)))
+    path = bundle.file(ONNX_FILE)
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {i.name: int(np.prod(i.dims, dtype=np.int64)) for i in model.graph.initializer}
     nodes = _lookup_nodes(model)
     names: list[str] = []
     for n in nodes:
-        for name in n.input:
+        for name in n.input[int(n.input[0] in sizes):]:
             if name not in names:
                 names.append(name)
     existing = {o.name for o in model.graph.output}
     for name in names:
         if name not in existing:
             model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # Loaded from bytes, the graph reads its external data from the bundle's folder.
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                  str(path.parent.resolve()))
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
     values = dict(
         zip(
             [o.name for o in sess.get_outputs()],
@@ -139,21 +148,23 @@ def _onnx_lookup_inputs(
             strict=True,
         )
     )
+    del sess
     found = []
     for n in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        memory = n.input[0]
         found.append(
             {
                 "node": n,
                 "attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()},
-                "memory": values[n.input[0]],
+                "memory_size": sizes[memory] if memory in sizes else int(values[memory].shape[0]),
                 "keys": values[n.input[1]],
                 "A": values[n.input[2]],
                 "B": values[n.input[3]],
                 "W": values[n.input[4]],
             }
         )
-    return onnx.load(str(bundle.file(ONNX_FILE)), load_external_data=False), found
+    return onnx.load(str(path), load_external_data=False), found
 
 
 def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) -> np.ndarray:
@@ -161,7 +172,7 @@ def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) 
     import onnxruntime as ort
 
     node = lookup["node"]
-    m = int(lookup["memory"].shape[0])
+    m = int(lookup["memory_size"])
     dim = int(lookup["attrs"]["dim"])
     inputs = [
         helper.make_tensor_value_info("memory", TensorProto.FLOAT, [m]),

@@ -99,6 +99,13 @@ def as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def building_for_load() -> bool:
+    """True while a model is being built on the meta device to receive loaded weights
+    (:func:`lma.rebuild.rebuild_model`): kinds then skip derived state that the weights carry,
+    such as key tables, instead of computing it only to have it replaced."""
+    return bool(torch.empty(0).is_meta)
+
+
 EMBEDDINGS: dict[str, type[Embedding]] = {}
 
 

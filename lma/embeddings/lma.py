@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lma.embeddings.base import EmbeddingSpec, register
+from lma.embeddings.base import EmbeddingSpec, building_for_load, register
 from lma.embeddings.robez import SharedMemoryEmbedding
 from lma.embeddings.tables import lookup_option
 from lma.features import FeatureMap
@@ -60,9 +60,12 @@ class LMAEmbedding(SharedMemoryEmbedding):
         self.register_buffer("sig_tokens", torch.from_numpy(signatures.tokens.copy()), persistent=False)
         self.register_buffer("sig_values", torch.from_numpy(signatures.signatures.copy()), persistent=False)
         # Token -> signature in constant time (option lookup="search": the old binary search).
+        # Stored with the weights; a model built to receive them takes the stored table.
         self.lookup = lookup_option(spec)
-        self.key_table = (KeyLookup.build(signatures.tokens, signatures.signatures)
-                          if self.lookup == "table" else None)
+        self.key_table: KeyLookup | None = None
+        if self.lookup == "table":
+            self.key_table = (KeyLookup() if building_for_load()
+                              else KeyLookup.build(signatures.tokens, signatures.signatures))
 
     @classmethod
     def prepare(cls, spec: EmbeddingSpec, feature_map: FeatureMap, train_tokens: Any,
@@ -92,6 +95,15 @@ class LMAEmbedding(SharedMemoryEmbedding):
                            "random allocation by its hash (call LMAEmbedding.prepare first)")
             table = SignatureTable.empty()
         return cls(spec, table)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if self.key_table is not None:
+            # Checkpoints and bundles written before key tables were stored: built from the
+            # signature table (per-token state), which is always at hand.
+            self.key_table.prepare_state(
+                state_dict, prefix + "key_table.",
+                lambda: (self.sig_tokens.cpu().numpy(), self.sig_values.cpu().numpy()))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def resolve_keys(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S) int64 tokens -> (B, S) int64 keys: the signature where the token has one, else

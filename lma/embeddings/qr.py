@@ -110,7 +110,9 @@ class QREmbedding(Embedding):
         self.register_buffer("vocab", torch.from_numpy(np.ascontiguousarray(all_tok[order])))
         self.register_buffer("local_row", torch.from_numpy(local[order].astype(np.int32)))
         self.lookup = lookup_option(spec)
-        self.key_table = (KeyLookup.build(all_tok[order], local[order].astype(np.int64))
+        # Not stored: QR models are small, and their state dict predates stored key tables.
+        self.key_table = (KeyLookup.build(all_tok[order], local[order].astype(np.int64),
+                                          persistent=False)
                           if self.lookup == "table" else None)
         self.register_buffer("oov_row", torch.zeros(1, dtype=torch.int64), persistent=False)
 

@@ -9,11 +9,18 @@ Two cache lines of keys per query instead of a 17-25-step binary search. Impleme
 by device like ``lma::hashed_gather``: the C++ extension on CPU, a Triton kernel on CUDA, the
 pure-torch reference otherwise; the ONNX exporter writes one ``ai.lma::KeyLookup`` node whose
 model-local function uses standard ops with CUDA kernels (``model_export/onnx_op.py``).
-:class:`KeyLookup` holds a table's tensors as non-persistent buffers (rebuilt from the
-vocabulary or signature table, so checkpoints and their state dicts are unchanged).
+:class:`KeyLookup` holds a table's tensors as buffers, persistent by default: checkpoints and
+bundles store the built table (``<module>.key_table.slots`` ...) and a model loaded from them
+takes it as is, memory-mapped, instead of building it again (tens of seconds and several times
+the table's memory at the Criteo-Kaggle vocabulary). The ``header`` buffer records the table
+layout version, the seed and the key count, so a table of another layout is never used.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +28,8 @@ from torch import nn
 
 from lma import hashspec
 from lma.ops._op import implementation
+
+logger = logging.getLogger(__name__)
 
 
 def bucket_pair_torch(keys: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor,
@@ -74,28 +83,146 @@ def key_lookup(keys: torch.Tensor, default: torch.Tensor, slots: torch.Tensor,
     return key_lookup_op(keys, default, slots, values, coef_a, coef_b)
 
 
-class KeyLookup(nn.Module):
-    """A key table as (non-persistent) buffers: ``forward(keys, default) -> values``."""
+class KeyTableUnavailable(ValueError):
+    """Raised while loading weights into a placeholder when the stored key table cannot be used
+    and nothing to build one from was stored (``lma.rebuild`` then builds the model from its
+    feature map instead)."""
 
-    def __init__(self, table: hashspec.KeyTable):
+
+# The buffers of a stored key table, in state-dict order.
+TABLE_BUFFERS = ("slots", "values", "coef_a", "coef_b", "header")
+
+
+def _table_tensors(table: hashspec.KeyTable) -> dict[str, torch.Tensor]:
+    p = table.params
+    header = np.array([hashspec.KEY_TABLE_VERSION, table.seed, table.n_keys], dtype=np.int64)
+    arrays = {"slots": table.slots, "values": table.values, "coef_a": p.A, "coef_b": p.B,
+              "header": header}
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in arrays.items()}
+
+
+def stored_table_problem(state_dict: dict[str, Any], prefix: str) -> str | None:
+    """Why the key table stored under ``prefix`` in ``state_dict`` cannot be used as it is
+    (None when it can): absent (checkpoints and bundles written before tables were stored),
+    incomplete, of another layout version, or inconsistent with its own header."""
+    got = {n: state_dict.get(prefix + n) for n in TABLE_BUFFERS}
+    if all(v is None for v in got.values()):
+        return "no key table stored"
+    missing = [n for n, v in got.items() if v is None]
+    if missing:
+        return f"the stored key table lacks {', '.join(missing)}"
+    if any(v.dtype != torch.int64 for v in got.values()):
+        return "the stored key table is not int64"
+    header = got["header"]
+    if header.shape != (3,):
+        return f"the stored key table's header has shape {tuple(header.shape)}, not (3,)"
+    version, seed, n_keys = (int(x) for x in header.tolist())
+    if version != hashspec.KEY_TABLE_VERSION:
+        return (f"the stored key table has layout v{version}, this build reads "
+                f"v{hashspec.KEY_TABLE_VERSION}")
+    slots, values = got["slots"], got["values"]
+    nb = slots.shape[0] if slots.dim() == 2 else -1
+    if (slots.dim() != 2 or slots.shape[1] != hashspec.BUCKET or nb < 2
+            or values.shape != (nb * hashspec.BUCKET,) or not 0 <= n_keys <= nb * hashspec.BUCKET):
+        return (f"the stored key table's shapes do not fit together (slots "
+                f"{tuple(slots.shape)}, values {tuple(values.shape)}, {n_keys} keys)")
+    p = hashspec.make_params(seed, 2)
+    if (not np.array_equal(got["coef_a"].cpu().numpy(), p.A)
+            or not np.array_equal(got["coef_b"].cpu().numpy(), p.B)):
+        return f"the stored key table's hash constants are not those of its seed {seed}"
+    return None
+
+
+class KeyLookup(nn.Module):
+    """A key table as buffers: ``forward(keys, default) -> values``.
+
+    ``KeyLookup(table)`` holds a built table; ``KeyLookup()`` is a placeholder (empty meta
+    tensors) for a model built to receive loaded weights, filled by ``load_state_dict`` from a
+    stored table. ``persistent=False`` keeps the table out of the state dict (rebuilt by its
+    owner when the module is made)."""
+
+    def __init__(self, table: hashspec.KeyTable | None = None, *, persistent: bool = True):
         super().__init__()
-        p = table.params
-        self.seed = table.seed
-        self.n_keys = table.n_keys
-        self.register_buffer("slots", torch.from_numpy(table.slots), persistent=False)
-        self.register_buffer("values", torch.from_numpy(table.values), persistent=False)
-        self.register_buffer("coef_a", torch.from_numpy(p.A), persistent=False)
-        self.register_buffer("coef_b", torch.from_numpy(p.B), persistent=False)
+        if table is None:
+            tensors = {n: torch.empty((0, hashspec.BUCKET) if n == "slots" else (0,),
+                                      dtype=torch.int64, device="meta") for n in TABLE_BUFFERS}
+            self.seed, self.n_keys = -1, 0
+        else:
+            tensors = _table_tensors(table)
+            self.seed, self.n_keys = table.seed, table.n_keys
+        for n, t in tensors.items():
+            self.register_buffer(n, t, persistent=persistent)
 
     @classmethod
-    def build(cls, keys: np.ndarray, values: np.ndarray, seed: int = 0) -> KeyLookup:
-        return cls(hashspec.build_key_table(keys, values, seed=seed))
+    def build(cls, keys: np.ndarray, values: np.ndarray, seed: int = 0, *,
+              persistent: bool = True) -> KeyLookup:
+        return cls(hashspec.build_key_table(keys, values, seed=seed), persistent=persistent)
+
+    @property
+    def is_placeholder(self) -> bool:
+        """True until a stored table has been loaded into a placeholder."""
+        return bool(self.slots.is_meta)
 
     def forward(self, keys: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
         return key_lookup(keys, default, self.slots, self.values, self.coef_a, self.coef_b)
 
     def nbytes(self) -> int:
         return int(self.slots.numel() * 8 + self.values.numel() * 8)
+
+    def prepare_state(self, state_dict: dict[str, Any], prefix: str,
+                      source: Callable[[], tuple[np.ndarray, np.ndarray]] | None) -> None:
+        """Called by the owning module before its entries of ``state_dict`` are loaded (from its
+        ``_load_from_state_dict``; ``prefix`` is this module's, e.g. ``embedding.key_table.``):
+        when the stored table cannot be used (see :func:`stored_table_problem`), put a usable
+        one in its place: this module's own table when it holds one (built from the feature
+        map), else one built from ``source()`` (keys, values), e.g. the sorted vocabulary an
+        older checkpoint stored instead of the table. Without either a placeholder raises
+        :class:`KeyTableUnavailable`."""
+        problem = stored_table_problem(state_dict, prefix)
+        if problem is None:
+            return
+        if not self.is_placeholder:
+            tensors = {n: getattr(self, n) for n in TABLE_BUFFERS}
+            how = "the table built with the model"
+        elif source is not None:
+            keys, values = source()
+            tensors = _table_tensors(hashspec.build_key_table(keys, values))
+            how = f"a table built now from {len(keys)} stored keys"
+        else:
+            raise KeyTableUnavailable(f"{prefix.rstrip('.')}: {problem}")
+        logger.log(logging.INFO if problem == "no key table stored" else logging.WARNING,
+                   "%s: %s; using %s", prefix.rstrip("."), problem, how)
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[k]
+        state_dict.update({prefix + n: t for n, t in tensors.items()})
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        # A stored table has its own shape (the bucket count depends on the build), so the
+        # buffers are replaced rather than copied into; assign=False still copies the data.
+        if not all(n in self._non_persistent_buffers_set for n in TABLE_BUFFERS):
+            missing = [prefix + n for n in TABLE_BUFFERS if prefix + n not in state_dict]
+            problem = stored_table_problem(state_dict, prefix)
+            if missing:
+                missing_keys.extend(missing)
+            elif problem is not None:
+                error_msgs.append(f"{prefix.rstrip('.')}: {problem}")
+            else:
+                assign = bool(local_metadata.get("assign_to_params_buffers", False))
+                for n in TABLE_BUFFERS:
+                    t = state_dict[prefix + n]
+                    old = self._buffers[n]
+                    if not assign:
+                        device = t.device if old is None or old.is_meta else old.device
+                        t = t.to(device=device, copy=True)
+                    self._buffers[n] = t
+                _, self.seed, self.n_keys = (int(x) for x in self.header.tolist())
+        if strict:
+            known = {n for n in TABLE_BUFFERS if n not in self._non_persistent_buffers_set}
+            unexpected_keys.extend(k for k in state_dict
+                                   if k.startswith(prefix) and k[len(prefix):] not in known)
 
     def extra_repr(self) -> str:
         return f"keys={self.n_keys}, buckets={self.slots.shape[0]}, seed={self.seed}"
