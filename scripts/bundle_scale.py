@@ -5,9 +5,11 @@ opening its bundle.
     python scripts/bundle_scale.py build --kind lma --compression 16 --out /tmp/lma-scale/ck_lma
     lma export /tmp/lma-scale/ck_full --out /tmp/lma-scale/b_full
     python scripts/bundle_scale.py open /tmp/lma-scale/b_full
+    python scripts/bundle_scale.py open /tmp/lma-scale/b_full --engine eager
 
 ``build`` makes a feature map of random 64-bit token hashes with the per-field cardinalities of
-Criteo Kaggle (33,762,577 values; ``--scale`` shrinks them), builds the model through
+Criteo Kaggle (33,762,577 values; ``--scale`` shrinks them), or takes the feature map of
+``--vocab DIR`` (a checkpoint or ``lma data synth --feature-map`` folder), builds the model through
 ``lma.train.build_model`` (LMA signatures from synthetic rows drawn from that vocabulary with a
 skewed distribution) and saves it with ``lma.checkpoint.save_checkpoint``. The weights are the
 initial ones: nothing is trained, so the numbers are about memory, bytes and time only.
@@ -36,15 +38,23 @@ def build(args: argparse.Namespace) -> None:
     from lma.train import TrainConfig, build_model
 
     rng = np.random.default_rng(args.seed)
-    schema = criteo_schema()
-    sizes = [max(1, int(round(c * args.scale))) for c in KAGGLE_CARDINALITIES]
-    tokens, counts = [], []
-    for n in sizes:
-        t = np.unique(rng.integers(1, np.iinfo(np.int64).max, size=n, dtype=np.int64))
-        tokens.append(t)
-        counts.append(np.ones(len(t), np.int64))
-    fmap = FeatureMap(schema, tokens, counts, n_rows=0,
-                      meta={"untrained": True, "origin": "random token hashes at Kaggle cardinalities"})
+    if args.vocab:
+        src = FeatureMap.load(args.vocab, mmap=True)
+        tokens = src.tokens
+        sizes = [len(t) for t in tokens]
+        fmap = FeatureMap(src.schema, tokens, src.counts, n_rows=src.n_rows,
+                          meta={"untrained": True, "origin": f"vocabulary of {args.vocab}"})
+    else:
+        schema = criteo_schema()
+        sizes = [max(1, int(round(c * args.scale))) for c in KAGGLE_CARDINALITIES]
+        tokens, counts = [], []
+        for n in sizes:
+            t = np.unique(rng.integers(1, np.iinfo(np.int64).max, size=n, dtype=np.int64))
+            tokens.append(t)
+            counts.append(np.ones(len(t), np.int64))
+        fmap = FeatureMap(schema, tokens, counts, n_rows=0,
+                          meta={"untrained": True,
+                                "origin": "random token hashes at Kaggle cardinalities"})
     # Signature rows: each field's values drawn with a power law, so frequent values recur.
     rows = args.signature_rows
     train_tokens = np.empty((rows, len(sizes)), np.int64)
@@ -97,6 +107,9 @@ def open_bundle(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
     out["ms_1000_rows_median"] = round(1e3 * float(np.median(times)), 2)
     out["engine"] = args.engine
+    import resource
+
+    out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(out, indent=1))
 
 
@@ -109,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compression", type=float, default=1.0)
     b.add_argument("--z", type=int, default=0)
     b.add_argument("--scale", type=float, default=1.0, help="fraction of the Kaggle cardinalities")
+    b.add_argument("--vocab", help="take the feature map of this folder instead")
     b.add_argument("--signature-rows", type=int, default=125_000)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
