@@ -146,3 +146,37 @@ def test_qr_is_refused(tmp_path: Path) -> None:
                             progress=False, threads=1, out=str(ck)))
     with pytest.raises(ValueError, match="qr"):
         export_bundle(ck, tmp_path / "b", dtype="float16")
+
+
+def test_the_service_serves_float16_tables(pairs: dict[str, tuple[Path, Path]],
+                                           shared_data: Path, tmp_path: Path) -> None:
+    """A real uvicorn process on the float16 LMA bundle answers real Criteo rows as the
+    bundle's own Predictor scores them."""
+    import csv
+
+    import requests
+
+    from loadtest.bench_serve import ServerSettings, serve
+
+    bundle = pairs["lma"][1]
+    src = shared_data / "criteo" / "test_10k_unlabeled.tsv"
+    with open(src) as f:
+        lines = [next(f) for _ in range(50)]
+    part = tmp_path / "rows.tsv"
+    part.write_text("".join(lines))
+    names = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    records = [{n: (int(v) if n.startswith("I") else v)
+                for n, v in zip(names, cells, strict=True) if v != ""}
+               for cells in csv.reader(lines, delimiter="\t")]
+    dense, tokens = _rows(f"criteo-test:{part}", 50)
+    want = Predictor.open(bundle).predict(dense, tokens)
+    name = load_bundle(bundle).name
+    with serve(bundle, ServerSettings(cpus=None), tmp_path / "server.log",
+               ready_timeout_s=120) as srv:
+        r = requests.post(f"{srv.url}/v1/models/{name}:predict", json={"instances": records},
+                          timeout=30)
+        info = requests.get(f"{srv.url}/v1/models/{name}", timeout=10).json()
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["predictions"], want, rtol=1e-5, atol=1e-6)
+    assert info["bytes"]["embedding"] * 2 == load_bundle(pairs["lma"][0]).component_bytes()[
+        "embedding"]
