@@ -301,11 +301,17 @@ def start_triggers(state: AppState) -> Triggers:
         from service.pubsub import ReloadListener
 
         async def on_reload(model: str, catch_up: bool) -> None:
+            reg = state.registry
+            if not reg.ready and reg.error is None:
+                # The startup load may have discovered the folders before this version arrived:
+                # reload once it is done rather than drop the message.
+                while not reg.ready and reg.error is None:
+                    await asyncio.sleep(0.2)
             if not catch_up:
                 await trigger_reload(state, model, "pubsub")
-            elif state.registry.ready:
+            elif reg.ready:
                 # Messages sent while the listener was away are lost: check every model once.
-                for name in state.registry.names():
+                for name in reg.names():
                     await trigger_reload(state, name, "pubsub")
 
         listener = ReloadListener(s.redis_url.get_secret_value(), s.reload_channel, on_reload,
