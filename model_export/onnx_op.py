@@ -14,13 +14,23 @@ nib[p] L[p, c, i]`` with ``L[p, c, i] = (W[p, c] div 2^16i) mod 2^16``. W is the
 weights for lma (one power of 16 per chosen position, block keys < 2^32) and ``16^p`` for robez
 (the key is its own block key; the exporter passes it, see :func:`lift_weights`), so one body
 serves both modes. Hence ``x[n, j, c] = B[c, j] + sum_p nib[n, p] G[p, j, c]`` with
-``G[p, j, c] = sum_i L[p, c, i] A[c, j, i] < 2^43`` (constants only; ORT folds it). The nibbles
-come from one uint64 division per key (its two 32-bit halves) and exact double arithmetic
-(division by powers of two, Floor); the product with G is a double MatMul whose every partial sum
-is an integer < 2^51, so it is exact on any BLAS (and not subject to TF32, which applies to
-float32 only). Then, in int64, ``h = x mod P``, ``H = h_0 P + h_1``, ``start = H mod n`` (times Z
-when aligned), indices ``start + 0..Z-1``, and a ``GatherElements`` on the flat index (faster in
-ORT than ``Gather`` of scalars).
+``G[p, j, c] = sum_i L[p, c, i] A[c, j, i] < 2^43`` (constants only; ORT folds them), and since
+only ``x mod P`` matters, G is reduced mod P first, so x < 2^39.
+
+Per key, in passes that onnxruntime's CPU provider does fast (MatMul / Gemm against constant
+matrices instead of broadcasting Add / Div, which it does element by element, and no integer Mod
+over wide tensors): the two 32-bit halves from one uint64 division; ``f = floor(halves @ D)``,
+``D[h, 8h + q] = 16^-q`` (one non-zero term per output, division by a power of two: exact);
+nibbles ``f @ N16`` (``nib_q = f_q - 16 f_q+1``, exact); ``x = Gemm(nib, G mod P, B)`` and the
+quotient ``floor(Gemm(nib, (G mod P) / P, (B + 1/2) / P))``, which is exactly ``floor(x / P)``:
+``(x + 1/2) / P`` lies at least ``1 / 2P ~ 2^-32`` from an integer and the Gemm's rounding error
+is below ``2^-40`` for x < 2^39; ``h = x - q P`` is exact in double. Then, in int64,
+``H = h_0 P + h_1``, ``s = H mod n``, and one more Gemm expands the block starts to all Z
+indices of each block (times Z when aligned, plus 0..Z-1), cast to int64 for a ``GatherElements``
+on the flat index (faster in ORT than ``Gather`` of scalars). Every term and partial sum of the
+other double MatMuls is exactly representable (integers below 2^53, or a half divided by a power
+of two), and the quotient's error bound holds for any summation order, so the result is exact on
+any BLAS (and not subject to TF32, which applies to float32 only).
 """
 
 from __future__ import annotations
@@ -89,10 +99,18 @@ def _key_halves() -> list[onnx.NodeProto]:
 
 
 def _body(with_values: bool) -> list[onnx.NodeProto]:
-    """Nodes of the function; inputs memory, keys, A, B, W; output ``out`` or ``idx``."""
+    """Nodes of the function; inputs memory, keys, A, B, W; output ``out`` or ``idx``.
+
+    Per key (N keys, nb blocks) the work is a few passes over (N, 16) and (N, nb) tensors,
+    written to avoid the ops onnxruntime's CPU provider is slow at (broadcasts other than by a
+    scalar or a row, integer Mod over wide tensors): broadcasts are MatMul / Gemm with 0/1 or
+    power-of-two matrices (exact: one non-zero term per output), and the reduction mod P is done
+    in double from an exact quotient (see the module docstring).
+    """
     n = helper.make_node
     ref = helper.make_attribute_ref
     dbl = TensorProto.DOUBLE
+    i64 = TensorProto.INT64
 
     def const_attr(out: str, attr: str) -> onnx.NodeProto:
         node = n("Constant", [], [out])
@@ -114,7 +132,8 @@ def _body(with_values: bool) -> list[onnx.NodeProto]:
         _const_i64("ax_last", [-1]),
         _const_i64("ax_0", [0]),
         _const_i64("ax_1", [1]),
-        # ---- constants G (16, 2 nb) and B2 (2 nb,); depend on initializers only (folded) ----
+        # ---- constants; they depend on initializers and attributes only (ORT folds them) ----
+        # G (16, 2 nb) as before, then reduced mod P (fmod of doubles is exact): Gx[:, j nb + c]
         _const_i64("limb_div", [1, 1 << 16, 1 << 32, 1 << 48]),
         _const_i64("c65536", 65536),
         n("Unsqueeze", ["W", "ax_last"], ["w3"]),  # (16, nb, 1)
@@ -128,47 +147,66 @@ def _body(with_values: bool) -> list[onnx.NodeProto]:
         n("Transpose", ["g_c"], ["g_t"], perm=[1, 2, 0]),  # (16, 2, nb)
         _const_i64("shape_16m1", [16, -1]),
         n("Reshape", ["g_t", "shape_16m1"], ["G"]),  # (16, 2 nb): column j * nb + c
+        const("cPd", float(hashspec.P), np.float64),
+        n("Mod", ["G", "cPd"], ["Gx"], fmod=1),  # < P
         n("Transpose", ["B"], ["bt"], perm=[1, 0]),  # (2, nb)
         n("Reshape", ["bt", "cm1"], ["B2"]),  # (2 nb,)
-        # ---- per key: 16 nibbles from one uint64 division, the rest exact in double ----
-        *_key_halves(),  # kf (N,), halves (N, 2)
-        n("Unsqueeze", ["halves", "ax_last"], ["halves3"]),  # (N, 2, 1)
-        const("nib_div", [16.0**q for q in range(8)], np.float64),
-        n("Div", ["halves3", "nib_div"], ["f_q"]),  # exact: division by powers of two
-        n("Floor", ["f_q"], ["f"]),  # (N, 2, 8): half >> 4q
-        const("c16d", 16.0, np.float64),
-        n("Div", ["f", "c16d"], ["f16"]),
-        n("Floor", ["f16"], ["f_next"]),
-        n("Mul", ["f_next", "c16d"], ["f_next16"]),
-        n("Sub", ["f", "f_next16"], ["nib3"]),  # (N, 2, 8): nibble 8h + q
-        _const_i64("shape_m1_16", [-1, 16]),
-        n("Reshape", ["nib3", "shape_m1_16"], ["nib"]),  # (N, 16) double, nibble p at column p
-        n("MatMul", ["nib", "G"], ["xd"]),  # (N, 2 nb) < 2^51: exact in double
-        n("Cast", ["xd"], ["xm"], to=TensorProto.INT64),
-        n("Add", ["xm", "B2"], ["x"]),
-        _const_i64("cP", hashspec.P),
-        n("Mod", ["x", "cP"], ["h"]),
-        n("Split", ["h"], ["h0", "h1"], axis=1, num_outputs=2),  # (N, nb) each
-        n("Mul", ["h0", "cP"], ["h0p"]),
-        n("Add", ["h0p", "h1"], ["H"]),  # < 2^62
-        # ---- number of starts and stride ----
+        n("Cast", ["B2"], ["Bx"], to=dbl),
+        # Gq, Bq: (Gx, Bx + 1/2) / P, for the quotient floor(x / P) (see the module docstring)
+        const("inv_p", 1.0 / hashspec.P, np.float64),
+        const("c_half", 0.5, np.float64),
+        n("Mul", ["Gx", "inv_p"], ["Gq"]),
+        n("Add", ["Bx", "c_half"], ["Bh"]),
+        n("Mul", ["Bh", "inv_p"], ["Bq"]),
+        # D (2, 16): column 8 h + q divides half h by 16^q; N16 (16, 16): nibble = f_q - 16 f_q+1
+        const("D", _nibble_division(), np.float64),
+        const("N16", _nibble_difference(), np.float64),
+        # E (nb, dim): start of block c -> columns c Z .. c Z + Z - 1 (times Z when aligned);
+        # iota (dim,): 0 .. Z - 1 per block
+        n("Range", ["c0", "dim_c", "c1"], ["cols"]),  # (dim,)
+        n("Div", ["cols", "z_c"], ["col_blk"]),
+        n("Mod", ["cols", "z_c"], ["col_off"]),
+        n("Div", ["dim_c", "z_c"], ["nb_c"]),
+        n("Range", ["c0", "nb_c", "c1"], ["blks"]),  # (nb,)
+        n("Unsqueeze", ["blks", "ax_last"], ["blks2"]),
+        n("Equal", ["blks2", "col_blk"], ["e_b"]),  # (nb, dim)
+        n("Cast", ["e_b"], ["e_1"], to=dbl),
+        n("Cast", ["al_c"], ["al_b"], to=TensorProto.BOOL),
+        n("Where", ["al_b", "z_c", "c1"], ["stride"]),
+        n("Cast", ["stride"], ["stride_d"], to=dbl),
+        n("Mul", ["e_1", "stride_d"], ["E"]),
+        n("Cast", ["col_off"], ["iota"], to=dbl),
+        # ---- number of starts ----
         n("Shape", ["memory"], ["m_shape"]),
         n("Squeeze", ["m_shape"], ["m_c"]),
         n("Div", ["m_c", "z_c"], ["n_al"]),
         n("Sub", ["m_c", "z_c"], ["m_mz"]),
         n("Add", ["m_mz", "c1"], ["n_un"]),
-        n("Cast", ["al_c"], ["al_b"], to=TensorProto.BOOL),
         n("Where", ["al_b", "n_al", "n_un"], ["n_starts"]),
-        n("Where", ["al_b", "z_c", "c1"], ["stride"]),
-        n("Mod", ["H", "n_starts"], ["s0"]),
-        n("Mul", ["s0", "stride"], ["starts"]),  # (N, nb)
-        n("Unsqueeze", ["starts", "ax_last"], ["starts3"]),
-        n("Range", ["c0", "z_c", "c1"], ["iota"]),  # (Z,)
-        n("Add", ["starts3", "iota"], ["idx3"]),  # (N, nb, Z)
+        # ---- per key: 16 nibbles from one uint64 division and two exact double MatMuls ----
+        *_key_halves(),  # kf (N,), halves (N, 2)
+        n("MatMul", ["halves", "D"], ["f_q"]),  # (N, 16): half >> 4q, before the floor
+        n("Floor", ["f_q"], ["f"]),
+        n("MatMul", ["f", "N16"], ["nib"]),  # (N, 16) nibble p at column p; exact (2 terms)
+        # x = B + nib G (mod P), x < 2^39 exact; q = floor(x / P) exactly; h = x - q P
+        n("Gemm", ["nib", "Gx", "Bx"], ["x"]),  # (N, 2 nb)
+        n("Gemm", ["nib", "Gq", "Bq"], ["xq"]),
+        n("Floor", ["xq"], ["q"]),
+        n("Mul", ["q", "cPd"], ["qp"]),
+        n("Sub", ["x", "qp"], ["h_d"]),
+        n("Cast", ["h_d"], ["h"], to=i64),
+        n("Split", ["h"], ["h0", "h1"], axis=1, num_outputs=2),  # (N, nb) each
+        _const_i64("cP", hashspec.P),
+        n("Mul", ["h0", "cP"], ["h0p"]),
+        n("Add", ["h0p", "h1"], ["H"]),  # < 2^62
+        n("Mod", ["H", "n_starts"], ["s0"]),  # (N, nb) start / stride
+        n("Cast", ["s0"], ["s0_d"], to=dbl),
+        n("Gemm", ["s0_d", "E", "iota"], ["idx_d"]),  # (N, dim) < M: exact
+        n("Cast", ["idx_d"], ["idx2"], to=i64),
     ]
     if with_values:
         nodes += [
-            n("Reshape", ["idx3", "cm1"], ["idx_flat"]),
+            n("Reshape", ["idx2", "cm1"], ["idx_flat"]),
             n("GatherElements", ["memory", "idx_flat"], ["vals"], axis=0),
             n("Shape", ["keys"], ["k_shape"]),
             n("Unsqueeze", ["dim_c", "ax_0"], ["dim_1"]),
@@ -176,12 +214,26 @@ def _body(with_values: bool) -> list[onnx.NodeProto]:
             n("Reshape", ["vals", "out_shape"], ["out"]),
         ]
     else:
-        nodes += [
-            n("Unsqueeze", ["dim_c", "ax_0"], ["dim_1"]),
-            n("Concat", ["cm1", "dim_1"], ["idx_shape"], axis=0),
-            n("Reshape", ["idx3", "idx_shape"], ["idx"]),  # (N, dim)
-        ]
+        nodes += [n("Identity", ["idx2"], ["idx"])]  # (N, dim)
     return nodes
+
+
+def _nibble_division() -> np.ndarray:
+    """D (2, 16) with D[h, 8 h + q] = 16^-q: ``halves @ D`` holds half_h / 16^q (exact)."""
+    d = np.zeros((2, hashspec.NIBBLES), dtype=np.float64)
+    for h in range(2):
+        for q in range(8):
+            d[h, 8 * h + q] = 16.0 ** -q
+    return d
+
+
+def _nibble_difference() -> np.ndarray:
+    """N16 (16, 16): nibble p = f_p - 16 f_{p+1} within each 32-bit half (f_8 of a half is 0)."""
+    m = np.eye(hashspec.NIBBLES, dtype=np.float64)
+    for p in range(hashspec.NIBBLES):
+        if p % 8 != 7:
+            m[p + 1, p] = -16.0
+    return m
 
 
 def function_proto(indices_only: bool = False) -> onnx.FunctionProto:
