@@ -279,7 +279,8 @@ def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
             if table is not None and table != hashspec.KEY_TABLE_VERSION:
                 raise BundleError(
                     f"{mf}: a {node.get('op_type', CUSTOM_OP_TYPE)} node has table_version "
-                    f"{table!r}, this build reads key tables v{hashspec.KEY_TABLE_VERSION}"
+                    f"{table!r}, this build reads key tables v{hashspec.KEY_TABLE_VERSION} (a "
+                    "different layout and bucket choice); re-export the model with this version"
                 )
             if node.get("spec_version") != hashspec.SPEC_VERSION:
                 raise BundleError(

@@ -165,55 +165,68 @@ def slot_indices(
 # ---------------------------------------------------------------------------------------------
 # Key tables: constant-time token -> value (full-table row, LMA signature, QR row)
 #
-# A bucketed two-choice (cuckoo) hash table. Buckets hold BUCKET = 8 int64 keys: one 64-byte
-# cache line. Key k may live in bucket b0(k) or b1(k), so a lookup reads two cache lines of keys
-# (and, on a hit, one value):
-#     H_r   = block hash of k for "block" r in {0, 1}, with make_params(seed, 2) (spec above)
-#     b0    = H_0 mod n_buckets
-#     b1    = (b0 + 1 + H_1 mod (n_buckets - 1)) mod n_buckets      (never equal to b0)
-#     value = values[8 b + s] for the bucket b in {b0, b1} and slot s whose key equals k; else
-#             the caller's default.
-# Empty slots hold a filler key that hashes to neither of the buckets it sits in, so no query,
-# whatever its value, can match an empty slot; keys are unique (the first value of a duplicate
-# key wins, as a left binary search would give). The build draws seeds until no bucket overflows.
+# Key table v2: a bucketed two-choice (cuckoo) hash table whose buckets are one 64-byte cache
+# line each: 4 int64 keys followed by their 4 int64 values, so one probe reads a key and its value
+# together. Key k may live in bucket b0(k) or b1(k), so a lookup reads two cache lines:
+#     lo, hi = the low and high 32 bits of k's two's-complement bits (unsigned)
+#     b0     = lo mod n_buckets
+#     b1     = (b0 + 1 + hi mod (n_buckets - 1)) mod n_buckets      (never equal to b0)
+#     value  = buckets[b, 4 + s] for the bucket b in {b0, b1} and slot s < 4 with
+#              buckets[b, s] == k; else the caller's default.
+# The keys are token hashes (token hash v1 ends in a MurmurHash3 finaliser), whose bits are
+# already uniform, so the bucket choice needs no further mixing: three integer remainders per key
+# instead of v1's hash spec block hashes. Empty slots hold a filler key that maps to neither of
+# the buckets it sits in, so no query, whatever its value, can match an empty slot; keys are
+# unique (the first value of a duplicate key wins, as a left binary search would give). When
+# placement fails the table grows by a few buckets (which changes every remainder) and retries.
+# v1 (two separate arrays of keys and values, buckets of 8 keys, hash spec v1 bucket hashes) is
+# no longer built or read: bundles that carry v1 tables are refused by their table_version.
 # ---------------------------------------------------------------------------------------------
 
-BUCKET = 8
-KEY_TABLE_VERSION = 1
+BUCKET = 4  # keys per bucket; a bucket row is BUCKET keys then BUCKET values (64 bytes)
+ROW = 2 * BUCKET
+KEY_TABLE_VERSION = 2
 MIN_BUCKETS = 4  # fillers need a bucket pair disjoint from another pair
 DEFAULT_LOAD = 0.8
+_LO32 = (1 << 32) - 1
 
 
 @dataclass(frozen=True)
 class KeyTable:
-    """A built key table: ``slots`` (n_buckets, 8) int64 keys, ``values`` (n_buckets * 8,) int64."""
+    """A built key table: ``buckets`` (n_buckets, 8) int64, each row 4 keys then their values."""
 
-    seed: int
-    slots: np.ndarray
-    values: np.ndarray
+    buckets: np.ndarray
     n_keys: int
 
     @property
     def n_buckets(self) -> int:
-        return int(self.slots.shape[0])
+        return int(self.buckets.shape[0])
 
     @property
-    def params(self) -> HashParams:
-        return make_params(self.seed, 2)
+    def keys(self) -> np.ndarray:
+        """(n_buckets, 4) view of the keys (fillers in empty slots)."""
+        return self.buckets[:, :BUCKET]
+
+    @property
+    def values(self) -> np.ndarray:
+        """(n_buckets, 4) view of the values (0 in empty slots)."""
+        return self.buckets[:, BUCKET:]
 
     @property
     def nbytes(self) -> int:
-        return int(self.slots.nbytes + self.values.nbytes)
+        return int(self.buckets.nbytes)
 
 
-def bucket_pair(keys: np.ndarray, params: HashParams, n_buckets: int) -> np.ndarray:
+def bucket_pair(keys: np.ndarray, n_buckets: int) -> np.ndarray:
     """(N,) int64 keys -> (N, 2) int64 candidate buckets (b0, b1), b0 != b1."""
     if n_buckets < 2:
         raise ValueError(f"a key table needs >= 2 buckets, got {n_buckets}")
-    h = block_hash(np.asarray(keys, dtype=np.int64).reshape(-1), params)  # (N, 2)
-    b0 = h[:, 0] % n_buckets
-    b1 = (b0 + 1 + h[:, 1] % (n_buckets - 1)) % n_buckets
-    return np.stack([b0, b1], axis=1)
+    u = np.asarray(keys, dtype=np.int64).reshape(-1).view(np.uint64)
+    lo = u & np.uint64(_LO32)
+    hi = u >> np.uint64(32)
+    b0 = lo % np.uint64(n_buckets)
+    b1 = (b0 + np.uint64(1) + hi % np.uint64(n_buckets - 1)) % np.uint64(n_buckets)
+    return np.stack([b0, b1], axis=1).astype(np.int64)
 
 
 def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndarray | None:
@@ -246,8 +259,8 @@ def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndar
     return None
 
 
-def _filler(keys: np.ndarray, params: HashParams, n_buckets: int,
-            avoid: set[int], start: int) -> tuple[int, tuple[int, int]]:
+def _filler(keys: np.ndarray, n_buckets: int, avoid: set[int],
+            start: int) -> tuple[int, tuple[int, int]]:
     """A key not in ``keys`` whose two buckets avoid ``avoid`` (searching upward from start)."""
     c = start
     while True:
@@ -255,7 +268,7 @@ def _filler(keys: np.ndarray, params: HashParams, n_buckets: int,
         if len(keys):  # keys sorted and unique
             at = np.minimum(np.searchsorted(keys, cand), len(keys) - 1)
             cand = cand[keys[at] != cand]
-        bp = bucket_pair(cand, params, n_buckets)
+        bp = bucket_pair(cand, n_buckets)
         for k, (p, q) in zip(cand.tolist(), bp.tolist(), strict=True):
             if p not in avoid and q not in avoid:
                 return k, (p, q)
@@ -266,8 +279,9 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
                     load: float = DEFAULT_LOAD, max_rounds: int = 200) -> KeyTable:
     """Key table mapping ``keys[i] -> values[i]`` (the first i of a repeated key).
 
-    ``load`` is keys per slot; buckets = max(MIN_BUCKETS, ceil(n / (8 load))). If placement fails
-    with a seed the next seed is tried, and after four seeds the load is lowered by 10%.
+    ``load`` is keys per slot: buckets = max(MIN_BUCKETS, ceil(n / (4 load))). ``seed`` breaks
+    ties in the placement. If placement fails, the table grows by 2% of its buckets (at least
+    one) and placement is tried again.
     """
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     values = np.asarray(values, dtype=np.int64).reshape(-1)
@@ -279,34 +293,30 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
     first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
     uniq, vals = keys[first], values[first]  # stable: the first value of a repeated key
     n = len(uniq)
+    n_buckets = max(MIN_BUCKETS, -(-n // max(1, int(BUCKET * load))) if n else MIN_BUCKETS)
+    n_buckets = max(n_buckets, -(-n // BUCKET) + 1)
     attempt = 0
     while True:
-        n_buckets = max(MIN_BUCKETS, -(-n // max(1, int(BUCKET * load))) if n else MIN_BUCKETS)
-        n_buckets = max(n_buckets, -(-n // BUCKET) + 1)
-        s = seed + attempt
-        params = make_params(s, 2)
-        b = bucket_pair(uniq, params, n_buckets) if n else np.zeros((0, 2), np.int64)
-        choice = _place(b, n_buckets, s, max_rounds)
+        b = bucket_pair(uniq, n_buckets) if n else np.zeros((0, 2), np.int64)
+        choice = _place(b, n_buckets, seed + attempt, max_rounds)
         if choice is not None:
             break
         attempt += 1
-        if attempt % 4 == 0:
-            load *= 0.9
+        n_buckets += max(1, n_buckets // 50)
     bid = b[np.arange(n), choice] if n else np.zeros(0, np.int64)
     order = np.argsort(bid, kind="stable")
     sb = bid[order]
     starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]]) if n else np.zeros(0, np.int64)
     rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n])) if n else starts
-    flat = sb * BUCKET + rank
-    f1, pair1 = _filler(uniq, params, n_buckets, set(), 0)
-    f2, _ = _filler(uniq, params, n_buckets, set(pair1), f1 + 1)
-    slots = np.full(n_buckets * BUCKET, f1, dtype=np.int64)
+    f1, pair1 = _filler(uniq, n_buckets, set(), 0)
+    f2, _ = _filler(uniq, n_buckets, set(pair1), f1 + 1)
+    table = np.zeros((n_buckets, ROW), dtype=np.int64)
+    table[:, :BUCKET] = f1
     for p in pair1:
-        slots[p * BUCKET:(p + 1) * BUCKET] = f2
-    table_vals = np.zeros(n_buckets * BUCKET, dtype=np.int64)
-    slots[flat] = uniq[order]
-    table_vals[flat] = vals[order]
-    return KeyTable(seed=s, slots=slots.reshape(n_buckets, BUCKET), values=table_vals, n_keys=n)
+        table[p, :BUCKET] = f2
+    table[sb, rank] = uniq[order]
+    table[sb, BUCKET + rank] = vals[order]
+    return KeyTable(buckets=table, n_keys=n)
 
 
 def key_table_lookup(table: KeyTable, queries: np.ndarray, default: np.ndarray | int) -> np.ndarray:
@@ -314,11 +324,9 @@ def key_table_lookup(table: KeyTable, queries: np.ndarray, default: np.ndarray |
     (broadcast against ``queries``)."""
     q = np.asarray(queries, dtype=np.int64)
     flat_q = q.reshape(-1)
-    b = bucket_pair(flat_q, table.params, table.n_buckets)  # (N, 2)
-    cand = table.slots[b].reshape(len(flat_q), 2 * BUCKET)  # two cache lines per query
-    eq = cand == flat_q[:, None]
-    hit = eq.any(axis=1)
-    pos = np.argmax(eq, axis=1)
-    flat = b[np.arange(len(flat_q)), pos // BUCKET] * BUCKET + pos % BUCKET
-    got = table.values[flat].reshape(q.shape)
-    return np.where(hit.reshape(q.shape), got, np.broadcast_to(default, q.shape))
+    b = bucket_pair(flat_q, table.n_buckets)  # (N, 2)
+    cand = table.buckets[b]  # (N, 2, 8): two cache lines per query, keys and values
+    eq = cand[:, :, :BUCKET] == flat_q[:, None, None]  # (N, 2, 4)
+    hit = eq.reshape(len(flat_q), -1).any(axis=1)
+    got = np.where(eq, cand[:, :, BUCKET:], 0).sum(axis=(1, 2))  # at most one slot matches
+    return np.where(hit.reshape(q.shape), got.reshape(q.shape), np.broadcast_to(default, q.shape))

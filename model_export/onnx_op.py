@@ -321,8 +321,9 @@ def standalone_model(
 # ---------------------------------------------------------------- key lookup (key tables)
 
 KEY_LOOKUP_OP_TYPE = "KeyLookup"
-# spec_version: the bucket hashes are hash spec v1's block hash (bundles check it on every
-# ai.lma node); table_version: the key table layout (lma/hashspec.py).
+# spec_version: the hash spec of the bundle (bundles check it on every ai.lma node; key table v2
+# buckets do not use its constants); table_version: the key table layout and bucket choice
+# (lma/hashspec.py); v1 functions took (keys, default, slots, values, A, B).
 KEY_LOOKUP_ATTRIBUTES = ("spec_version", "table_version")
 
 
@@ -331,91 +332,72 @@ def key_lookup_attributes() -> dict[str, int]:
 
 
 def _key_lookup_body() -> list[onnx.NodeProto]:
-    """Nodes of ``ai.lma::KeyLookup(keys, default, slots, values, A, B) -> out`` (hashspec "Key
-    tables"): the 16-bit limbs of each key from one uint64 division and exact double arithmetic,
-    the two bucket hashes as one double MatMul (partial sums < 2^49), the two candidate buckets'
-    16 keys as one Gather of (N, 2) rows of the (nb, 8) slots, the matching slot as a double
-    MatMul of the 0/1 matches with 1..16 (at most one slot matches), one Gather of the value.
+    """Nodes of ``ai.lma::KeyLookup(keys, default, table) -> out`` (key table v2, hashspec "Key
+    tables"): the two 32-bit halves of each key from one uint64 division, the two candidate
+    buckets with three uint64 remainders, both buckets' keys and values (two 64-byte rows of the
+    (nb, 8) table) with one Gather, and the value beside the matching key with one
+    GatherElements at the position a float MatMul of the 0/1 matches finds (only key lanes carry
+    a weight, each its value lane + 1; at most one key matches, so the sum is that lane or 0).
     Every op has a CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
     n = helper.make_node
-    dbl = TensorProto.DOUBLE
+    flt = TensorProto.FLOAT
     i64 = TensorProto.INT64
+    u64 = TensorProto.UINT64
+    bucket, row = hashspec.BUCKET, hashspec.ROW
 
     def const(name: str, values: Any, dtype: Any) -> onnx.NodeProto:
         return n("Constant", [], [name], value=numpy_helper.from_array(np.asarray(values, dtype), name))
 
+    # lane weights: key lane s of candidate r -> its value lane (row r + bucket + s) + 1
+    lane_w = np.zeros(2 * row, np.float32)
+    for r in range(2):
+        for s in range(bucket):
+            lane_w[r * row + s] = r * row + bucket + s + 1
     return [
         const("cm1", [-1], np.int64),
         const("ax_1", [1], np.int64),
-        const("ax_last", [-1], np.int64),
-        const("c1", 1, np.int64),
-        const("c8", hashspec.BUCKET, np.int64),
-        const("cP", hashspec.P, np.int64),
-        # constants: At (4, 4) double with At[i, 2r + j] = A[r, j, i]; B4 (4,) = B[r, j]
-        n("Cast", ["A"], ["a_d"], to=dbl),
-        const("shape_4_4", [4, 4], np.int64),
-        n("Reshape", ["a_d", "shape_4_4"], ["a_rj_i"]),
-        n("Transpose", ["a_rj_i"], ["At"], perm=[1, 0]),
-        n("Reshape", ["B", "cm1"], ["B4"]),
-        n("Shape", ["slots"], ["s_shape"]),
-        n("Split", ["s_shape"], ["nb1", "w1"], axis=0, num_outputs=2),
-        n("Squeeze", ["nb1"], ["nb"]),
-        n("Sub", ["nb", "c1"], ["nb_m1"]),
-        # per key: limbs
-        *_key_halves(),
-        const("c2p16d", 65536.0, np.float64),
-        n("Div", ["halves", "c2p16d"], ["hq"]),
-        n("Floor", ["hq"], ["upper"]),  # (N, 2): limbs 1 and 3
-        n("Mul", ["upper", "c2p16d"], ["upper_sh"]),
-        n("Sub", ["halves", "upper_sh"], ["lower"]),  # (N, 2): limbs 0 and 2
-        n("Unsqueeze", ["lower", "ax_last"], ["lower3"]),
-        n("Unsqueeze", ["upper", "ax_last"], ["upper3"]),
-        n("Concat", ["lower3", "upper3"], ["limbs3"], axis=2),  # (N, 2, 2): [half, lo/hi]
-        const("shape_m1_4", [-1, 4], np.int64),
-        n("Reshape", ["limbs3", "shape_m1_4"], ["u"]),  # (N, 4): u0 u1 u2 u3
-        n("MatMul", ["u", "At"], ["xd"]),  # (N, 4) < 2^49: exact
-        n("Cast", ["xd"], ["xm"], to=i64),
-        n("Add", ["xm", "B4"], ["x"]),
-        n("Mod", ["x", "cP"], ["h"]),
-        const("shape_m1_2_2", [-1, 2, 2], np.int64),
-        n("Reshape", ["h", "shape_m1_2_2"], ["h3"]),
-        n("Split", ["h3"], ["g0", "g1"], axis=2, num_outputs=2),  # (N, 2, 1) each
-        n("Mul", ["g0", "cP"], ["g0p"]),
-        n("Add", ["g0p", "g1"], ["H3"]),
-        n("Squeeze", ["H3", "ax_last"], ["H"]),  # (N, 2) < 2^62
-        n("Split", ["H"], ["H0", "H1"], axis=1, num_outputs=2),  # (N, 1) each
-        n("Mod", ["H0", "nb"], ["b0"]),
-        n("Mod", ["H1", "nb_m1"], ["r1"]),
+        const("c1u", 1, np.uint64),
+        const("c2p32u", 1 << 32, np.uint64),
+        n("Shape", ["table"], ["t_shape"]),
+        n("Split", ["t_shape"], ["nb1", "w1"], axis=0, num_outputs=2),
+        n("Cast", ["nb1"], ["nb_u"], to=u64),  # (1,): broadcasts against (N,)
+        n("Sub", ["nb_u", "c1u"], ["nb_m1"]),
+        # per key: halves and buckets, in uint64
+        n("Reshape", ["keys", "cm1"], ["kf"]),
+        n("Cast", ["kf"], ["ku"], to=u64),
+        n("Div", ["ku", "c2p32u"], ["k_hi"]),
+        n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
+        n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
+        n("Mod", ["k_lo", "nb_u"], ["b0"]),
+        n("Mod", ["k_hi", "nb_m1"], ["r1"]),
         n("Add", ["b0", "r1"], ["b0r"]),
-        n("Add", ["b0r", "c1"], ["b1_raw"]),
-        n("Mod", ["b1_raw", "nb"], ["b1"]),
-        n("Concat", ["b0", "b1"], ["buckets"], axis=1),  # (N, 2)
-        n("Gather", ["slots", "buckets"], ["cand3"], axis=0),  # (N, 2, 8)
-        const("shape_m1_16", [-1, 2 * hashspec.BUCKET], np.int64),
-        n("Reshape", ["cand3", "shape_m1_16"], ["cand"]),
+        n("Add", ["b0r", "c1u"], ["b1_raw"]),
+        n("Mod", ["b1_raw", "nb_u"], ["b1"]),
+        n("Unsqueeze", ["b0", "ax_1"], ["b0_2"]),
+        n("Unsqueeze", ["b1", "ax_1"], ["b1_2"]),
+        n("Concat", ["b0_2", "b1_2"], ["buckets_u"], axis=1),  # (N, 2)
+        n("Cast", ["buckets_u"], ["buckets"], to=i64),
+        n("Gather", ["table", "buckets"], ["cand3"], axis=0),  # (N, 2, 8): two cache lines
+        const("shape_m1_16", [-1, 2 * row], np.int64),
+        n("Reshape", ["cand3", "shape_m1_16"], ["cand"]),  # (N, 16)
         n("Unsqueeze", ["kf", "ax_1"], ["kf2"]),
-        n("Equal", ["cand", "kf2"], ["eq"]),
-        n("Cast", ["eq"], ["eq_d"], to=dbl),
-        const("slot_ids", np.arange(1, 2 * hashspec.BUCKET + 1, dtype=np.float64).reshape(-1, 1),
-              np.float64),
-        n("MatMul", ["eq_d", "slot_ids"], ["pos_d"]),  # (N, 1): 0 = absent, else slot + 1
-        n("Cast", ["pos_d"], ["pos"], to=i64),
-        const("c0", 0, np.int64),
-        n("Greater", ["pos", "c0"], ["hit"]),
-        n("Sub", ["pos", "c1"], ["pos0"]),
-        n("Max", ["pos0", "c0"], ["sel"]),  # absent keys read slot 0 (discarded below)
-        n("Div", ["sel", "c8"], ["which"]),  # 0: first bucket, 1: second
-        n("Mul", ["which", "c8"], ["which8"]),
-        n("Sub", ["sel", "which8"], ["slot"]),
-        n("GatherElements", ["buckets", "which"], ["bucket"], axis=1),
-        n("Mul", ["bucket", "c8"], ["bucket8"]),
-        n("Add", ["bucket8", "slot"], ["flat2"]),
-        n("Reshape", ["flat2", "cm1"], ["flat"]),
-        n("Gather", ["values", "flat"], ["got"], axis=0),
-        n("Reshape", ["hit", "cm1"], ["hit_f"]),
+        n("Equal", ["cand", "kf2"], ["eq"]),  # value lanes may match too: they weigh 0
+        n("Cast", ["eq"], ["eq_f"], to=flt),
+        const("lane_w", lane_w, np.float32),
+        # (N,): 0 = absent, else value lane + 1. Kept 1-d: onnxruntime's CPU kernels broadcast an
+        # (N, 1) tensor against a scalar element by element, ~20x slower than an (N,) one.
+        n("MatMul", ["eq_f", "lane_w"], ["pos_f"]),
+        const("c0f", 0.0, np.float32),
+        const("c1f", 1.0, np.float32),
+        n("Greater", ["pos_f", "c0f"], ["hit"]),
+        n("Sub", ["pos_f", "c1f"], ["pos0"]),
+        n("Relu", ["pos0"], ["sel_f"]),  # absent keys read lane 0 (discarded below)
+        n("Cast", ["sel_f"], ["sel"], to=i64),
+        n("Unsqueeze", ["sel", "ax_1"], ["sel2"]),
+        n("GatherElements", ["cand", "sel2"], ["got"], axis=1),  # (N, 1)
         n("Shape", ["keys"], ["k_shape"]),
         n("Reshape", ["got", "k_shape"], ["got_k"]),
-        n("Reshape", ["hit_f", "k_shape"], ["hit_k"]),
+        n("Reshape", ["hit", "k_shape"], ["hit_k"]),
         n("Where", ["hit_k", "got_k", "default"], ["out"]),
     ]
 
@@ -425,7 +407,7 @@ def key_lookup_function() -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN,
         KEY_LOOKUP_OP_TYPE,
-        inputs=["keys", "default", "slots", "values", "A", "B"],
+        inputs=["keys", "default", "table"],
         outputs=["out"],
         nodes=_key_lookup_body(),
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -437,19 +419,13 @@ def key_lookup_function() -> onnx.FunctionProto:
 def key_lookup_model(table: Any, default_shape: Sequence[int] | None = None) -> onnx.ModelProto:
     """A model with one KeyLookup node over ``table`` (a ``hashspec.KeyTable``): inputs keys
     (batch, slots) int64 and default (broadcastable) int64, output (batch, slots) int64."""
-    p = table.params
-    inits = [
-        numpy_helper.from_array(table.slots, "slots"),
-        numpy_helper.from_array(table.values, "values"),
-        numpy_helper.from_array(p.A, "A"),
-        numpy_helper.from_array(p.B, "B"),
-    ]
+    inits = [numpy_helper.from_array(table.buckets, "table")]
     inputs = [
         helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots_dim"]),
         helper.make_tensor_value_info("default", TensorProto.INT64,
                                       list(default_shape) if default_shape else ["batch", "slots_dim"]),
     ]
-    node = helper.make_node(KEY_LOOKUP_OP_TYPE, ["keys", "default", "slots", "values", "A", "B"],
+    node = helper.make_node(KEY_LOOKUP_OP_TYPE, ["keys", "default", "table"],
                             ["y"], domain=DOMAIN, **key_lookup_attributes())
     out = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "slots_dim"])
     graph = helper.make_graph([node], "key_lookup", inputs, [out], initializer=inits)
@@ -513,8 +489,7 @@ def register_schema() -> None:
         OP_VERSION,
         "Key table lookup (lma/hashspec.py, key tables); see model_export/onnx_op.py",
         inputs=[fp("keys", "tensor(int64)"), fp("default", "tensor(int64)"),
-                fp("slots", "tensor(int64)"), fp("values", "tensor(int64)"),
-                fp("A", "tensor(int64)"), fp("B", "tensor(int64)")],
+                fp("table", "tensor(int64)")],
         outputs=[fp("out", "tensor(int64)")],
         attributes=[attr("spec_version", at.INT, "hash spec version of the bucket hashes"),
                     attr("table_version", at.INT, "key table layout version")],
@@ -584,13 +559,13 @@ def _translate_searchsorted(
     return lo
 
 
-def _translate_key_lookup(keys, default, slots, values, coef_a, coef_b):  # noqa: ANN001, ANN202
+def _translate_key_lookup(keys, default, table):  # noqa: ANN001, ANN202
     """Translation of ``lma::key_lookup``: one ``ai.lma::KeyLookup`` node (function attached by
     :func:`finalize`)."""
     from onnxscript import values as ov
 
     opset = ov.Opset(DOMAIN, OP_VERSION)
-    return opset.KeyLookup(keys, default, slots, values, coef_a, coef_b, **key_lookup_attributes())
+    return opset.KeyLookup(keys, default, table, **key_lookup_attributes())
 
 
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:

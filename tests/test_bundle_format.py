@@ -89,6 +89,20 @@ def test_tampered_format_1_and_unknown_formats_are_refused(v1: Path, tmp_path: P
         load_bundle(d)
 
 
+def test_bundle_with_an_old_key_table_is_refused(v2: dict[str, Path], tmp_path: Path) -> None:
+    d = tmp_path / "b"
+    shutil.copytree(v2["full"], d)
+    m = json.loads((d / "manifest.json").read_text())
+    nodes = m["onnx"]["custom_op"]["nodes"]
+    assert {n["op_type"] for n in nodes} == {"KeyLookup"}  # the tables and the first-order term
+    assert {n["table_version"] for n in nodes} == {2}
+    nodes[0]["table_version"] = 1  # what bundles written before key table v2 record
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"KeyLookup node has table_version 1.*reads key tables "
+                                          r"v2.*re-export"):
+        load_bundle(d)
+
+
 def test_format_2_holds_each_byte_once(v2: dict[str, Path], checkpoints: dict[str, Path]) -> None:
     for kind, d in v2.items():
         b = load_bundle(d)

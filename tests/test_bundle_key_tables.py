@@ -24,7 +24,7 @@ from lma.train import TrainConfig, train_model
 from model_export.bundle import export_bundle
 from model_export.verify import verify_bundle
 
-TABLE = ("slots", "values", "coef_a", "coef_b", "header")
+TABLE = ("table", "header")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_checkpoints_store_key_tables_and_loads_take_them(
     full = [t for t in ("embedding", "first_order")
             if (payload["embedding_config"] if t == "embedding"
                 else payload["model_config"]["first_order"])["kind"] == "full"]
-    stored = [t for t in ("embedding", "first_order") if f"{t}.key_table.slots" in sd]
+    stored = [t for t in ("embedding", "first_order") if f"{t}.key_table.table" in sd]
     assert set(full) <= set(stored) and (kind != "lma" or "embedding" in stored)
     # One form of the vocabulary: the table, not also the sorted tokens.
     assert not any(k.endswith(".vocab") for k in sd)
@@ -110,7 +110,7 @@ def test_checkpoints_store_key_tables_and_loads_take_them(
     # The loaded tensors themselves (memory-mapped), not copies.
     model = rebuild_model(payload["model_config"], payload["embedding_config"], ck.feature_map,
                           checkpoints[kind] / "embedding_state.npz", weights=sd)
-    assert model.embedding.key_table.slots.data_ptr() == sd["embedding.key_table.slots"].data_ptr()
+    assert model.embedding.key_table.table.data_ptr() == sd["embedding.key_table.table"].data_ptr()
     np.testing.assert_array_equal(_logits(model), _logits(ck.model))
 
 
@@ -131,7 +131,7 @@ def test_checkpoints_written_before_still_load_and_upgrade(
     up = upgrade_checkpoint(old, tmp_path / "up")
     payload = torch.load(up / "checkpoint.pt", weights_only=True)
     assert set(payload["state_dict"]) == set(new_sd)
-    assert "embedding.key_table.slots" in payload["upgraded"]["stored"]
+    assert "embedding.key_table.table" in payload["upgraded"]["stored"]
     assert ("embedding.vocab" in payload["upgraded"]["dropped"]) == (kind == "full")
     assert payload["versions"] == torch.load(old / "checkpoint.pt", weights_only=True)["versions"]
     # In place too; the upgraded checkpoint loads without building anything.
@@ -163,8 +163,10 @@ def test_a_key_table_of_another_layout_is_never_used(
     with pytest.raises(ValueError, match=r"layout v99.*cannot be built without it.*size only"):
         rebuild_model(b.manifest["model"]["config"], b.manifest["embedding"]["config"], fmap,
                       None, weights={k: torch.from_numpy(v) for k, v in arrays.items()})
-    bad = dict(arrays, **{"embedding.key_table.header": np.array([1, 5, 1], np.int64)})
-    with pytest.raises(ValueError, match="hash constants are not those of its seed 5"):
+    nb = arrays["embedding.key_table.table"].shape[0]
+    bad = dict(arrays, **{"embedding.key_table.header": np.array(
+        [hashspec.KEY_TABLE_VERSION, nb + 1, 1], np.int64)})
+    with pytest.raises(ValueError, match="shapes do not fit together"):
         rebuild_model(b.manifest["model"]["config"], b.manifest["embedding"]["config"], fmap,
                       None, weights={k: torch.from_numpy(v) for k, v in bad.items()})
 
@@ -179,9 +181,9 @@ def test_bundles_store_the_vocabulary_once_and_open_without_building(
         assert not any(n.endswith(".vocab") for n in names), kind
         assert not any("key_table" in n and n.startswith("onnx::") for n in names), kind
         # The graph reads the very tensors the torch engines load.
-        assert "embedding.key_table.slots" in b.manifest["weights"]["onnx_shares"]
-        assert b.component_bytes()["key_lookup"] >= header["embedding.key_table.slots"][
-            "data_offsets"][1] - header["embedding.key_table.slots"]["data_offsets"][0]
+        assert "embedding.key_table.table" in b.manifest["weights"]["onnx_shares"]
+        assert b.component_bytes()["key_lookup"] >= header["embedding.key_table.table"][
+            "data_offsets"][1] - header["embedding.key_table.table"]["data_offsets"][0]
     _no_builds(monkeypatch)
     for d in bundles.values():
         p = Predictor.open(d, "eager")
@@ -195,8 +197,7 @@ def test_bundles_store_the_vocabulary_once_and_open_without_building(
 def _as_written_before(src: Path, checkpoint: Path, dst: Path) -> Path:
     """``src`` as the format 2 writer before stored key tables wrote it: weights.safetensors
     holds each full table's sorted vocabulary (``<t>.vocab``) in the state dict, the key tables
-    only as ONNX initializers without a state-dict twin (``onnx::<t>.key_table.slots``), and
-    their small hash constants inside model.onnx."""
+    only as ONNX initializers without a state-dict twin (``onnx::<t>.key_table.table``)."""
     shutil.copytree(src, dst)
     (dst / ".lma-verified.json").unlink(missing_ok=True)
     m = json.loads((dst / "manifest.json").read_text())
@@ -208,7 +209,7 @@ def _as_written_before(src: Path, checkpoint: Path, dst: Path) -> Path:
         if ".key_table." not in k:
             continue
         t, n = k.split(".key_table.")
-        if n in ("slots", "values"):
+        if n == "table":
             onnx_names[k] = f"onnx::{k}"
             arrays[onnx_names[k]] = arrays.pop(k)
         else:
@@ -256,7 +257,7 @@ def test_format_2_bundles_written_before_are_still_read(
     for kind, d in bundles.items():
         old = _as_written_before(d, checkpoints[kind], tmp_path / kind)
         names = set(tensorfile.header(old / "weights.safetensors")[0])
-        assert "onnx::embedding.key_table.slots" in names
+        assert "onnx::embedding.key_table.table" in names
         assert ("embedding.vocab" in names) == (kind == "full")
         want = Predictor.open(d, "onnx").logits(dense, tokens)
         np.testing.assert_allclose(Predictor.open(old, "onnx").logits(dense, tokens), want,

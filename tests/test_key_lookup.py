@@ -62,17 +62,50 @@ def test_numpy_table_equals_binary_search(name: str) -> None:
     table = hs.build_key_table(keys, values)
     default = np.arange(q.shape[1], dtype=np.int64) - 7
     assert np.array_equal(hs.key_table_lookup(table, q, default), _search(keys, values, q, default))
-    assert table.n_buckets >= hs.MIN_BUCKETS and table.slots.shape == (table.n_buckets, hs.BUCKET)
-    b = hs.bucket_pair(q.reshape(-1), table.params, table.n_buckets)
+    assert table.n_buckets >= hs.MIN_BUCKETS and table.buckets.shape == (table.n_buckets, hs.ROW)
+    b = hs.bucket_pair(q.reshape(-1), table.n_buckets)
     assert (b[:, 0] != b[:, 1]).all() and b.min() >= 0 and b.max() < table.n_buckets
 
 
-def test_table_is_compact_and_seeded() -> None:
+def test_table_is_compact_and_interleaved() -> None:
     keys, values, _ = _case("random")
     table = hs.build_key_table(keys, values, seed=5)
     assert table.n_keys == len(np.unique(keys))
-    assert table.n_keys / table.slots.size >= 0.6  # load factor
-    assert table.seed >= 5
+    assert table.n_keys / table.keys.size >= 0.6  # load factor
+    assert table.nbytes == table.n_buckets * 64  # one cache line per bucket, keys and values
+    # every key sits in one of its two buckets, its value in the lane beside it
+    b = hs.bucket_pair(keys, table.n_buckets)
+    for k, v, (b0, b1) in zip(keys.tolist(), values.tolist(), b.tolist(), strict=True):
+        for bb in (b0, b1):
+            lanes = np.flatnonzero(table.keys[bb] == k)
+            if len(lanes):
+                assert table.values[bb, lanes[0]] == v
+                break
+        else:
+            raise AssertionError(f"key {k} in neither bucket")
+
+
+def test_bucket_pair_of_extreme_keys() -> None:
+    # low / high 32 bits of the two's-complement bits, unsigned
+    for nb in (4, 5, 1 << 20, (1 << 31) + 11):
+        b = hs.bucket_pair(EXTREME, nb)
+        lo = EXTREME.view(np.uint64) & np.uint64(0xFFFFFFFF)
+        hi = EXTREME.view(np.uint64) >> np.uint64(32)
+        want0 = [int(x) % nb for x in lo]
+        want1 = [(w + 1 + int(h) % (nb - 1)) % nb for w, h in zip(want0, hi, strict=True)]
+        assert b[:, 0].tolist() == want0 and b[:, 1].tolist() == want1
+        tb = bucket_pair_torch(torch.from_numpy(EXTREME), nb)
+        assert np.array_equal(tb.numpy(), b)
+
+
+def test_build_grows_the_table_when_placement_fails() -> None:
+    # 13 keys get 5 buckets; multiples of 5 below 2^32 all map to the pair (0, 1), which holds 8
+    keys = 5 * np.arange(13, dtype=np.int64)
+    assert (hs.bucket_pair(keys, 5) == [0, 1]).all()
+    table = hs.build_key_table(keys, np.arange(13) + 100)
+    assert table.n_buckets > 5
+    q = np.concatenate([keys, keys + 1])
+    assert np.array_equal(hs.key_table_lookup(table, q, -1), np.r_[np.arange(13) + 100, [-1] * 13])
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -82,19 +115,20 @@ def test_torch_reference_and_cpp_equal_numpy(name: str) -> None:
     mod = KeyLookup(table)
     default = torch.arange(q.shape[1]) - 3
     want = hs.key_table_lookup(table, q, default.numpy())
+    assert np.array_equal(want, _search(keys, values, q, default.numpy()))
     tq = torch.from_numpy(q)
-    b = bucket_pair_torch(tq.reshape(-1), mod.coef_a, mod.coef_b, table.n_buckets)
-    assert np.array_equal(b.numpy(), hs.bucket_pair(q.reshape(-1), table.params, table.n_buckets))
-    ref = key_lookup_reference(tq, default, mod.slots, mod.values, mod.coef_a, mod.coef_b)
+    b = bucket_pair_torch(tq.reshape(-1), table.n_buckets)
+    assert np.array_equal(b.numpy(), hs.bucket_pair(q.reshape(-1), table.n_buckets))
+    ref = key_lookup_reference(tq, default, mod.table)
     assert np.array_equal(ref.numpy(), want)
     if _native.native_module() is not None:
         ext = _native.native_module()
-        got = ext.key_lookup(tq, default, mod.slots, mod.values, mod.coef_a, mod.coef_b)
+        assert ext.KEY_TABLE_VERSION == hs.KEY_TABLE_VERSION
+        got = ext.key_lookup(tq, default, mod.table)
         assert np.array_equal(got.numpy(), want)
         assert np.array_equal(mod(tq, default).numpy(), want)  # the op, dispatched to C++
     big = torch.from_numpy(np.tile(q, (300, 1)))  # several parallel chunks in C++
-    assert np.array_equal(key_lookup(big, default, mod.slots, mod.values, mod.coef_a,
-                                     mod.coef_b).numpy(), np.tile(want, (300, 1)))
+    assert np.array_equal(key_lookup(big, default, mod.table).numpy(), np.tile(want, (300, 1)))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -152,7 +186,7 @@ def test_triton_kernel_in_interpreter() -> None:
             m = KeyLookup(t)
             q = np.concatenate([keys, [0, 1, -1, -(1 << 63), (1 << 63) - 1, 5]]).astype(np.int64)
             d = torch.full((len(q),), -9)
-            got = tk.key_lookup(torch.from_numpy(q), d, m.slots, m.values, m.coef_a, m.coef_b)
+            got = tk.key_lookup(torch.from_numpy(q), d, m.table)
             assert np.array_equal(got.numpy(), hs.key_table_lookup(t, q, -9)), n
         print("ok")
         """

@@ -1,19 +1,20 @@
-"""Constant-time key resolution: the ``lma::key_lookup`` op over a key table (hash spec, "Key
-tables" in ``lma/hashspec.py``): token -> full-table row, LMA signature or QR row.
+"""Constant-time key resolution: the ``lma::key_lookup`` op over a key table (key table v2,
+"Key tables" in ``lma/hashspec.py``): token -> full-table row, LMA signature or QR row.
 
-    lma::key_lookup(keys (...) int64, default (broadcastable to keys) int64, slots (nb, 8) int64,
-                    values (nb * 8,) int64, coef_a (2, 2, 4) int64, coef_b (2, 2) int64)
+    lma::key_lookup(keys (...) int64, default (broadcastable to keys) int64,
+                    table (n_buckets, 8) int64: per bucket 4 keys then their 4 values)
         -> (...) int64: the value of each key in the table, else its default
 
-Two cache lines of keys per query instead of a 17-25-step binary search. Implementations, chosen
-by device like ``lma::hashed_gather``: the C++ extension on CPU, a Triton kernel on CUDA, the
-pure-torch reference otherwise; the ONNX exporter writes one ``ai.lma::KeyLookup`` node whose
-model-local function uses standard ops with CUDA kernels (``model_export/onnx_op.py``).
-:class:`KeyLookup` holds a table's tensors as buffers, persistent by default: checkpoints and
-bundles store the built table (``<module>.key_table.slots`` ...) and a model loaded from them
-takes it as is, memory-mapped, instead of building it again (tens of seconds and several times
-the table's memory at the Criteo-Kaggle vocabulary). The ``header`` buffer records the table
-layout version, the seed and the key count, so a table of another layout is never used.
+Two cache lines per query (each holds keys and values) instead of a 17-25-step binary search.
+Implementations, chosen by device like ``lma::hashed_gather``: the C++ extension on CPU, a Triton
+kernel on CUDA, the pure-torch reference otherwise; the ONNX exporter writes one
+``ai.lma::KeyLookup`` node whose model-local function uses standard ops with CUDA kernels
+(``model_export/onnx_op.py``). :class:`KeyLookup` holds a table as buffers, persistent by
+default: checkpoints and bundles store the built table (``<module>.key_table.table`` and
+``.header``) and a model loaded from them takes it as is, memory-mapped, instead of building it
+again (tens of seconds and several times the table's memory at the Criteo-Kaggle vocabulary).
+The ``header`` buffer records the table layout version, the bucket count and the key count, so
+a table of another layout (v1: ``slots``, ``values``, ``coef_a``, ``coef_b``) is never used.
 """
 
 from __future__ import annotations
@@ -32,55 +33,49 @@ from lma.ops._op import implementation
 logger = logging.getLogger(__name__)
 
 
-def bucket_pair_torch(keys: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor,
-                      n_buckets: int) -> torch.Tensor:
+_LO32 = (1 << 32) - 1
+
+
+def bucket_pair_torch(keys: torch.Tensor, n_buckets: int) -> torch.Tensor:
     """(N,) int64 keys -> (N, 2) candidate buckets, exactly as ``hashspec.bucket_pair``."""
-    shifts = torch.tensor([0, 16, 32, 48], device=keys.device)
-    u = (keys[:, None] >> shifts) & 0xFFFF  # (N, 4)
-    # Broadcast product and integer sum (no int64 matmul: CUDA has none); every sum < 2^50.
-    x = (u[:, None, None, :] * coef_a[None].to(keys.device)).sum(-1)  # (N, 2, 2)
-    h = torch.remainder(x + coef_b[None].to(keys.device), hashspec.P)
-    hh = h[..., 0] * hashspec.P + h[..., 1]  # (N, 2) < 2^62
-    b0 = torch.remainder(hh[:, 0], n_buckets)
-    b1 = torch.remainder(b0 + 1 + torch.remainder(hh[:, 1], n_buckets - 1), n_buckets)
+    lo = keys & _LO32  # the low 32 bits, as a non-negative int64
+    hi = (keys >> 32) & _LO32  # the high 32 bits unsigned (arithmetic shift, then mask)
+    b0 = torch.remainder(lo, n_buckets)
+    b1 = torch.remainder(b0 + 1 + torch.remainder(hi, n_buckets - 1), n_buckets)
     return torch.stack([b0, b1], dim=1)
 
 
-def key_lookup_reference(keys: torch.Tensor, default: torch.Tensor, slots: torch.Tensor,
-                         values: torch.Tensor, coef_a: torch.Tensor,
-                         coef_b: torch.Tensor) -> torch.Tensor:
+def key_lookup_reference(keys: torch.Tensor, default: torch.Tensor,
+                         table: torch.Tensor) -> torch.Tensor:
     """Pure-torch key lookup (any device); the ground truth the other implementations match."""
     flat = keys.reshape(-1)
-    nb = slots.shape[0]
-    b = bucket_pair_torch(flat, coef_a, coef_b, nb)  # (N, 2)
-    cand = slots[b].reshape(flat.shape[0], 2 * hashspec.BUCKET)  # two cache lines per key
-    eq = cand == flat[:, None]
+    n = flat.shape[0]
+    b = bucket_pair_torch(flat, table.shape[0])  # (N, 2)
+    cand = table[b]  # (N, 2, 8): two cache lines per key
+    eq = (cand[:, :, : hashspec.BUCKET] == flat[:, None, None]).reshape(n, 2 * hashspec.BUCKET)
     hit = eq.any(dim=1)
     pos = eq.to(torch.uint8).argmax(dim=1)  # first matching slot (at most one matches)
-    bucket = b.gather(1, (pos // hashspec.BUCKET)[:, None]).squeeze(1)
-    got = values[bucket * hashspec.BUCKET + pos % hashspec.BUCKET]
-    out = torch.where(hit, got, torch.zeros_like(got)).reshape(keys.shape)
-    return torch.where(hit.reshape(keys.shape), out, default.to(out.dtype).expand(keys.shape))
+    vals = cand[:, :, hashspec.BUCKET:].reshape(n, 2 * hashspec.BUCKET)
+    got = vals.gather(1, pos[:, None]).squeeze(1).reshape(keys.shape)
+    return torch.where(hit.reshape(keys.shape), got, default.to(got.dtype).expand(keys.shape))
 
 
 @torch.library.custom_op("lma::key_lookup", mutates_args=())
-def key_lookup_op(keys: torch.Tensor, default: torch.Tensor, slots: torch.Tensor,
-                  values: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
+def key_lookup_op(keys: torch.Tensor, default: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """(...) int64 keys -> (...) int64 values (default where absent); see the module docstring."""
     if keys.dtype != torch.int64:
         raise TypeError(f"keys must be int64, got {keys.dtype}")
-    return implementation(keys.device).key_lookup(keys, default, slots, values, coef_a, coef_b)
+    return implementation(keys.device).key_lookup(keys, default, table)
 
 
 @key_lookup_op.register_fake
-def _key_lookup_fake(keys, default, slots, values, coef_a, coef_b):  # noqa: ANN001, ANN202
+def _key_lookup_fake(keys, default, table):  # noqa: ANN001, ANN202
     return keys.new_empty(keys.shape)
 
 
-def key_lookup(keys: torch.Tensor, default: torch.Tensor, slots: torch.Tensor,
-               values: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor:
+def key_lookup(keys: torch.Tensor, default: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Entry point: value of each key in the table, else ``default`` (broadcast to keys)."""
-    return key_lookup_op(keys, default, slots, values, coef_a, coef_b)
+    return key_lookup_op(keys, default, table)
 
 
 class KeyTableUnavailable(ValueError):
@@ -89,15 +84,14 @@ class KeyTableUnavailable(ValueError):
     feature map instead)."""
 
 
-# The buffers of a stored key table, in state-dict order.
-TABLE_BUFFERS = ("slots", "values", "coef_a", "coef_b", "header")
+# The buffers of a stored key table, in state-dict order; v1 tables stored these instead.
+TABLE_BUFFERS = ("table", "header")
+V1_TABLE_BUFFERS = ("slots", "values", "coef_a", "coef_b")
 
 
 def _table_tensors(table: hashspec.KeyTable) -> dict[str, torch.Tensor]:
-    p = table.params
-    header = np.array([hashspec.KEY_TABLE_VERSION, table.seed, table.n_keys], dtype=np.int64)
-    arrays = {"slots": table.slots, "values": table.values, "coef_a": p.A, "coef_b": p.B,
-              "header": header}
+    header = np.array([hashspec.KEY_TABLE_VERSION, table.n_buckets, table.n_keys], dtype=np.int64)
+    arrays = {"table": table.buckets, "header": header}
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in arrays.items()}
 
 
@@ -105,8 +99,17 @@ def stored_table_problem(state_dict: dict[str, Any], prefix: str) -> str | None:
     """Why the key table stored under ``prefix`` in ``state_dict`` cannot be used as it is
     (None when it can): absent (checkpoints and bundles written before tables were stored),
     incomplete, of another layout version, or inconsistent with its own header."""
+    header = state_dict.get(prefix + "header")
+    if header is not None and header.dtype == torch.int64 and header.shape == (3,):
+        version = int(header[0])
+        if version != hashspec.KEY_TABLE_VERSION:
+            return (f"the stored key table has layout v{version}, this build reads "
+                    f"v{hashspec.KEY_TABLE_VERSION}")
     got = {n: state_dict.get(prefix + n) for n in TABLE_BUFFERS}
     if all(v is None for v in got.values()):
+        if any(state_dict.get(prefix + n) is not None for n in V1_TABLE_BUFFERS):
+            return (f"the stored key table has layout v1, this build reads "
+                    f"v{hashspec.KEY_TABLE_VERSION}")
         return "no key table stored"
     missing = [n for n, v in got.items() if v is None]
     if missing:
@@ -116,20 +119,12 @@ def stored_table_problem(state_dict: dict[str, Any], prefix: str) -> str | None:
     header = got["header"]
     if header.shape != (3,):
         return f"the stored key table's header has shape {tuple(header.shape)}, not (3,)"
-    version, seed, n_keys = (int(x) for x in header.tolist())
-    if version != hashspec.KEY_TABLE_VERSION:
-        return (f"the stored key table has layout v{version}, this build reads "
-                f"v{hashspec.KEY_TABLE_VERSION}")
-    slots, values = got["slots"], got["values"]
-    nb = slots.shape[0] if slots.dim() == 2 else -1
-    if (slots.dim() != 2 or slots.shape[1] != hashspec.BUCKET or nb < 2
-            or values.shape != (nb * hashspec.BUCKET,) or not 0 <= n_keys <= nb * hashspec.BUCKET):
-        return (f"the stored key table's shapes do not fit together (slots "
-                f"{tuple(slots.shape)}, values {tuple(values.shape)}, {n_keys} keys)")
-    p = hashspec.make_params(seed, 2)
-    if (not np.array_equal(got["coef_a"].cpu().numpy(), p.A)
-            or not np.array_equal(got["coef_b"].cpu().numpy(), p.B)):
-        return f"the stored key table's hash constants are not those of its seed {seed}"
+    _, nb, n_keys = (int(x) for x in header.tolist())
+    table = got["table"]
+    if (table.dim() != 2 or table.shape[1] != hashspec.ROW or table.shape[0] != nb or nb < 2
+            or not 0 <= n_keys <= nb * hashspec.BUCKET):
+        return (f"the stored key table's shapes do not fit together (table "
+                f"{tuple(table.shape)}, header: {nb} buckets, {n_keys} keys)")
     return None
 
 
@@ -144,12 +139,12 @@ class KeyLookup(nn.Module):
     def __init__(self, table: hashspec.KeyTable | None = None, *, persistent: bool = True):
         super().__init__()
         if table is None:
-            tensors = {n: torch.empty((0, hashspec.BUCKET) if n == "slots" else (0,),
+            tensors = {n: torch.empty((0, hashspec.ROW) if n == "table" else (0,),
                                       dtype=torch.int64, device="meta") for n in TABLE_BUFFERS}
-            self.seed, self.n_keys = -1, 0
+            self.n_keys = 0
         else:
             tensors = _table_tensors(table)
-            self.seed, self.n_keys = table.seed, table.n_keys
+            self.n_keys = table.n_keys
         for n, t in tensors.items():
             self.register_buffer(n, t, persistent=persistent)
 
@@ -161,13 +156,13 @@ class KeyLookup(nn.Module):
     @property
     def is_placeholder(self) -> bool:
         """True until a stored table has been loaded into a placeholder."""
-        return bool(self.slots.is_meta)
+        return bool(self.table.is_meta)
 
     def forward(self, keys: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
-        return key_lookup(keys, default, self.slots, self.values, self.coef_a, self.coef_b)
+        return key_lookup(keys, default, self.table)
 
     def nbytes(self) -> int:
-        return int(self.slots.numel() * 8 + self.values.numel() * 8)
+        return int(self.table.numel() * 8)
 
     def prepare_state(self, state_dict: dict[str, Any], prefix: str,
                       source: Callable[[], tuple[np.ndarray, np.ndarray]] | None) -> None:
@@ -218,11 +213,12 @@ class KeyLookup(nn.Module):
                         device = t.device if old is None or old.is_meta else old.device
                         t = t.to(device=device, copy=True)
                     self._buffers[n] = t
-                _, self.seed, self.n_keys = (int(x) for x in self.header.tolist())
+                self.n_keys = int(self.header[2])
         if strict:
             known = {n for n in TABLE_BUFFERS if n not in self._non_persistent_buffers_set}
             unexpected_keys.extend(k for k in state_dict
                                    if k.startswith(prefix) and k[len(prefix):] not in known)
 
     def extra_repr(self) -> str:
-        return f"keys={self.n_keys}, buckets={self.slots.shape[0]}, seed={self.seed}"
+        return (f"keys={self.n_keys}, buckets={self.table.shape[0]}, "
+                f"table_version={hashspec.KEY_TABLE_VERSION}")

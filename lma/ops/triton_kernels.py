@@ -215,52 +215,35 @@ def backward(grad: torch.Tensor, keys: torch.Tensor, consts: Any, cfg: Any) -> t
 
 
 @triton.jit
-def _key_lookup_kernel(keys_ptr, def_ptr, slots_ptr, vals_ptr, a_ptr, b_ptr, out_ptr, N, NB,
-                       BN: tl.constexpr):
-    """Key table lookup (hashspec "Key tables"): BN keys per program, two 8-key buckets each."""
+def _key_lookup_kernel(keys_ptr, def_ptr, table_ptr, out_ptr, N, NB, BN: tl.constexpr):
+    """Key table v2 lookup (hashspec "Key tables"): BN keys per program; two 64-byte buckets of
+    4 keys then 4 values each, from the key's own bits."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BN + tl.arange(0, BN).to(tl.int64)
     mask = offs < N
     k = tl.load(keys_ptr + offs, mask=mask, other=0)
-    hh0 = tl.zeros((BN,), dtype=tl.int64)
-    hh1 = tl.zeros((BN,), dtype=tl.int64)
-    for r in tl.static_range(2):
-        x0 = tl.zeros((BN,), dtype=tl.int64) + tl.load(b_ptr + r * 2)
-        x1 = tl.zeros((BN,), dtype=tl.int64) + tl.load(b_ptr + r * 2 + 1)
-        for i in tl.static_range(4):
-            u = (k >> (16 * i)) & 65535
-            x0 = x0 + tl.load(a_ptr + r * 8 + i) * u
-            x1 = x1 + tl.load(a_ptr + r * 8 + 4 + i) * u
-        h = _mod_p(x0) * 2147483647 + _mod_p(x1)
-        if r == 0:
-            hh0 = h
-        else:
-            hh1 = h
-    b0 = hh0 % NB
-    b1 = (b0 + 1 + hh1 % (NB - 1)) % NB
-    offs_s = tl.arange(0, 8).to(tl.int64)
-    c0 = tl.load(slots_ptr + b0[:, None] * 8 + offs_s[None, :], mask=mask[:, None], other=0)
-    c1 = tl.load(slots_ptr + b1[:, None] * 8 + offs_s[None, :], mask=mask[:, None], other=0)
-    p0 = tl.min(tl.where(c0 == k[:, None], offs_s[None, :], 16), axis=1)
-    p1 = tl.min(tl.where(c1 == k[:, None], offs_s[None, :], 16), axis=1)
-    hit0 = p0 < 8
-    hit1 = p1 < 8
-    flat = tl.where(hit0, b0 * 8 + p0, b1 * 8 + p1)
+    lo = k & 4294967295  # non-negative int64: the low 32 bits
+    hi = (k >> 32) & 4294967295  # the high 32 bits, unsigned (arithmetic shift, then mask)
+    nb = NB.to(tl.int64)
+    # Both operands are non-negative, so % (which truncates, like C) is the spec's remainder.
+    b0 = lo % nb
+    b1 = (b0 + 1 + hi % (nb - 1)) % nb
+    offs_s = tl.arange(0, 4).to(tl.int64)
+    c0 = tl.load(table_ptr + b0[:, None] * 8 + offs_s[None, :], mask=mask[:, None], other=0)
+    c1 = tl.load(table_ptr + b1[:, None] * 8 + offs_s[None, :], mask=mask[:, None], other=0)
+    p0 = tl.min(tl.where(c0 == k[:, None], offs_s[None, :], 8), axis=1)
+    p1 = tl.min(tl.where(c1 == k[:, None], offs_s[None, :], 8), axis=1)
+    hit0 = p0 < 4
+    hit1 = p1 < 4
+    flat = tl.where(hit0, b0 * 8 + 4 + p0, b1 * 8 + 4 + p1)  # the value beside the matching key
     hit = (hit0 | hit1) & mask
-    v = tl.load(vals_ptr + flat, mask=hit, other=0)
+    v = tl.load(table_ptr + flat, mask=hit, other=0)
     d = tl.load(def_ptr + offs, mask=mask, other=0)
     tl.store(out_ptr + offs, tl.where(hit, v, d), mask=mask)
 
 
-def key_lookup(
-    keys: torch.Tensor,
-    default: torch.Tensor,
-    slots: torch.Tensor,
-    values: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-) -> torch.Tensor:
-    """(...) int64 keys -> (...) int64 values or defaults."""
+def key_lookup(keys: torch.Tensor, default: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(...) int64 keys -> (...) int64 values or defaults; ``table`` (n_buckets, 8) int64."""
     dev = keys.device
     flat = keys.reshape(-1).contiguous()
     d = default.to(dev, torch.int64).expand(keys.shape).reshape(-1).contiguous()
@@ -269,8 +252,6 @@ def key_lookup(
     if n:
         bn = 128
         _key_lookup_kernel[(triton.cdiv(n, bn),)](
-            flat, d, slots.to(dev, torch.int64).contiguous(), values.to(dev, torch.int64).contiguous(),
-            coef_a.to(dev, torch.int64).contiguous(), coef_b.to(dev, torch.int64).contiguous(),
-            out, n, slots.shape[0], BN=bn,
+            flat, d, table.to(dev, torch.int64).contiguous(), out, n, table.shape[0], BN=bn,
         )
     return out.reshape(keys.shape)

@@ -344,34 +344,25 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& keys, const at::Te
   return out;
 }
 
-// Key table lookup (lma/hashspec.py, "Key tables"): keys (N,) int64 -> values, or the default
-// where a key is absent. Two candidate buckets of 8 keys (one cache line each) per key; the
-// buckets of a chunk of keys are computed and prefetched before any of them is compared.
-at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const at::Tensor& slots,
-                      const at::Tensor& values, const at::Tensor& coef_a,
-                      const at::Tensor& coef_b) {
-  TORCH_CHECK(slots.dim() == 2 && slots.size(1) == 8 && slots.size(0) >= 2,
-              "slots must be (n_buckets >= 2, 8) int64");
-  TORCH_CHECK(values.numel() == slots.numel(), "values must have n_buckets * 8 entries");
-  TORCH_CHECK(coef_a.dim() == 3 && coef_a.size(0) == 2 && coef_b.size(0) == 2,
-              "key tables hash with 2 blocks of constants");
+// Key table lookup (lma/hashspec.py, "Key tables", v2): keys (N,) int64 -> values, or the
+// default where a key is absent. A table row is one 64-byte bucket: 4 keys, then their 4 values.
+// Two candidate buckets per key from the key's own bits (b0 = lo mod nb, b1 = (b0 + 1 + hi mod
+// (nb - 1)) mod nb); the buckets of a chunk of keys are computed and prefetched before any of
+// them is compared, so their cache misses overlap.
+at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const at::Tensor& table) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 8 && table.size(0) >= 2,
+              "table must be (n_buckets >= 2, 8) int64: 4 keys then 4 values per bucket");
   const at::Tensor k = flat_keys(keys);
   const at::Tensor d = fallback.to(at::kLong).expand(keys.sizes()).reshape({-1}).contiguous();
-  const at::Tensor sl = slots.to(at::kLong).contiguous();
-  const at::Tensor vl = values.to(at::kLong).contiguous();
-  const auto ca = coef_a.to(at::kCPU, at::kLong).contiguous();
-  const auto cb = coef_b.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* a = ca.data_ptr<int64_t>();
-  const int64_t* b = cb.data_ptr<int64_t>();
-  const uint64_t nb = static_cast<uint64_t>(sl.size(0));
+  const at::Tensor tl = table.to(at::kLong).contiguous();
+  const uint64_t nb = static_cast<uint64_t>(tl.size(0));
   const FastMod mod_nb(nb);
   const FastMod mod_nb1(nb - 1);
   const int64_t n = k.numel();
   at::Tensor out = at::empty({n}, k.options());
   const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t* dp = d.data_ptr<int64_t>();
-  const int64_t* sp = sl.data_ptr<int64_t>();
-  const int64_t* vp = vl.data_ptr<int64_t>();
+  const int64_t* tp = tl.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   constexpr int64_t kLookupChunk = 64;
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
@@ -379,37 +370,24 @@ at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const 
     for (int64_t c0 = begin; c0 < end; c0 += kLookupChunk) {
       const int64_t c1 = std::min(end, c0 + kLookupChunk);
       for (int64_t i = c0; i < c1; ++i) {
-        const int64_t key = kp[i];
-        int64_t u[4];
-        for (int l = 0; l < 4; ++l) u[l] = (key >> (16 * l)) & 0xFFFF;
-        uint64_t hh[2];
-        for (int r = 0; r < 2; ++r) {
-          const int64_t* a0 = a + r * 8;
-          const int64_t* a1 = a0 + 4;
-          const uint64_t x0 = static_cast<uint64_t>(b[r * 2] + a0[0] * u[0] + a0[1] * u[1] +
-                                                    a0[2] * u[2] + a0[3] * u[3]);
-          const uint64_t x1 = static_cast<uint64_t>(b[r * 2 + 1] + a1[0] * u[0] + a1[1] * u[1] +
-                                                    a1[2] * u[2] + a1[3] * u[3]);
-          hh[r] = mod_p(x0) * static_cast<uint64_t>(kP) + mod_p(x1);
-        }
-        const uint64_t b0 = mod_nb(hh[0]);
-        uint64_t b1 = b0 + 1 + mod_nb1(hh[1]);
+        const uint64_t u = static_cast<uint64_t>(kp[i]);
+        const uint64_t b0 = mod_nb(u & 0xFFFFFFFFull);
+        uint64_t b1 = b0 + 1 + mod_nb1(u >> 32);
         if (b1 >= nb) b1 -= nb;
         bk[i - c0][0] = b0;
         bk[i - c0][1] = b1;
-        __builtin_prefetch(sp + b0 * 8);
-        __builtin_prefetch(sp + b1 * 8);
+        __builtin_prefetch(tp + b0 * 8);
+        __builtin_prefetch(tp + b1 * 8);
       }
       for (int64_t i = c0; i < c1; ++i) {
         const int64_t key = kp[i];
         int64_t res = dp[i];
         for (int r = 0; r < 2; ++r) {
-          const int64_t base = static_cast<int64_t>(bk[i - c0][r]) * 8;
-          const int64_t* line = sp + base;
+          const int64_t* line = tp + static_cast<int64_t>(bk[i - c0][r]) * 8;
           int hit = -1;
-          for (int s = 0; s < 8; ++s) hit = (line[s] == key && hit < 0) ? s : hit;
+          for (int s = 0; s < 4; ++s) hit = (line[s] == key && hit < 0) ? s : hit;
           if (hit >= 0) {
-            res = vp[base + hit];
+            res = line[4 + hit];
             break;
           }
         }
@@ -425,6 +403,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("slot_indices", &slot_indices, "(N,) keys -> (N, dim) slot indices");
   mod.def("forward", &forward, "hashed gather forward");
   mod.def("backward", &backward, "hashed gather backward (dense scatter-add)");
-  mod.def("key_lookup", &key_lookup, "key table lookup (keys -> values or default)");
+  mod.def("key_lookup", &key_lookup, "key table v2 lookup (keys -> values or default)");
+  mod.attr("KEY_TABLE_VERSION") = 2;
   mod.attr("SPEC_VERSION") = 1;
 }
