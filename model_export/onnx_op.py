@@ -349,10 +349,10 @@ def _key_lookup_body() -> list[onnx.NodeProto]:
         return n("Constant", [], [name], value=numpy_helper.from_array(np.asarray(values, dtype), name))
 
     # lane weights: key lane s of candidate r -> its value lane (row r + bucket + s) + 1
-    lane_w = np.zeros(2 * row, np.float32)
+    lane_w = np.zeros((2 * row, 1), np.float32)
     for r in range(2):
         for s in range(bucket):
-            lane_w[r * row + s] = r * row + bucket + s + 1
+            lane_w[r * row + s, 0] = r * row + bucket + s + 1
     return [
         const("cm1", [-1], np.int64),
         const("ax_1", [1], np.int64),
@@ -384,17 +384,28 @@ def _key_lookup_body() -> list[onnx.NodeProto]:
         n("Equal", ["cand", "kf2"], ["eq"]),  # value lanes may match too: they weigh 0
         n("Cast", ["eq"], ["eq_f"], to=flt),
         const("lane_w", lane_w, np.float32),
-        # (N,): 0 = absent, else value lane + 1. Kept 1-d: onnxruntime's CPU kernels broadcast an
-        # (N, 1) tensor against a scalar element by element, ~20x slower than an (N,) one.
-        n("MatMul", ["eq_f", "lane_w"], ["pos_f"]),
+        # 0 = absent, else value lane + 1. The weights are (16, 1): onnxruntime's CPU MatMul
+        # with a 1-d second input is ~80x slower. The result is then kept 1-d: its CPU kernels
+        # broadcast an (N, 1) tensor against a scalar element by element, ~20x slower than (N,).
+        n("MatMul", ["eq_f", "lane_w"], ["pos_2"]),
+        n("Reshape", ["pos_2", "cm1"], ["pos_f"]),
         const("c0f", 0.0, np.float32),
         const("c1f", 1.0, np.float32),
         n("Greater", ["pos_f", "c0f"], ["hit"]),
         n("Sub", ["pos_f", "c1f"], ["pos0"]),
         n("Relu", ["pos0"], ["sel_f"]),  # absent keys read lane 0 (discarded below)
         n("Cast", ["sel_f"], ["sel"], to=i64),
-        n("Unsqueeze", ["sel", "ax_1"], ["sel2"]),
-        n("GatherElements", ["cand", "sel2"], ["got"], axis=1),  # (N, 1)
+        # the value by its flat position in the (N * 16,) candidates (a 1-d GatherElements is
+        # the fast one in onnxruntime's CPU kernels; axis 1 of (N, 16) goes row by row)
+        n("Shape", ["kf"], ["n_1"]),
+        n("Squeeze", ["n_1"], ["n_c"]),
+        const("c16", 2 * row, np.int64),
+        const("c0", 0, np.int64),
+        n("Mul", ["n_c", "c16"], ["n16"]),
+        n("Range", ["c0", "n16", "c16"], ["row_off"]),  # (N,): 0, 16, 32, ...
+        n("Add", ["row_off", "sel"], ["flat"]),
+        n("Reshape", ["cand", "cm1"], ["cand_flat"]),
+        n("GatherElements", ["cand_flat", "flat"], ["got"], axis=0),  # (N,)
         n("Shape", ["keys"], ["k_shape"]),
         n("Reshape", ["got", "k_shape"], ["got_k"]),
         n("Reshape", ["hit", "k_shape"], ["hit_k"]),
