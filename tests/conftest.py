@@ -36,5 +36,6 @@ from tests.service_fixtures import (  # noqa: E402, F401
     criteo_rows,
     model_repo,
     ort_server,
+    redis_server,
     torch_server,
 )

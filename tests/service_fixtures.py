@@ -166,6 +166,16 @@ class RedisServer:
             self.proc = None
 
 
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test module's own (a module may kill and restart it)."""
+    if redis is None or REDIS_SERVER is None:
+        pytest.skip("redis-server (and the redis client) are needed")
+    s = RedisServer().start()
+    yield s
+    s.kill()
+
+
 class Server:
     """A real ``uvicorn service.main:app`` process with ``LMA_SERVE_*`` settings."""
 

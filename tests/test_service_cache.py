@@ -63,15 +63,6 @@ def test_cache_is_off_by_default_and_needs_redis(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    if redis is None or shutil.which("redis-server") is None:
-        pytest.skip("redis-server (and the redis client) are needed")
-    s = RedisServer().start()
-    yield s
-    s.kill()
-
-
-@pytest.fixture(scope="module")
 def cache_server(redis_server: RedisServer, criteo_bundle: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo = tmp_path_factory.mktemp("cache_repo")

@@ -132,15 +132,6 @@ class Load:
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    if redis is None or shutil.which("redis-server") is None:
-        pytest.skip("redis-server (and the redis client) are needed")
-    s = RedisServer().start()
-    yield s
-    s.kill()
-
-
-@pytest.fixture(scope="module")
 def pair(redis_server: RedisServer, criteo_bundle: Path, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[tuple[list[Server], Path, str]]:
     """Two server processes on one model repository, both subscribed to one reload channel."""
