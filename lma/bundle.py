@@ -147,8 +147,9 @@ class Bundle:
 
     def component_bytes(self) -> dict[str, int]:
         """Bytes a server holds by component: ``embedding`` (shared memory or tables),
-        ``key_lookup`` (the full tables' vocabulary or LMA's signature table; 0 for kinds that
-        need neither), ``mlp`` (bottom, top and wide layers), ``other`` (first-order term, dense
+        ``key_lookup`` (the embedding's key table: token -> row for full tables, token ->
+        signature for LMA; bundles written before key tables were stored count the sorted
+        vocabulary as well; 0 for kinds that need neither), ``mlp`` (bottom, top and wide layers), ``other`` (first-order term, dense
         statistics, ...), and ``total``."""
         comp = self.manifest.get("components")
         if isinstance(comp, dict):

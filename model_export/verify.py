@@ -191,10 +191,14 @@ def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) 
     )
     model.ir_version = file_model.ir_version
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    slot = np.arange(m, dtype=np.int64)
     feed = {"keys": lookup["keys"], "A": lookup["A"], "B": lookup["B"], "W": lookup["W"]}
-    (hi,) = sess.run(None, {**feed, "memory": (slot // _SPLIT).astype(np.float32)})
-    (lo,) = sess.run(None, {**feed, "memory": (slot % _SPLIT).astype(np.float32)})
+    # Each slot's index in two float32-exact halves, one memory-sized float32 array at a time
+    # (no int64 index array: at the Kaggle vocabulary that alone would be 4x the memory).
+    blocks = -(-m // _SPLIT)
+    (hi,) = sess.run(None, {**feed, "memory": np.repeat(
+        np.arange(blocks, dtype=np.float32), _SPLIT)[:m]})
+    (lo,) = sess.run(None, {**feed, "memory": np.tile(
+        np.arange(_SPLIT, dtype=np.float32), blocks)[:m]})
     idx = hi.astype(np.int64) * _SPLIT + lo.astype(np.int64)
     return idx.reshape(-1, dim)
 
