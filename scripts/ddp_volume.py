@@ -4,8 +4,8 @@ extrapolated to another vocabulary.
 Reads the ``metrics.json`` that rank 0 of `torchrun ... lma.cli train --ddp --out DIR` writes
 (its ``ddp`` entry: model, buffer and optimizer bytes, and each rank's gradient-sync counters),
 prints one Markdown row per run, the formula's prediction beside what was measured, and, with
-``--vocab N``, the formula at a vocabulary of N tokens for full tables and for the compressed
-kinds at the runs' compression.
+``--vocab N``, the formula for full tables at a vocabulary of N tokens (the compressed kinds
+run at that budget directly, with ``--budget-bytes``).
 
     python scripts/ddp_volume.py RUN_DIR [RUN_DIR ...] [--vocab 33748837] [--dim 16]
 
@@ -70,30 +70,27 @@ def _row(name: str, m: dict, world: int) -> dict:
 
 
 def _extrapolate(rows: list[dict], vocab: int, dim: int, fields: int, world: int) -> list[dict]:
-    """The formula at ``vocab`` tokens, with each kind's entries per step and MLP floats as
-    measured (the entry counts depend on the rows, not the vocabulary)."""
+    """The formula for full tables at ``vocab`` tokens (the compressed kinds run at the Kaggle
+    budget directly, with ``--budget-bytes``), with the entries per step and the MLP floats as
+    measured: which rows a batch touches depends on the rows, not on the vocabulary size."""
     out = []
     for r in rows:
+        if r["embedding"] != "full":
+            continue
         mlp = r["dense_gradient_floats"]
         full_rows = vocab + fields
-        if r["embedding"] == "full":
-            params = dim * full_rows
-            opt = 4 * full_rows + 8 * mlp
-            # Buffers per vocabulary token as measured (sorted vocabulary + key table).
-            buffers = r["worker_buffers_mb"] * MB / max(r["vocabulary"], 1) * vocab
-            width = dim
-        else:
-            params = round(dim * full_rows / r["compression"])
-            opt = 4 * params + 8 * mlp
-            buffers = r["worker_buffers_mb"] * MB  # signatures of a fixed sample; constants
-            width = 1
+        params = dim * full_rows
+        # Sorted vocabulary + key table: bytes per vocabulary token as measured.
+        buffers = r["worker_buffers_mb"] * MB / max(r["vocabulary"], 1) * vocab
         entries = max(r["sparse_entries_per_step"])
-        sparse = entries * (4 + 4 * width)
+        sparse = entries * (4 + 4 * dim)
         dense = 4 * mlp
         out.append({
-            "embedding": r["embedding"], "compression": r["compression"], "vocabulary": vocab,
+            "embedding": r["embedding"], "vocabulary": vocab, "embedding_params": params,
             "worker_model_mb": (4 * params + 4 * mlp + buffers) / MB,
-            "worker_optimizer_mb": opt / MB,
+            "worker_buffers_mb": buffers / MB,
+            "optimizer_rowwise_mb": (4 * full_rows + 8 * mlp) / MB,
+            "optimizer_adam_mb": (8 * params + 8 * mlp) / MB,
             "dense_mb_per_step": dense / MB, "sparse_mb_per_step": sparse / MB,
             "wire_mb_per_step": (2 * (world - 1) / world * dense + (world - 1) * sparse) / MB,
             "dense_alternative_mb": 4 * params / MB,
@@ -120,12 +117,12 @@ def main() -> int:
         return 0
     f = lambda x: f"{x:,.2f}"  # noqa: E731
     fl = lambda xs: " / ".join("-" if x is None else f(x) for x in xs)  # noqa: E731
-    print("| run | kind | vocabulary | worker model MB (params + buffers) | optimizer MB | peak RSS "
+    print("| run | kind | embedding floats | vocabulary | worker model MB (params + buffers) | optimizer MB | peak RSS "
           "MB per rank | dense all-reduce MB/step (formula) | sparse entries/step per rank | "
           "sparse MB/step per rank (formula) | socket MB/step per rank (formula) | sync ms/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['embedding']} {r['compression']:.0f}x | {r['vocabulary']:,} | "
+        print(f"| {r['run']} | {r['embedding']} | {r['embedding_params']:,} | {r['vocabulary']:,} | "
               f"{f(r['worker_model_mb'])} ({f(r['worker_params_mb'])} + "
               f"{f(r['worker_buffers_mb'])}) | {f(r['worker_optimizer_mb'])} | "
               f"{fl(r['peak_rss_mb'])} | {f(r['dense_mb_per_step'])} "
@@ -135,16 +132,17 @@ def main() -> int:
               f"{fl(r['sync_ms_per_step'])} |")
     if extra:
         print()
-        print(f"Formula at {args.vocab:,} tokens (d = {args.dim}, {world} ranks; entries per step "
-              "as measured):")
+        print(f"Full tables at {args.vocab:,} tokens by the formula (d = {args.dim}, {world} "
+              "ranks; entries per step as measured):")
         print()
-        print("| kind | worker model MB | optimizer MB (row-wise) | dense all-reduce MB/step | "
-              "sparse MB/step per rank | socket MB/step per rank | a dense all-reduce of the "
-              "embedding instead, MB/step |")
-        print("|---|---|---|---|---|---|---|")
+        print("| kind | embedding floats | worker model MB (of it buffers) | optimizer MB: row-wise "
+              "/ Adam | dense all-reduce MB/step | sparse MB/step per rank | socket MB/step per "
+              "rank | a dense all-reduce of the table instead, MB/step |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in extra:
-            print(f"| {r['embedding']} {r['compression']:.0f}x | {f(r['worker_model_mb'])} | "
-                  f"{f(r['worker_optimizer_mb'])} | {f(r['dense_mb_per_step'])} | "
+            print(f"| {r['embedding']} | {r['embedding_params']:,} | {f(r['worker_model_mb'])} "
+                  f"({f(r['worker_buffers_mb'])}) | {f(r['optimizer_rowwise_mb'])} / "
+                  f"{f(r['optimizer_adam_mb'])} | {f(r['dense_mb_per_step'])} | "
                   f"{f(r['sparse_mb_per_step'])} | {f(r['wire_mb_per_step'])} | "
                   f"{f(r['dense_alternative_mb'])} |")
     return 0
