@@ -637,6 +637,32 @@ def test_k8s_redis(k8s):
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
 
+def test_k8s_train_job(k8s, compose):
+    """The training Job: compose's train image and arguments, only settings docker/train.sh
+    reads, the model repository claim mounted writable, then a reload message for the model it
+    trained on the channel and Redis the serving replicas share."""
+    job = k8s[("Job", "lma-train")]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (train,) = pod["initContainers"]
+    assert train["image"] == compose["services"]["train"]["image"]
+    repo, name = train["args"]
+    assert repo == "/models" and compose["services"]["train"]["command"][0] == repo
+    read = set(re.findall(r"LMA_TRAIN_\w+", (REPO / "docker" / "train.sh").read_text()))
+    assert set(_env(train)) <= read, f"train.sh does not read {set(_env(train)) - read}"
+    mount = {m["mountPath"]: m for m in train["volumeMounts"]}["/models"]
+    assert not mount.get("readOnly")
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    assert claims[mount["name"]] == "lma-bundles" and ("PersistentVolumeClaim", "lma-bundles") in k8s
+    (publish,) = pod["containers"]
+    env = _pod_env(k8s, publish)
+    assert env["REDIS_URL"] and env["LMA_SERVE_RELOAD_CHANNEL"]
+    script = publish["command"][-1]
+    assert re.fullmatch(r'redis-cli -u "\$REDIS_URL" PUBLISH "\$LMA_SERVE_RELOAD_CHANNEL" (\S+)',
+                        script).group(1) == name
+    assert publish["image"] == compose["services"]["redis"]["image"]
+
+
 def test_kserve_inference_service(k8s):
     isvc = k8s[("InferenceService", "lma-ctr")]
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
