@@ -15,9 +15,10 @@ into one int64: nibble ``p`` sits at bits ``4p .. 4p+3``, which is what
 :func:`lma.hashspec.lma_block_keys` reads. Two tokens with Jaccard ``J`` agree on a nibble with
 probability ``J + (1 - J) / 16``.
 
-Computation is one streaming pass over chunks of the sampled rows, vectorised with numpy: per
-chunk the (row, slot) entries are sorted once by token, and each of the 16 hash functions is a
-group minimum (``np.minimum.reduceat``) merged into a running minimum per token.
+Computation is two streaming passes over chunks of the sampled rows (token counts, then
+minhashes; the sample is never held whole), vectorised with numpy: per chunk the (row, slot)
+entries are sorted once by token, and each of the 16 hash functions is a group minimum
+(``np.minimum.reduceat``) merged into a running minimum per token.
 
 Tokens absent from the sample, seen fewer than ``min_count`` times in it, or with an empty set get
 no signature; :class:`SignatureTable` resolves them (and tokens never seen, at serving) to the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,40 @@ def _field_starts(slot_fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, field_of_slot
 
 
+def _token_counts(chunks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct non-padding tokens of all chunks and their counts (``np.unique`` of the
+    concatenation, computed chunk by chunk: memory in distinct tokens, not in rows). Per-chunk
+    counts are merged into the totals once they are as many as the totals."""
+    tot_t, tot_c = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pend_t: list[np.ndarray] = []
+    pend_c: list[np.ndarray] = []
+    pending = 0
+    for chunk in chunks:
+        u, k = np.unique(chunk[chunk != PAD_TOKEN], return_counts=True)
+        pend_t.append(u)
+        pend_c.append(k.astype(np.int64))
+        pending += len(u)
+        if pending >= max(len(tot_t), 1 << 16):
+            tot_t, tot_c = _merge_counts([tot_t, *pend_t], [tot_c, *pend_c])
+            pend_t, pend_c, pending = [], [], 0
+    if pend_t:
+        tot_t, tot_c = _merge_counts([tot_t, *pend_t], [tot_c, *pend_c])
+    return tot_t, tot_c
+
+
+def _merge_counts(tokens: list[np.ndarray], counts: list[np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the counts of equal tokens over (sorted unique token, count) arrays."""
+    t = np.concatenate(tokens)
+    c = np.concatenate(counts)
+    if len(t) == 0:
+        return t, c
+    order = np.argsort(t, kind="stable")
+    t, c = t[order], c[order]
+    starts = np.flatnonzero(np.concatenate([[True], t[1:] != t[:-1]]))
+    return t[starts], np.add.reduceat(c, starts)
+
+
 def sample_rows(n_rows: int, n_sample: int | None, seed: int) -> np.ndarray:
     """Sorted (R,) int64 ids of the sampled rows: all rows when ``n_sample`` is None or >= n."""
     if n_sample is None or n_sample >= n_rows:
@@ -186,7 +222,8 @@ def compute_signatures(
 ) -> SignatureTable:
     """Minhash signatures of the tokens of training rows.
 
-    tokens:        (N, S) int64 token matrix (numpy array or memmap); 0 is padding
+    tokens:        (N, S) int64 token matrix (numpy array, memmap, or anything indexed by an
+                   array of row ids, e.g. :class:`lma.data.store.RowsView`); 0 is padding
     set_kind:      "rows" or "cooccur" (see module docstring)
     n_sample_rows: rows sampled (seeded, without replacement); None or >= N uses all rows
     min_count:     a token needs this many occurrences in the sample to get a signature (and, for
@@ -201,14 +238,18 @@ def compute_signatures(
         raise ValueError(f"tokens must be (N, S), got shape {tokens.shape}")
     n, s = tokens.shape
     rows = sample_rows(n, n_sample_rows, seed)
-    sample = np.asarray(tokens[rows], dtype=np.int64)  # (R, S)
     sf = np.arange(s) if slot_fields is None else np.asarray(slot_fields, dtype=np.int64)
     if len(sf) != s:
         raise ValueError(f"slot_fields has {len(sf)} entries for {s} token columns")
     field_starts, field_of_slot = _field_starts(sf)
 
-    flat = sample[sample != PAD_TOKEN]
-    uniq, counts = np.unique(flat, return_counts=True)
+    def sample_chunks() -> Iterator[tuple[int, np.ndarray]]:
+        # The sample is read a chunk at a time, twice (counts, then minhashes), so its (R, S)
+        # matrix is never held whole: ``tokens`` may be a lazy view of rows on disk.
+        for a in range(0, len(rows), chunk_rows):
+            yield a, np.asarray(tokens[rows[a : a + chunk_rows]], dtype=np.int64)
+
+    uniq, counts = _token_counts(c for _, c in sample_chunks())
     vocab = uniq[counts >= max(min_count, 1)]  # (U,) sorted token hashes with a signature
     meta = {
         "version": SIGNATURE_VERSION,
@@ -227,8 +268,7 @@ def compute_signatures(
     salts = _salts(seed, 2 * NIBBLES)  # first 16 order the elements, last 16 pick the nibbles
     mins = np.full((NIBBLES, len(vocab)), _UMAX, dtype=np.uint64)  # running minhash per token
     bar = tqdm(total=len(rows), unit="rows", desc=f"signatures ({set_kind})", disable=not progress)
-    for a in range(0, len(rows), chunk_rows):
-        chunk = sample[a : a + chunk_rows]  # (c, S)
+    for a, chunk in sample_chunks():  # chunk: (c, S)
         pos = np.minimum(np.searchsorted(vocab, chunk), len(vocab) - 1)
         valid = vocab[pos] == chunk  # (c, S): entries whose token gets a signature
         r_idx, s_idx = np.nonzero(valid)

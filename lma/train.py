@@ -678,11 +678,15 @@ def _store_data(cfg: TrainConfig, store: EncodedStore, schema: Schema) -> _Data:
     chunk = 1 << 16
 
     def train_chunks() -> Iterator[Encoded]:
-        # Token counts do not depend on row order: read the training rows in file order.
-        order = np.sort(tr)
-        for a in tqdm(range(0, len(order), chunk), desc="feature map", unit="chunk",
+        # Token counts do not depend on row order: read the training rows in file order, a
+        # window of the file at a time (a 1-byte mask per row instead of a sorted index copy).
+        is_train = np.zeros(n, bool)
+        is_train[tr] = True
+        for a in tqdm(range(0, n, chunk), desc="feature map", unit="chunk",
                       disable=not cfg.progress, leave=False):
-            yield store.take(order[a : a + chunk])
+            rows = a + np.flatnonzero(is_train[a : a + chunk])
+            if len(rows):
+                yield store.take(rows)
 
     def dense_stats() -> tuple[np.ndarray, np.ndarray]:
         s1 = np.zeros(len(schema.dense))

@@ -69,9 +69,108 @@ def test_store_round_trip_and_lazy_rows(tmp_path):
     view = RowsView(store, idx)
     assert view.shape == (777, 26)
     np.testing.assert_array_equal(view[np.array([5, 0, 700])], ref.tokens[idx[[5, 0, 700]]])
-    store.release()  # dropping the mapped pages leaves the data readable
-    np.testing.assert_array_equal(store.take(idx[:3]).tokens, ref.tokens[idx[:3]])
     store.close()
+
+
+@pytest.mark.parametrize("chunk_rows", [64, 1 << 16])
+def test_store_reads_any_index_pattern(tmp_path, monkeypatch, chunk_rows):
+    # Row by row (scattered rows), whole spans (dense sorted runs, split into spans of at most
+    # CHUNK_ROWS records), repeats, reversed order and empty index arrays all read the records
+    # the rows were written as.
+    import lma.data.store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHUNK_ROWS", chunk_rows)
+    src = open_source("synth:6000:3", chunk_rows=999)
+    store = EncodedStore.write(src, tmp_path / "rows")
+    ref = open_source("synth:6000:3").read_all()
+    rng = np.random.default_rng(1)
+    cases = {
+        "scattered": rng.choice(6000, 300, replace=False),
+        "dense sorted": np.sort(rng.choice(6000, 5400, replace=False)),
+        "dense shuffled": rng.permutation(6000),
+        "repeats": np.array([5, 5, 5, 17, 5, 5999, 0, 0]),
+        "mixed": np.concatenate([np.arange(100, 400), rng.integers(0, 6000, 200),
+                                 np.arange(5800, 6000)[::-1]]),
+        "one": np.array([4321]),
+        "empty": np.zeros(0, np.int64),
+    }
+    for name, idx in cases.items():
+        got = store.take(idx)
+        np.testing.assert_array_equal(got.tokens, ref.tokens[idx], err_msg=name)
+        np.testing.assert_array_equal(got.dense, ref.dense[idx], err_msg=name)
+        np.testing.assert_array_equal(got.labels, ref.labels[idx], err_msg=name)
+        np.testing.assert_array_equal(store.tokens(idx), ref.tokens[idx], err_msg=name)
+    for bad in ([6000], [-1], [3, 6001]):
+        with pytest.raises(IndexError, match="out of range for 6000 encoded rows"):
+            store.take(np.array(bad))
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store.take(np.array([1]))
+
+
+def _mapped_kib(name: str) -> int | None:
+    """Resident KiB of this process's mappings of files called ``name`` (None off Linux)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()  # noqa: SIM115
+    except OSError:
+        return None
+    total, cur = 0, False
+    for line in lines:
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            cur = line.rstrip().endswith("/" + name)
+        elif cur and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_reading_rows_maps_nothing_of_the_file(tmp_path):
+    # The out-of-core promise: batches are read into private buffers, so however many rows are
+    # read, none of the file's pages become part of the process (a memory map did: each
+    # random row mapped its whole page-cache folio, up to 2 MB; docs/RESULTS.md).
+    store = EncodedStore.write(open_source("synth:20000:1"), tmp_path / "rows")
+    if _mapped_kib("rows.bin") is None:
+        pytest.skip("needs /proc/self/smaps (Linux)")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        store.take(rng.integers(0, 20000, 512))
+        assert _mapped_kib("rows.bin") == 0
+    store.close()
+
+
+def test_store_refuses_a_truncated_file_and_rewrites_it(tmp_path):
+    a = EncodedStore.open_or_write(open_source("synth:2000:1"), tmp_path / "rows")
+    a.close()
+    path = tmp_path / "rows" / "rows.bin"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(ValueError, match="fewer than the 2000 records"):
+        EncodedStore(tmp_path / "rows")
+    b = EncodedStore.open_or_write(open_source("synth:2000:1"), tmp_path / "rows")
+    assert len(b) == 2000 and path.stat().st_size == 2000 * b.dtype.itemsize
+    np.testing.assert_array_equal(b.take(np.arange(2000)).tokens,
+                                  open_source("synth:2000:1").read_all().tokens)
+    b.close()
+
+
+def test_store_times_and_time_split_match_in_memory(tmp_path, shared_data):
+    # A source with a time column (Avazu's hour): the store keeps every row's time, and a
+    # streaming time split trains the same model as the in-memory one.
+    path = shared_data / "avazu" / "train_9999.csv"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    spec = f"avazu:{path}"
+    ref = open_source(spec).read_all()
+    store = EncodedStore.write(open_source(spec), tmp_path / "rows")
+    np.testing.assert_array_equal(store.times(), ref.times)
+    idx = np.random.default_rng(0).permutation(len(ref))[:500]
+    np.testing.assert_array_equal(store.take(idx).times, ref.times[idx])
+    store.close()
+    kw = dict(data=spec, split="time", epochs=1, embedding="hash", compression=4)
+    mem = train_model(_cfg(**kw))
+    disk = train_model(_cfg(stream=True, work_dir=str(tmp_path / "w"), **kw))
+    _same_models(mem, disk)
+    assert mem.metrics["test_auc"] == disk.metrics["test_auc"]
 
 
 def test_rowwise_adagrad_matches_its_definition():
