@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lma.features import _merge_counts
 from lma.hashspec import NIBBLES, SUBKEY_BITS, splitmix64
 from lma.tokens import PAD_TOKEN
 
@@ -186,19 +187,6 @@ def _token_counts(chunks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     if pend_t:
         tot_t, tot_c = _merge_counts([tot_t, *pend_t], [tot_c, *pend_c])
     return tot_t, tot_c
-
-
-def _merge_counts(tokens: list[np.ndarray], counts: list[np.ndarray]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the counts of equal tokens over (sorted unique token, count) arrays."""
-    t = np.concatenate(tokens)
-    c = np.concatenate(counts)
-    if len(t) == 0:
-        return t, c
-    order = np.argsort(t, kind="stable")
-    t, c = t[order], c[order]
-    starts = np.flatnonzero(np.concatenate([[True], t[1:] != t[:-1]]))
-    return t[starts], np.add.reduceat(c, starts)
 
 
 def sample_rows(n_rows: int, n_sample: int | None, seed: int) -> np.ndarray:
