@@ -114,8 +114,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="checkpoint folder (metrics.json goes there)")
     g = p.add_argument_group(
         "out of core", "for data larger than memory: one streaming pass encodes the rows to a "
-        "memory-mapped file, the feature map and signatures come from it, and training reads "
-        "batches from it; peak memory does not grow with the row count")
+        "file, the feature map and signatures come from it, and training reads each batch "
+        "from it; peak memory does not grow with the row count (beyond 8 bytes of split and "
+        "epoch index per row)")
     g.add_argument("--stream", action="store_true", help="train from encoded rows on disk")
     g.add_argument("--work-dir", default=None,
                    help="folder for the encoded rows and a spilled best state (default: a "

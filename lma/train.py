@@ -84,8 +84,9 @@ class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
     out: str | None = None
     progress: bool = True
-    # Out of core: encode the rows once to a memory-mapped file in work_dir (default: a temporary
-    # folder, removed at the end) and train from it; peak memory does not grow with the rows.
+    # Out of core: encode the rows once to a file in work_dir (default: a temporary folder,
+    # removed at the end) and train from it, reading each batch (lma.data.store); peak memory
+    # does not grow with the rows beyond the split and epoch indices (8 bytes per row each).
     stream: bool = False
     work_dir: str | None = None
     epoch_rows: int | None = None  # train on at most this many (shuffled) rows per epoch
@@ -617,6 +618,7 @@ class _Loop:
                     bar.set_postfix(loss=f"{running_t.item():.4f}",
                                     rows_s=f"{bar.n / max(el, 1e-9):,.0f}")
             bar.close()
+            del perm, perm_t  # 8 bytes per row: not held through validation and the next draw
             running = float(running_t)
             self.train_time += time.perf_counter() - t0
             self.rows_seen += n_use

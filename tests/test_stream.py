@@ -238,3 +238,33 @@ def test_vocab_from_adds_a_value_set_to_the_vocabulary(tmp_path):
     for f in range(26):  # every training token keeps its row
         assert np.isin(plain.feature_map.tokens[f], wide.feature_map.tokens[f]).all()
     assert wide.feature_map.meta["merged"]["untrained"]
+
+
+def test_signature_sample_script_reports_a_trained_checkpoint(tmp_path):
+    # scripts/signature_sample.py on a streaming run's rows: computed tables per sample size,
+    # and with --checkpoints the trained run's own table beside its test AUC.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    work, out = tmp_path / "w", tmp_path / "lma"
+    res = train_model(_cfg(embedding="lma", compression=4, options={"sample_rows": 1000},
+                           stream=True, work_dir=str(work), out=str(out), epochs=1))
+    script = [sys.executable, str(root / "scripts" / "signature_sample.py"), str(work),
+              "--fractions", "0.8,0.1,0.1", "--seed", "0"]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    got = subprocess.run([*script, "--samples", "500,1000"], capture_output=True, text=True,
+                         env=env, check=True).stdout.splitlines()
+    sizes = [json.loads(line) for line in got]
+    assert [r["sample_rows"] for r in sizes] == [500, 1000]
+    assert sizes[0]["signed_tokens"] < sizes[1]["signed_tokens"]
+    assert 0 < sizes[0]["test_occurrences_covered"] < sizes[1]["test_occurrences_covered"] <= 1
+    got = subprocess.run([*script, "--checkpoints", str(out)], capture_output=True, text=True,
+                         env=env, check=True).stdout.splitlines()
+    (row,) = [json.loads(line) for line in got]
+    assert row["sample_rows"] == 1000 and row["test_auc"] == res.metrics["test_auc"]
+    # The trained table is the one computed from the same 1000-row sample.
+    assert row["signed_tokens"] == sizes[1]["signed_tokens"]
+    assert row["test_occurrences_covered"] == sizes[1]["test_occurrences_covered"]
