@@ -229,6 +229,15 @@ def bucket_pair(keys: np.ndarray, n_buckets: int) -> np.ndarray:
     return np.stack([b0, b1], axis=1).astype(np.int64)
 
 
+def _bucket_pairs(keys: np.ndarray, n_buckets: int, chunk: int = 1 << 20) -> np.ndarray:
+    """:func:`bucket_pair` of many keys, a chunk at a time, so its temporaries (~50 bytes per
+    key) are those of one chunk, not of a whole vocabulary."""
+    out = np.empty((len(keys), 2), np.int64)
+    for a in range(0, len(keys), chunk):
+        out[a : a + chunk] = bucket_pair(keys[a : a + chunk], n_buckets)
+    return out
+
+
 def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndarray | None:
     """Choice (0/1) per key so that no bucket holds more than BUCKET keys, or None.
 
@@ -236,9 +245,8 @@ def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndar
     the BUCKET keys whose other bucket is fullest and moves the rest to their other bucket.
     """
     n = len(b)
-    choice = np.zeros(n, dtype=np.int64)
+    choice = np.zeros(n, dtype=np.int8)
     rng = np.random.default_rng(seed)
-    rows = np.arange(n)
     bid = b[:, 0].copy()
     for _ in range(max_rounds):
         counts = np.bincount(bid, minlength=n_buckets)
@@ -255,7 +263,7 @@ def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndar
         rank = np.arange(len(sb)) - np.repeat(starts, np.diff(np.r_[starts, len(sb)]))
         move = over[order[rank >= BUCKET]]
         choice[move] ^= 1
-        bid[move] = b[rows[move], choice[move]]
+        bid[move] = b[move, choice[move]]
     return None
 
 
@@ -291,23 +299,34 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
         order = np.argsort(keys, kind="stable")
         keys, values = keys[order], values[order]
     first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
-    uniq, vals = keys[first], values[first]  # stable: the first value of a repeated key
+    if first.all():
+        uniq, vals = keys, values  # the usual case (a vocabulary): no copies
+    else:
+        uniq, vals = keys[first], values[first]  # stable: the first value of a repeated key
+    del first
     n = len(uniq)
     n_buckets = max(MIN_BUCKETS, -(-n // max(1, int(BUCKET * load))) if n else MIN_BUCKETS)
     n_buckets = max(n_buckets, -(-n // BUCKET) + 1)
     attempt = 0
     while True:
-        b = bucket_pair(uniq, n_buckets) if n else np.zeros((0, 2), np.int64)
+        b = _bucket_pairs(uniq, n_buckets)
         choice = _place(b, n_buckets, seed + attempt, max_rounds)
         if choice is not None:
             break
+        del b
         attempt += 1
         n_buckets += max(1, n_buckets // 50)
-    bid = b[np.arange(n), choice] if n else np.zeros(0, np.int64)
+    # Each intermediate is dropped once used: at a 43M-key vocabulary each is 350 MB, and this
+    # build is what peaked full-table training (docs/RESULTS.md, "Full-table training peak").
+    bid = np.where(choice == 1, b[:, 1], b[:, 0])
+    del b, choice
     order = np.argsort(bid, kind="stable")
     sb = bid[order]
+    del bid
     starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]]) if n else np.zeros(0, np.int64)
-    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n])) if n else starts
+    rank = np.arange(n)
+    rank -= np.repeat(starts, np.diff(np.r_[starts, n]))
+    del starts
     f1, pair1 = _filler(uniq, n_buckets, set(), 0)
     f2, _ = _filler(uniq, n_buckets, set(pair1), f1 + 1)
     table = np.zeros((n_buckets, ROW), dtype=np.int64)
