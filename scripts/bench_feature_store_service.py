@@ -14,7 +14,9 @@ time over one keep-alive connection, four ranking requests per candidate count, 
 - candidate entities: the same with each candidate's ``"entities": {"device_id": D}``.
 
 Each entity request's answer is checked against its inline twin. Prints a markdown table of
-client-side latency (ms) and the p50 difference, the feature store's cost per request.
+client-side latency (ms), the p50 difference (the feature store's cost per request), and the
+server's own time in the store call per request (``lma_feature_store_seconds``, read from
+``/metrics`` around each entity request, outside its timing).
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, dict]:
     return dt, json.loads(data)
 
 
+def _store_seconds(port: int) -> tuple[float, float]:
+    """(sum, count) of the server's lma_feature_store_seconds histogram."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("lma_feature_store_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lma_feature_store_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=None, help="model repository holding avazu_lma/1")
@@ -151,6 +167,7 @@ def main() -> None:
             }.items()}
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         times: dict[tuple[int, str], list[float]] = {}
+        store: dict[tuple[int, str], list[float]] = {}  # server-side store call per request
         for n, bodies in kinds.items():
             answers = {k: _post(conn, b)[1] for k, b in bodies.items()}
             for a, b in (("request entity", "inline context"),
@@ -162,22 +179,31 @@ def main() -> None:
                     _post(conn, b)
             for _ in range(args.reps):
                 for k, b in bodies.items():
+                    before = _store_seconds(port) if "entit" in k else None
                     times.setdefault((n, k), []).append(_post(conn, b)[0])
+                    if before is not None:
+                        after = _store_seconds(port)
+                        if after[1] - before[1] != 1:
+                            raise SystemExit(f"{k}: {after[1] - before[1]} store calls, not 1")
+                        store.setdefault((n, k), []).append(after[0] - before[0])
         print(f"Feature store through the service: one uvicorn worker (onnxruntime, 1 thread), "
               f"local redis-server, {args.reps} requests per kind and size, one at a time, "
               f"interleaved; {os.cpu_count()} cores. Client-side latency in ms.")
         print()
-        print("| candidates | features | inline p50 / p99 | entities p50 / p99 | entities - inline, p50 |")
-        print("|---|---|---|---|---|")
+        print("| candidates | features | inline p50 / p99 | entities p50 / p99 | entities - inline, "
+              "p50 | store call in the server, p50 / p99 |")
+        print("|---|---|---|---|---|---|")
         for n in SIZES:
             for label, a, b in (("request's (1 key)", "request entity", "inline context"),
                                 (f"per candidate ({n} key{'s' if n > 1 else ''})",
                                  "candidate entities", "inline candidates")):
                 e = np.array(times[(n, a)]) * 1e3
                 i = np.array(times[(n, b)]) * 1e3
+                f = np.array(store[(n, a)]) * 1e3
                 print(f"| {n} | {label} | {np.percentile(i, 50):.3f} / {np.percentile(i, 99):.3f} "
                       f"| {np.percentile(e, 50):.3f} / {np.percentile(e, 99):.3f} "
-                      f"| {np.percentile(e, 50) - np.percentile(i, 50):+.3f} |")
+                      f"| {np.percentile(e, 50) - np.percentile(i, 50):+.3f} "
+                      f"| {np.percentile(f, 50):.3f} / {np.percentile(f, 99):.3f} |")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
