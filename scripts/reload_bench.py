@@ -6,7 +6,7 @@ Serves ``BUNDLE`` as version 1 of a model repository from two server processes (
 admin token, B not; both subscribed to one reload channel), with client threads sending
 16-row requests to every server all the time, and measures:
 
-1. admin route: version 2 published (one rename), then ``POST /v1/models/NAME/reload`` on A;
+1. admin route (parts 1-2 are a timing benchmark: run them under the shared lock): version 2 published (one rename), then ``POST /v1/models/NAME/reload`` on A;
    the time from that call to the first answer from A carrying version 2 (and the route's own
    load, warm-up and drain seconds);
 2. pub/sub: version 3 published, then one ``PUBLISH`` on the channel; per server, the time from
@@ -121,6 +121,8 @@ def main() -> int:
     ap.add_argument("bundle")
     ap.add_argument("--name", default="m")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only part 3, on server A alone (not a timing benchmark)")
     args = ap.parse_args()
     bundle = Path(args.bundle).resolve()
     name = args.name
@@ -136,70 +138,13 @@ def main() -> int:
     servers: list[Server] = []
     try:
         servers = [Server(str(work / "repo"), work / f"{x}.log", admin_token=TOKEN if x == "a"
-                          else None, redis_url=rs.url, reload_channel=channel) for x in "ab"]
+                          else None, redis_url=rs.url, reload_channel=channel)
+                   for x in ("a" if args.memory_only else "ab")]
         for s in servers:
             s.wait_ready(600)
-        client = redis.Redis.from_url(rs.url)
-        while dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) < 2:
-            time.sleep(0.05)
-        a = servers[0]
-        with Clients(servers, name, rows) as load:
-            time.sleep(2.0)
-            # 1. admin route on A
-            publish(bundle, model_dir, "2")
-            t0 = time.monotonic()
-            r = requests.post(f"{a.url}/v1/models/{name}/reload", headers=AUTH, timeout=600)
-            t_route = time.monotonic() - t0
-            assert r.status_code == 200, r.text
-            first = load.wait_first(0, "2", t0)
-            report["admin"] = {"publish_to_first_answer_s": round(first - t0, 3),
-                               "route_seconds": round(t_route, 3), **r.json()["loaded"],
-                               "drain_seconds": r.json()["drain_seconds"]}
-            time.sleep(2.0)
-            # 2. pub/sub to A and B
-            publish(bundle, model_dir, "3")
-            t0 = time.monotonic()
-            n = client.publish(channel, json.dumps({"v": 1, "model": name}))
-            firsts = [load.wait_first(i, "3", t0) for i in range(2)]
-            report["pubsub"] = {"receivers": n, "publish_to_first_answer_s":
-                                [round(f - t0, 3) for f in firsts]}
-            deadline = time.monotonic() + 600
-            while any(serving(s, name) != "3" for s in servers) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(2.0)
-        report["failed_requests_during_reloads"] = load.failed
-        report["answers"] = [len(x) for x in load.answers]
-        # 3. memory on A (no client load, so the numbers are the models' own); B stopped, so no
-        # page of a weights file is shared with another process and USS counts it too
-        servers[1].stop()
-        time.sleep(2.0)
-        report["memory_one_version"] = mem(a)
-        publish(bundle, model_dir, "4")
-        held, rest = held_request(a, name)
-        res: dict[str, object] = {}
-        th = threading.Thread(target=lambda: res.update(r=requests.post(
-            f"{a.url}/v1/models/{name}/reload", headers=AUTH, timeout=600)))
-        th.start()
-        while serving(a, name) != "4":
-            time.sleep(0.05)
-        time.sleep(1.0)
-        report["memory_two_versions"] = mem(a)
-        held.sendall(rest)
-        held.settimeout(30)
-        data = b""
-        while b'"version"' not in data:
-            chunk = held.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        held.close()
-        answer = data.decode(errors="replace")
-        th.join(600)
-        report["held_request_answer"] = answer.split("\r\n\r\n", 1)[-1][:200]
-        report["reload_answer"] = res["r"].json()  # type: ignore[union-attr]
-        time.sleep(2.0)
-        report["memory_after_unload"] = mem(a)
-        report["failed_requests"] = load.failed
+        if not args.memory_only:
+            timing(report, servers, rs, channel, bundle, model_dir, name, rows)
+        memory(report, servers, bundle, model_dir, name)
     finally:
         for s in servers:
             s.stop()
@@ -209,8 +154,79 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    assert report["failed_requests"] == 0
+    assert report.get("failed_requests", 0) == 0
     return 0
+
+
+def timing(report: dict, servers: list[Server], rs: RedisServer, channel: str, bundle: Path,
+           model_dir: Path, name: str, rows: list[dict]) -> None:
+    """Parts 1 and 2 (a timing benchmark: run it under the shared lock)."""
+    a = servers[0]
+    client = redis.Redis.from_url(rs.url)
+    while dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) < 2:
+        time.sleep(0.05)
+    with Clients(servers, name, rows) as load:
+        time.sleep(2.0)
+        # 1. admin route on A
+        publish(bundle, model_dir, "2")
+        t0 = time.monotonic()
+        r = requests.post(f"{a.url}/v1/models/{name}/reload", headers=AUTH, timeout=600)
+        t_route = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        first = load.wait_first(0, "2", t0)
+        report["admin"] = {"publish_to_first_answer_s": round(first - t0, 3),
+                           "route_seconds": round(t_route, 3), **r.json()["loaded"],
+                           "drain_seconds": r.json()["drain_seconds"]}
+        time.sleep(2.0)
+        # 2. pub/sub to A and B
+        publish(bundle, model_dir, "3")
+        t0 = time.monotonic()
+        n = client.publish(channel, json.dumps({"v": 1, "model": name}))
+        firsts = [load.wait_first(i, "3", t0) for i in range(2)]
+        report["pubsub"] = {"receivers": n, "publish_to_first_answer_s":
+                            [round(f - t0, 3) for f in firsts]}
+        deadline = time.monotonic() + 600
+        while any(serving(s, name) != "3" for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+    report["failed_requests"] = load.failed
+    report["answers"] = [len(x) for x in load.answers]
+    # B stopped before the memory part, so no page of a weights file is shared with another
+    # process and USS counts it too.
+    servers[1].stop()
+
+
+def memory(report: dict, servers: list[Server], bundle: Path, model_dir: Path, name: str
+           ) -> None:
+    """Part 3 on A, without client load, so the numbers are the models' own."""
+    a = servers[0]
+    new = str(max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1)
+    time.sleep(2.0)
+    report["memory_one_version"] = mem(a)
+    publish(bundle, model_dir, new)
+    held, rest = held_request(a, name)
+    res: dict[str, object] = {}
+    th = threading.Thread(target=lambda: res.update(r=requests.post(
+        f"{a.url}/v1/models/{name}/reload", headers=AUTH, timeout=600)))
+    th.start()
+    while serving(a, name) != new:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    report["memory_two_versions"] = mem(a)
+    held.sendall(rest)
+    held.settimeout(30)
+    data = b""
+    while b'"version"' not in data:
+        chunk = held.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    held.close()
+    th.join(600)
+    report["held_request_answer"] = data.decode(errors="replace").split("\r\n\r\n", 1)[-1][:200]
+    report["reload_answer"] = res["r"].json()  # type: ignore[union-attr]
+    time.sleep(2.0)
+    report["memory_after_unload"] = mem(a)
 
 
 if __name__ == "__main__":
