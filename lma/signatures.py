@@ -48,6 +48,7 @@ SET_KINDS = ("rows", "cooccur")
 DEFAULT_SAMPLE_ROWS = 125_000
 DEFAULT_MIN_COUNT = 2
 _UMAX = np.uint64(np.iinfo(np.uint64).max)
+_PACK_TOKENS = 1 << 18  # tokens per block when packing the minhashes into signatures
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -294,8 +295,13 @@ def compute_signatures(
 
     has_set = mins[0] != _UMAX  # cooccur: tokens that never met another field's element
     shifts = (np.arange(NIBBLES, dtype=np.uint64) * np.uint64(SUBKEY_BITS))[:, None]
-    nib = _mix64(mins ^ salts[NIBBLES:, None]) & np.uint64((1 << SUBKEY_BITS) - 1)  # (16, U)
-    sig = np.bitwise_or.reduce(nib << shifts, axis=0).view(np.int64)  # (U,)
+    sig = np.empty(len(vocab), np.int64)
+    # Packed a block of tokens at a time: the mixing's (16, block) temporaries, not (16, U) ones.
+    for a in range(0, len(vocab), _PACK_TOKENS):
+        m = mins[:, a : a + _PACK_TOKENS]
+        nib = _mix64(m ^ salts[NIBBLES:, None]) & np.uint64((1 << SUBKEY_BITS) - 1)  # (16, u)
+        sig[a : a + m.shape[1]] = np.bitwise_or.reduce(nib << shifts, axis=0).view(np.int64)
+    del mins
     meta["n_tokens"] = int(has_set.sum())
     logger.info(
         "signatures (%s): %d tokens signed from %d sampled rows (%d distinct tokens seen)",

@@ -207,3 +207,18 @@ def test_table_accepts_tokens_far_apart():
 
     t = SignatureTable(np.array([-(2**63) + 5, 2**63 - 7], dtype=np.int64), np.array([1, 2]))
     assert t.lookup(np.array([2**63 - 7]))[0] == 2
+
+
+def test_blockwise_packing_and_chunked_counts_change_nothing(monkeypatch) -> None:
+    # Signatures are packed a block of tokens at a time and the sample is counted chunk by
+    # chunk; tiny blocks and chunks must give the table of one block and one chunk.
+    import lma.signatures as sig_mod
+
+    tok = np.random.default_rng(3).integers(1, 400, size=(2000, 4)).astype(np.int64)
+    tok[::7, 2] = 0  # padding
+    ref = compute_signatures(tok, n_sample_rows=1500, seed=4, chunk_rows=100_000)
+    monkeypatch.setattr(sig_mod, "_PACK_TOKENS", 7)
+    got = compute_signatures(tok, n_sample_rows=1500, seed=4, chunk_rows=33)
+    assert len(ref) > 7 * 10
+    np.testing.assert_array_equal(ref.tokens, got.tokens)
+    np.testing.assert_array_equal(ref.signatures, got.signatures)
