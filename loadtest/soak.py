@@ -8,7 +8,8 @@ settings and pinning as ``lma bench serve``), the open loop of :mod:`loadtest.op
 ``--rate`` requests/s in consecutive windows of ``--every`` s (latency from each request's
 intended send time; each window waits for its last answers, so windows are ``--every`` s plus at
 most one request's latency apart), the server's RSS (psutil, with its children) read at the end
-of each window. Output under ``--out/<timestamp>/``: ``soak.json``, ``soak.md``, ``soak.png``.
+of each window. Output under ``--out/<timestamp>/``: ``soak.json``, ``soak.md``, ``soak.png``
+(``python -m loadtest.soak render DIR`` writes the last two and the summary again from the JSON).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
     third = max(1, len(measured) // 3)
     first, last = float(np.nanmedian(p99[:third])), float(np.nanmedian(p99[-third:]))
     errors = sum(sum(s["errors"].values()) for s in samples)
+    errors_after = sum(sum(s["errors"].values()) for s in measured)
     growth = float(rss[-1] / base - 1.0)
     drift = last / first if first > 0 else math.nan
     return {
@@ -78,6 +80,7 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
         "requests": int(sum(s["sent"] for s in samples)),
         "ok": int(sum(s["ok"] for s in samples)),
         "errors": int(errors),
+        "errors_after_warmup": int(errors_after),
         "p50_ms_median": float(np.nanmedian(p50)),
         "p99_ms_median": float(np.nanmedian(p99)),
         "p99_ms_max": float(np.nanmax(p99)),
@@ -180,7 +183,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| highest RSS after warm-up | {sm['rss_max_after_warmup'] / 1e6:.1f} MB "
         f"({sm['rss_max_growth']:+.2%}) |",
         f"| RSS trend after warm-up (least squares) | {sm['rss_slope_mb_per_min']:+.3f} MB/min |",
-        f"| requests / answered / errors | {sm['requests']} / {sm['ok']} / {sm['errors']} |",
+        f"| requests / answered / errors | {sm['requests']} / {sm['ok']} / {sm['errors']} "
+        f"({sm.get('errors_after_warmup', '-')} after warm-up) |",
         f"| window p50, median | {sm['p50_ms_median']:.2f} ms |",
         f"| window p99, median / max | {sm['p99_ms_median']:.2f} / {sm['p99_ms_max']:.2f} ms |",
         f"| window p99, first / last third (median) | {sm['p99_ms_first_third']:.2f} / "
@@ -228,6 +232,16 @@ def run_soak(bundle: Path, label: str, server: ServerSettings, load: LoadSetting
     (run_dir / "soak.md").write_text(markdown(report))
     logger.info("soak report written to %s", run_dir)
     return run_dir
+
+
+def render(run_dir: Path) -> None:
+    """Summary, ``soak.md`` and ``soak.png`` again from ``soak.json`` (after a change to them)."""
+    path = run_dir / "soak.json"
+    report = json.loads(path.read_text())
+    report["summary"] = summarise(report["samples"], report["summary"]["warmup_s"])
+    path.write_text(json.dumps(report, indent=1, default=str))
+    write_plot(report, run_dir)
+    (run_dir / "soak.md").write_text(markdown(report))
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -285,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     from lma.cli import run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["render"]:  # python -m loadtest.soak render REPORT_DIR
+        render(Path(argv[1]))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m loadtest.soak")
     add_arguments(parser)
     parser.set_defaults(func=cmd_soak, command="bench soak")

@@ -30,8 +30,10 @@ def test_verdicts() -> None:
     s = summarise(drifting, warmup_s=20)
     assert s["p99_drift"] > 1.5 and not s["verdicts"][
         "p99 steady (last third / first third <= 1.5)"]
-    assert not summarise([*flat[:-1], _window(120, 200, 20, errors=2)], 20)["verdicts"][
-        "no errors"]
+    late = summarise([*flat[:-1], _window(120, 200, 20, errors=2)], 20)
+    assert not late["verdicts"]["no errors"] and late["errors_after_warmup"] == 2
+    early = summarise([_window(10, 200, 20, errors=3), *flat[1:]], 20)
+    assert early["errors"] == 3 and early["errors_after_warmup"] == 0
 
 
 def test_soak_smoke(tmp_path: Path) -> None:
@@ -61,3 +63,5 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert s["errors"] == 0 and s["verdicts"]["no errors"] and s["measured_windows"] == 2
     assert report["table_dtype"] == "float32" and report["kind"] == "lma"
     assert "shared 2-core machine" in (run_dir / "soak.md").read_text()
+    (run_dir / "soak.md").unlink()
+    assert main(["render", str(run_dir)]) == 0 and (run_dir / "soak.md").is_file()
