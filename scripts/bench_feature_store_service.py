@@ -143,9 +143,18 @@ def main() -> None:
         def ready() -> bool:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             c.request("GET", "/v2/health/ready")
-            return c.getresponse().status == 200
+            resp = c.getresponse()
+            body = json.loads(resp.read() or b"{}")
+            if body.get("error"):
+                raise SystemExit(f"the server cannot serve the model: {body['error']}")
+            return resp.status == 200
 
-        _wait(ready, "the server")
+        def ready_or_exit() -> bool:
+            if procs[-1].poll() is not None:
+                raise SystemExit(f"the server exited:\n{(work / 'server.log').read_text()}")
+            return ready()
+
+        _wait(ready_or_exit, "the server")
         latest = _latest(avazu)
         devices = [d for d in sorted(latest) if d != "a99f214a"]
         apps = sorted({r["app_id"] for r in latest.values()})
