@@ -5,7 +5,7 @@ It answers three questions about a server left running: does its memory keep gro
 warm-up (target: less than 5% between the end of warm-up and the end), does it answer every
 request, and does its tail latency stay where it started. One real uvicorn process (the same
 settings and pinning as ``lma bench serve``), the open loop of :mod:`loadtest.openloop` offering
-``--rate`` requests/s in consecutive windows of ``--every`` s (latency from each request's
+``--rate`` requests/s in ``ceil(--seconds / --every)`` consecutive windows of ``--every`` s (latency from each request's
 intended send time; each window waits for its last answers, so windows are ``--every`` s plus at
 most one request's latency apart), the server's RSS (psutil, with its children) read at the end
 of each window. Output under ``--out/<timestamp>/``: ``soak.json``, ``soak.md``, ``soak.png``
@@ -103,10 +103,12 @@ async def _soak(url: str, payloads: list[Any], rate: float, seconds: float, ever
     samples: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     async with new_session(load.connections) as session:
-        w = 0
-        while time.perf_counter() - t0 < seconds - 1e-3:
+        # A fixed number of full windows: each one also waits for its last answers, so a loop
+        # on the elapsed time would end with slivers of windows that send nothing.
+        n_windows = max(1, math.ceil(seconds / every - 1e-9))
+        for w in range(n_windows):
             start = time.perf_counter() - t0
-            span = min(every, seconds - start)
+            span = min(every, seconds - w * every)
             r = await run_rate(url, payloads, rate, span, session=session,
                                timeout_s=load.timeout_s, max_in_flight=load.max_in_flight,
                                seed=load.seed + w)
@@ -120,7 +122,6 @@ async def _soak(url: str, payloads: list[Any], rate: float, seconds: float, ever
             logger.info("  t=%5.0f s  RSS %.1f MB  p50 %.2f ms  p99 %.2f ms  %d/%d ok",
                         samples[-1]["t_s"], samples[-1]["rss"] / 1e6, lat.get("p50", math.nan),
                         lat.get("p99", math.nan), s["ok"], s["sent"])
-            w += 1
     return samples
 
 
