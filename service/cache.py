@@ -37,6 +37,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from service.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
@@ -91,15 +93,14 @@ class PredictionCache:
             url, socket_timeout=self.timeout_s * 5, socket_connect_timeout=self.timeout_s * 5,
             max_connections=max_connections, retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False, decode_responses=False)
-        self._down_until = 0.0
-        self._next_backoff = self.backoff_s
+        self._backoff = Backoff(self.backoff_s, self.max_backoff_s)
         self.last_error: str | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._counts: dict[str, list[int]] = {}  # model -> [hits, rows looked up]
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self._backoff.open
 
     def describe(self) -> dict[str, Any]:
         return {"layout": PREFIX, "ttl_seconds": self.ttl_ms / 1000,
@@ -202,13 +203,12 @@ class PredictionCache:
         self.last_error = f"{type(exc).__name__}: {exc}"
         reason = "timeout" if isinstance(exc, TimeoutError) else "error"
         self.metrics.cache_errors.labels(op, reason).inc()
-        self._down_until = time.monotonic() + self._next_backoff
+        pause = self._backoff.failed()
         log.warning("prediction cache: %s failed (%s); skipped for %.1f s", op, self.last_error,
-                    self._next_backoff)
-        self._next_backoff = min(self._next_backoff * 2, self.max_backoff_s)
+                    pause)
 
     def _ok(self) -> None:
-        self._next_backoff = self.backoff_s
+        self._backoff.succeeded()
         self.last_error = None
 
 

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from lma.records import canonical_text
 from lma.schema import Schema
+from service.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +358,7 @@ class FeatureStore:
         # pipeline of one HGETALL per key (redis-py builds and parses each command in Python).
         # The keys of one call must live on one server (no Redis Cluster across slots).
         self._hgetall_many = self._client.register_script(_HGETALL_MANY)
-        self._down_until = 0.0
-        self._next_backoff = self.backoff_s
+        self._backoff = Backoff(self.backoff_s, self.max_backoff_s)
         self.reachable: bool | None = None  # None until the first call
         self.last_error: str | None = None  # kept after recovery, with its time
         self.last_error_at: float | None = None  # time.time()
@@ -368,7 +368,7 @@ class FeatureStore:
     @property
     def available(self) -> bool:
         """False while backing off after a failure."""
-        return time.monotonic() >= self._down_until
+        return self._backoff.open
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -439,7 +439,7 @@ class FeatureStore:
             self.stats.errors += 1
             raise FeatureStoreError(
                 f"feature store {self._safe_url()} unavailable (retrying in "
-                f"{self._down_until - time.monotonic():.1f} s): {self.last_error}",
+                f"{self._backoff.remaining_s():.1f} s): {self.last_error}",
                 kind="backoff",
             )
         budget = self.timeout_s if timeout_s is None else float(timeout_s)
@@ -471,7 +471,7 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"feature store {self._safe_url()}: {self.last_error}", kind=kind
             ) from e
-        self._next_backoff = self.backoff_s
+        self._backoff.succeeded()
         self.reachable = True
         self.last_ok_at = time.time()
         return out
@@ -480,14 +480,13 @@ class FeatureStore:
         self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         self.last_error_at = time.time()
         self.reachable = False
-        self._down_until = time.monotonic() + self._next_backoff
-        self._next_backoff = min(self._next_backoff * 2, self.max_backoff_s)
+        self._backoff.failed()
         log.warning("feature store %s: %s", self._safe_url(), self.last_error)
 
     def status(self) -> dict[str, Any]:
         """What readiness details show: reachable (None before the first call), the last error
         and when, back-off left, counts."""
-        wait = self._down_until - time.monotonic()
+        wait = self._backoff.remaining_s()
         return {
             "url": self._safe_url(),
             "reachable": self.reachable,
