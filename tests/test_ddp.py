@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,10 @@ import torch
 
 from lma.checkpoint import load_checkpoint
 from lma.train import TrainConfig, train_model
+from tests.service_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None,
@@ -41,7 +35,7 @@ def test_two_gloo_processes_match_single_process(tmp_path, extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [str(TORCHRUN if TORCHRUN.exists() else shutil.which("torchrun")), "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lma.cli", "-q",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lma.cli", "-q",
          "train", "--ddp", *args, "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.service_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -446,7 +447,7 @@ def test_entry_point_and_healthcheck_in_a_serving_only_venv(trained_repo, tmp_pa
         probe = _run([str(py), "-c", f"import {heavy}"], cwd=tmp_path)
         assert probe.returncode != 0, f"{heavy} is importable from the serving extras alone"
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMA_", "PYTHON"))}
     env.update(  # the serving image's ENV, with a loopback address and a free port
         PATH=f"{venv / 'bin'}:/usr/bin:/bin",
@@ -491,12 +492,6 @@ def test_entry_point_and_healthcheck_in_a_serving_only_venv(trained_repo, tmp_pa
     text = (tmp_path / "server.log").read_text()
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in text, text
     assert _run(health, env=env, cwd=tmp_path).returncode == 1, "healthy after the server stopped"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------------

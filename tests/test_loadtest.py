@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from loadtest.payloads import (
     encode_bytes_tensor,
     load_request_set,
 )
+from tests.service_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
@@ -152,12 +152,6 @@ def test_open_loop_counts_queueing_behind_a_slow_server():
 # ---- against a real server ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A model repository holding one small LMA model trained on synthetic rows."""
@@ -183,7 +177,7 @@ def tiny_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_repo, tmp_path_factory) -> Iterator[str]:
     pytest.importorskip("service.main", reason="the service (issue 8) is not on main yet")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMA_SERVE_")}
     # These tests check the load tools, not the server's speed: a deadline far above the
