@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -25,13 +24,10 @@ from lma.data import data_root, open_source
 from lma.schema import avazu_schema
 from service.feature_store import FeatureStore, RedisFeatureSource, load_features
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.service_fixtures import REDIS_SERVER, RedisServer  # noqa: E402
+
 SIZES = (1, 100, 1000)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _measure(url: str, devices: list[str], reps: int) -> list[str]:
@@ -70,34 +66,13 @@ def main() -> None:
     ap.add_argument("--redis", default=None, help="an existing Redis (default: start one)")
     ap.add_argument("--reps", type=int, default=300)
     args = ap.parse_args()
-    proc = None
+    local = None
     url = args.redis
     if url is None:
-        server = shutil.which("redis-server")
-        if server is None:
+        if REDIS_SERVER is None:
             raise SystemExit("redis-server is not installed (or pass --redis URL)")
-        port = _free_port()
-        proc = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        for _ in range(100):
-            try:
-                if redis.Redis.from_url(url).ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
+        local = RedisServer().start()
+        url = local.url
     try:
         path = data_root() / "avazu" / "train_9999.csv"
         summary = load_features(open_source(f"avazu:{path}"), ["device_id"], url)
@@ -118,9 +93,8 @@ def main() -> None:
         print()
         print("\n".join(lines))
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        if local is not None:
+            local.kill()
 
 
 if __name__ == "__main__":

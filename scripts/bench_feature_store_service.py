@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,14 +37,11 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from tests.service_fixtures import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+
 MODEL = "avazu_lma"
 SIZES = (1, 100)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _latest(path: Path) -> dict[str, dict[str, str]]:
@@ -107,31 +103,25 @@ def main() -> None:
     ap.add_argument("--repo", default=None, help="model repository holding avazu_lma/1")
     ap.add_argument("--reps", type=int, default=300, help="requests per kind and size")
     args = ap.parse_args()
-    server = shutil.which("redis-server")
-    if server is None:
+    if REDIS_SERVER is None:
         raise SystemExit("redis-server is not installed")
     from lma.data import data_root
 
     avazu = data_root() / "avazu" / "train_9999.csv"
     work = Path(tempfile.mkdtemp(prefix="bench_fs_"))
     procs: list[subprocess.Popen] = []
+    redis_server = None
     try:
         repo = Path(args.repo) if args.repo else work / "repo"
         if args.repo is None:
             _run("train", "--data", f"avazu:{avazu}", "--embedding", "lma", "--compression", "16",
                  "--epochs", "1", "--threads", "1", "--out", str(work / "run"))
             _run("export", str(work / "run"), "--out", str(repo / MODEL / "1"), "--name", MODEL)
-        rport = _free_port()
-        procs.append(subprocess.Popen([server, "--port", str(rport), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no"],
-                                      stdout=subprocess.DEVNULL))
-        url = f"redis://127.0.0.1:{rport}/0"
-        import redis
-
-        _wait(lambda: redis.Redis.from_url(url).ping(), "redis-server")
+        redis_server = RedisServer().start()
+        url = redis_server.url
         _run("features", "load", "--data", f"avazu:{avazu}", "--entity", "device_id",
              "--redis", url, "--quiet")
-        port = _free_port()
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LMA_SERVE_")}
         env |= {"LMA_SERVE_MODELS": str(repo), "REDIS_URL": url, "LMA_SERVE_THREADS": "1"}
         log = open(work / "server.log", "w")  # noqa: SIM115 - closed with the process
@@ -221,6 +211,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if redis_server is not None:
+            redis_server.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 
