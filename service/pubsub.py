@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from service.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 MESSAGE_VERSION = 1
@@ -121,7 +123,7 @@ class ReloadListener:
     async def _run(self) -> None:
         import redis.asyncio as aioredis
 
-        delay = self.backoff_s
+        backoff = Backoff(self.backoff_s, self.max_backoff_s)
         attempt = 0
         while True:
             attempt += 1
@@ -132,7 +134,7 @@ class ReloadListener:
                 await pubsub.subscribe(self.channel)
                 self._connected(True)
                 log.info("subscribed to reload channel %r", self.channel)
-                delay = self.backoff_s
+                backoff.succeeded()
                 if attempt > 1:
                     self._spawn("", True)
                 while True:
@@ -145,6 +147,7 @@ class ReloadListener:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._connected(False)
                 self.metrics.reload_listener_reconnects.inc()
+                delay = backoff.failed()
                 log.warning("reload channel %r: %s; reconnecting in %.1f s", self.channel,
                             self.last_error, delay)
             finally:
@@ -152,8 +155,7 @@ class ReloadListener:
                     await pubsub.aclose()
                 with contextlib.suppress(Exception):
                     await client.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
+            await asyncio.sleep(backoff.remaining_s())
 
     def _connected(self, on: bool) -> None:
         self.connected = on
