@@ -5,10 +5,15 @@ from lma.ops.hashed_gather import (
     GatherConstants,
     HashedGatherConfig,
     hashed_gather,
+    hot_gather,
     slot_indices_torch,
 )
 from lma.ops.key_lookup import KeyLookup, key_lookup, key_lookup_reference
-from lma.ops.reference import hashed_gather_backward_reference, hashed_gather_reference
+from lma.ops.reference import (
+    hashed_gather_backward_reference,
+    hashed_gather_reference,
+    hot_gather_reference,
+)
 
 __all__ = [
     "Backend",
@@ -19,6 +24,8 @@ __all__ = [
     "hashed_gather",
     "hashed_gather_backward_reference",
     "hashed_gather_reference",
+    "hot_gather",
+    "hot_gather_reference",
     "implementation",
     "key_lookup",
     "key_lookup_reference",

@@ -5,8 +5,13 @@ Ops (their schemas are fixed: saved programs, ``model.pt2``, refer to them):
                        nibble_w (16,nb), dim, z, mode, aligned) -> (..., dim)
     lma::hashed_gather_backward(grad (..., dim), keys, coef_a, coef_b, nibble_w, m, dim, z, mode,
                                 aligned) -> (M,) dense gradient (scatter-add)
+    lma::hot_gather(memory (M,), hot (H, dim), index (...) int64, keys (...) int64, coef_a,
+                    coef_b, nibble_w, dim, z, mode, aligned) -> (..., dim): hot[index] where
+                    index >= 0, else exactly lma::hashed_gather of keys (the serving form of an
+                    LMA embedding whose signed tokens' rows were computed at export; inference
+                    only: its backward raises)
 
-Both have fake (meta) implementations, so they trace under ``torch.compile`` and ``torch.export``;
+All have fake (meta) implementations, so they trace under ``torch.compile`` and ``torch.export``;
 the forward's autograd formula calls the backward op. Inside, the flat arguments become one
 :class:`HashedGatherConfig` and one :class:`GatherConstants`, and :func:`implementation` picks,
 once per call, the :class:`Backend` for the tensors' device: CUDA -> Triton kernels
@@ -29,6 +34,7 @@ from lma.ops import _native
 from lma.ops.reference import (
     GatherConstants,
     HashedGatherConfig,
+    compose_hot_gather,
     hashed_gather_backward_reference,
     hashed_gather_reference,
     slot_indices_torch,
@@ -85,6 +91,8 @@ class Backend(NamedTuple):
     backward: Callable[[torch.Tensor, torch.Tensor, GatherConstants, HashedGatherConfig], torch.Tensor]
     slot_indices: Callable[[torch.Tensor, GatherConstants, HashedGatherConfig], torch.Tensor]
     key_lookup: Callable[..., torch.Tensor]
+    # (memory, hot, index, keys, consts, cfg) -> (..., dim); see hot_gather_op.
+    hot_gather: Callable[..., torch.Tensor]
 
 
 def _cpp_backend(ext: ModuleType) -> Backend:
@@ -98,7 +106,11 @@ def _cpp_backend(ext: ModuleType) -> Backend:
     def idx(keys, c, cfg):  # noqa: ANN001, ANN202
         return ext.slot_indices(keys, *c, cfg.m, cfg.z, cfg.mode == "lma", cfg.aligned)
 
-    return Backend("cpp", fwd, bwd, idx, ext.key_lookup)
+    def hot(memory, hot_rows, index, keys, c, cfg):  # noqa: ANN001, ANN202
+        return ext.hot_gather(memory, hot_rows, index, keys, *c, cfg.dim, cfg.z,
+                              cfg.mode == "lma", cfg.aligned)
+
+    return Backend("cpp", fwd, bwd, idx, ext.key_lookup, hot)
 
 
 def _torch_backend() -> Backend:
@@ -112,7 +124,8 @@ def _torch_backend() -> Backend:
         dev = grad.device
         return hashed_gather_backward_reference(grad, keys.to(dev), GatherConstants(*c).to(dev), cfg)
 
-    return Backend("torch", fwd, bwd, slot_indices_torch, key_lookup_reference)
+    return Backend("torch", fwd, bwd, slot_indices_torch, key_lookup_reference,
+                   compose_hot_gather(fwd))
 
 
 def implementation(device: torch.device, name: str | None = None) -> Backend:
@@ -127,7 +140,8 @@ def implementation(device: torch.device, name: str | None = None) -> Backend:
         tk = triton_module()
         if tk is None:
             raise RuntimeError("triton kernels unavailable")
-        return Backend("triton", tk.forward, tk.backward, tk.slot_indices, tk.key_lookup)
+        return Backend("triton", tk.forward, tk.backward, tk.slot_indices, tk.key_lookup,
+                       compose_hot_gather(tk.forward))
     if name == "torch":
         return _torch_backend()
     raise ValueError(f"unknown backend {name!r}; choose cpp, triton or torch")
@@ -221,3 +235,58 @@ def slot_indices(keys: torch.Tensor, consts: GatherConstants, cfg: HashedGatherC
     consts = GatherConstants(*consts)
     cfg.check(consts)
     return implementation(keys.device, backend).slot_indices(keys.reshape(-1), consts, cfg)
+
+
+@torch.library.custom_op("lma::hot_gather", mutates_args=())
+def hot_gather_op(
+    memory: torch.Tensor,
+    hot: torch.Tensor,
+    index: torch.Tensor,
+    keys: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    nibble_w: torch.Tensor,
+    dim: int,
+    z: int,
+    mode: str,
+    aligned: bool,
+) -> torch.Tensor:
+    """(M,) memory, (H, dim) hot rows, (...) int64 index (-1 = cold) and keys -> (..., dim):
+    ``hot[index]`` where index >= 0, else ``lma::hashed_gather(memory, keys, ...)``."""
+    cfg = _config(memory.shape[0], dim, z, mode, aligned)
+    consts = GatherConstants(coef_a, coef_b, nibble_w)
+    _check(memory, keys, consts, cfg)
+    _check_hot(memory, hot, index, keys, dim)
+    return implementation(memory.device).hot_gather(memory, hot, index, keys, consts, cfg)
+
+
+def _check_hot(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
+               dim: int) -> None:
+    if hot.dim() != 2 or hot.shape[1] != dim:
+        raise ValueError(f"hot must be (H, dim={dim}), got shape {tuple(hot.shape)}")
+    if hot.dtype != memory.dtype:
+        raise TypeError(f"hot must have the memory's dtype {memory.dtype}, got {hot.dtype}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be int64, got {index.dtype}")
+    if index.shape != keys.shape:
+        raise ValueError(f"index {tuple(index.shape)} and keys {tuple(keys.shape)} must have "
+                         "the same shape")
+
+
+@hot_gather_op.register_fake
+def _hot_gather_fake(memory, hot, index, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned):  # noqa: ANN001, ANN202
+    return memory.new_empty((*index.shape, dim))
+
+
+def _hot_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    pass
+
+
+def _hot_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    raise RuntimeError(
+        "lma::hot_gather is the inference-only serving form of an LMA embedding and has no "
+        "gradient: train the hash form (LMAEmbedding with serve='hash') and convert it for "
+        "serving afterwards")
+
+
+hot_gather_op.register_autograd(_hot_backward, setup_context=_hot_setup_context)

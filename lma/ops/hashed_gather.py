@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from lma.ops._op import hashed_gather_op
+from lma.ops._op import hashed_gather_op, hot_gather_op
 from lma.ops.reference import GatherConstants, HashedGatherConfig, slot_indices_torch
 
-__all__ = ["GatherConstants", "HashedGatherConfig", "hashed_gather", "slot_indices_torch"]
+__all__ = ["GatherConstants", "HashedGatherConfig", "hashed_gather", "hot_gather",
+           "slot_indices_torch"]
 
 
 def hashed_gather(memory: torch.Tensor, keys: torch.Tensor, consts: GatherConstants,
@@ -27,3 +28,14 @@ def hashed_gather(memory: torch.Tensor, keys: torch.Tensor, consts: GatherConsta
     a, b, w = consts
     cfg.check(GatherConstants(a, b, w))
     return hashed_gather_op(memory, keys, a, b, w, *cfg.op_args())
+
+
+def hot_gather(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
+               consts: GatherConstants, cfg: HashedGatherConfig) -> torch.Tensor:
+    """The serving form of the gather: ``hot[index]`` where ``index >= 0`` (rows computed
+    ahead, e.g. an LMA embedding's signed tokens), else exactly ``hashed_gather(memory, keys)``.
+    (M,) memory, (H, dim) hot rows of the memory's dtype, (...) int64 index (-1 = cold) and keys
+    -> (..., dim). Inference only: its backward raises."""
+    a, b, w = consts
+    cfg.check(GatherConstants(a, b, w))
+    return hot_gather_op(memory, hot, index, keys, a, b, w, *cfg.op_args())

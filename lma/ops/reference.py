@@ -10,6 +10,7 @@ mode, aligned, M; and how its constants were made: T, seed) plus the constants a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -120,3 +121,36 @@ def hashed_gather_backward_reference(grad: torch.Tensor, keys: torch.Tensor,
     idx = slot_indices_torch(keys.reshape(-1), consts, cfg)
     out = grad.new_zeros(cfg.m)
     return out.index_add_(0, idx.reshape(-1), grad.reshape(-1))
+
+
+def compose_hot_gather(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``lma::hot_gather`` made of a backend's hashed gather: the cold tokens (index < 0) are
+    picked out, gathered with ``forward`` as a batch of their own, and scattered back beside the
+    hot rows. Each row of the hashed gather depends on its own key alone, so the cold rows are
+    exactly those a gather of all keys would give."""
+
+    def hot_gather(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor,
+                   keys: torch.Tensor, c: GatherConstants, cfg: HashedGatherConfig) -> torch.Tensor:
+        dev = memory.device
+        flat_i = index.reshape(-1).to(dev)
+        flat_k = keys.reshape(-1).to(dev)
+        out = memory.new_empty((flat_i.shape[0], cfg.dim))
+        cold = (flat_i < 0).nonzero().squeeze(1)
+        warm = (flat_i >= 0).nonzero().squeeze(1)
+        if warm.numel():
+            out[warm] = hot.to(dev)[flat_i[warm]]
+        if cold.numel():
+            out[cold] = forward(memory, flat_k[cold], c, cfg).reshape(-1, cfg.dim)
+        return out.reshape(*index.shape, cfg.dim)
+
+    return hot_gather
+
+
+def hot_gather_reference(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor,
+                         keys: torch.Tensor, consts: GatherConstants,
+                         cfg: HashedGatherConfig) -> torch.Tensor:
+    """Pure-torch ``lma::hot_gather``: ``hot[index]`` where index >= 0, else the reference
+    hashed gather of ``keys``; (...) index and keys -> (..., dim)."""
+    gather = compose_hot_gather(
+        lambda m, k, c, g: hashed_gather_reference(m, k, GatherConstants(*c).to(m.device), g))
+    return gather(memory, hot, index, keys, consts, cfg.with_m(memory.shape[0]))

@@ -258,6 +258,74 @@ at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::T
   return out;
 }
 
+// Hot-token serving form: memory (M,), hot (H, dim), index (...) int64 (-1 = cold), keys (...)
+// int64 -> (..., dim). Where index >= 0 the output row is hot[index] (a precomputed embedding),
+// else exactly forward()'s row for keys[i]. One pass over chunks of tokens: the chunk's hot rows
+// are prefetched and its cold keys collected, the cold keys' block starts computed (prefetching
+// their blocks), then the hot rows are copied and the cold blocks gathered.
+at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& index,
+                      const at::Tensor& keys, const at::Tensor& coef_a, const at::Tensor& coef_b,
+                      const at::Tensor& nibble_w, int64_t dim, int64_t z, bool lma, bool aligned) {
+  TORCH_CHECK(memory.dim() == 1 && memory.device().is_cpu(), "memory must be a 1-d CPU tensor");
+  TORCH_CHECK(dim % z == 0 && coef_a.size(0) == dim / z, "need n_blocks = dim / Z");
+  TORCH_CHECK(hot.dim() == 2 && hot.size(1) == dim && hot.device().is_cpu(),
+              "hot must be a (H, dim) CPU tensor");
+  TORCH_CHECK(hot.scalar_type() == memory.scalar_type(), "hot must have the memory's dtype");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64");
+  TORCH_CHECK(index.sizes() == keys.sizes(), "index and keys must have the same shape");
+  const at::Tensor mem = memory.contiguous();
+  const at::Tensor hr = hot.contiguous();
+  const Hasher hs(coef_a, coef_b, nibble_w, mem.numel(), z, lma, aligned);
+  const at::Tensor k = flat_keys(keys);
+  const at::Tensor ix = flat_keys(index);
+  const int64_t n = k.numel();
+  const int64_t nb = hs.nb;
+  const int64_t n_hot = hr.size(0);
+  std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
+  shape.push_back(dim);
+  at::Tensor out = at::empty(shape, mem.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  // Checked before any row is written: an index past the hot rows would read out of bounds.
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ip[i] < n_hot, "hot index ", ip[i], " at position ", i, " is out of range for ",
+                n_hot, " hot rows");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hot_gather", [&] {
+    const scalar_t* mp = mem.data_ptr<scalar_t>();
+    const scalar_t* hp = n_hot > 0 ? hr.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
+    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+    at::parallel_for(0, n, grain_for(nb), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cold_pos(kChunk);
+      std::vector<int64_t> cold_key(kChunk);
+      std::vector<int64_t> st(kChunk * nb);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t c1 = std::min(end, c0 + kChunk);
+        int64_t n_cold = 0;
+        for (int64_t i = c0; i < c1; ++i) {
+          const int64_t h = ip[i];
+          if (h >= 0) {
+            const char* row = reinterpret_cast<const char*>(hp + h * dim);
+            for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
+          } else {
+            cold_pos[n_cold] = i;
+            cold_key[n_cold++] = kp[i];
+          }
+        }
+        hs.starts(cold_key.data(), 0, n_cold, st.data(), pf, sizeof(scalar_t));
+        for (int64_t i = c0; i < c1; ++i) {
+          const int64_t h = ip[i];
+          if (h >= 0) std::memcpy(op + i * dim, hp + h * dim, row_bytes);
+        }
+        for (int64_t j = 0; j < n_cold; ++j)
+          gather_blocks(op + cold_pos[j] * dim, mp, st.data() + j * nb, nb, z);
+      }
+    });
+  });
+  return out;
+}
+
 // grad (..., dim), keys (...) -> dense (M,) gradient of memory (scatter-add).
 //
 // Thread safety without atomics: the starts of all (key, block) pairs are computed in parallel
@@ -403,6 +471,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("slot_indices", &slot_indices, "(N,) keys -> (N, dim) slot indices");
   mod.def("forward", &forward, "hashed gather forward");
   mod.def("backward", &backward, "hashed gather backward (dense scatter-add)");
+  mod.def("hot_gather", &hot_gather, "hot rows where index >= 0, else the hashed gather of keys");
   mod.def("key_lookup", &key_lookup, "key table v2 lookup (keys -> values or default)");
   mod.attr("KEY_TABLE_VERSION") = 2;
   mod.attr("SPEC_VERSION") = 1;

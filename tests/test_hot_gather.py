@@ -1,0 +1,244 @@
+"""``lma::hot_gather``, the hot-token serving form of the hashed gather: every implementation
+gives ``hot[index]`` on hot tokens and exactly ``lma::hashed_gather`` on cold ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lma.ops import (
+    HashedGatherConfig,
+    _native,
+    hashed_gather,
+    hashed_gather_reference,
+    hot_gather,
+    hot_gather_reference,
+    implementation,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+EXTREME = [0, -1, 1, I64_MIN, I64_MIN + 1, I64_MAX, I64_MAX - 1, 0xFFFF, -0x10000, 1 << 32]
+CASES = [(mode, z, aligned) for mode in ("lma", "robez") for z in (1, 4, 16)
+         for aligned in (False, True)]
+
+
+def _cfg(mode: str, z: int, aligned: bool, m: int = 2053, dim: int = 16) -> HashedGatherConfig:
+    return HashedGatherConfig(dim=dim, z=z, mode=mode, aligned=aligned, m=m, seed=11)
+
+
+def _inputs(shape: tuple[int, ...], n_hot: int, dim: int, dtype: torch.dtype, m: int,
+            hot_share: float = 0.6, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """memory, hot rows, index (about ``hot_share`` hot, -1 elsewhere), keys (extremes first)."""
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(m, generator=g).to(dtype)
+    hot = torch.randn(n_hot, dim, generator=g).to(dtype)
+    keys = torch.randint(I64_MIN, I64_MAX, shape, dtype=torch.int64, generator=g)
+    flat = keys.view(-1)
+    k = min(len(EXTREME), flat.numel())
+    flat[:k] = torch.tensor(EXTREME[:k], dtype=torch.int64)
+    index = torch.full(shape, -1, dtype=torch.int64)
+    if n_hot:
+        pick = torch.rand(shape, generator=g) < hot_share
+        index[pick] = torch.randint(0, n_hot, (int(pick.sum()),), generator=g)
+    return memory, hot, index, keys
+
+
+def _want(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
+          cfg: HashedGatherConfig) -> torch.Tensor:
+    """hot[index] where hot, the hashed gather of all keys (reference) where cold."""
+    full = hashed_gather_reference(memory, keys, cfg.param_tensors(), cfg.with_m(memory.shape[0]))
+    rows = hot[index.clamp(min=0)] if hot.shape[0] else torch.zeros_like(full)
+    return torch.where((index >= 0)[..., None], rows, full)
+
+
+@pytest.fixture
+def native() -> None:
+    if _native.native_module() is None:
+        pytest.skip(f"native kernels unavailable: {_native.native_error()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode,z,aligned", CASES)
+def test_cpp_and_reference_match_hashed_gather(native: None, mode: str, z: int, aligned: bool,
+                                               dtype: torch.dtype) -> None:
+    cfg = _cfg(mode, z, aligned)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((67, 26), 50, 16, dtype, cfg.m, seed=z)
+    want = _want(memory, hot, index, keys, cfg)
+    ref = hot_gather_reference(memory, hot, index, keys, consts, cfg)
+    cpp = implementation(torch.device("cpu"), "cpp").hot_gather(memory, hot, index, keys,
+                                                                  consts, cfg)
+    op = hot_gather(memory, hot, index, keys, consts, cfg)  # the dispatch: C++ here
+    for got in (ref, cpp, op):
+        assert got.dtype == dtype and got.shape == (67, 26, 16)
+        assert torch.equal(got.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                           want.view(torch.int16 if dtype == torch.float16 else torch.int32))
+    # The cold rows are the op's own hashed gather (C++), bit for bit.
+    cold = index < 0
+    assert torch.equal(op[cold], hashed_gather(memory, keys, consts, cfg)[cold])
+
+
+@pytest.mark.parametrize("hot_share", [0.0, 1.0])
+def test_all_cold_all_hot_and_no_hot_rows(native: None, hot_share: float) -> None:
+    cfg = _cfg("lma", 4, False)
+    consts = cfg.param_tensors()
+    for n_hot in (0, 7):
+        memory, hot, index, keys = _inputs((33, 5), n_hot, 16, torch.float32, cfg.m,
+                                           hot_share=hot_share, seed=n_hot)
+        want = _want(memory, hot, index, keys, cfg)
+        for backend in ("cpp", "torch"):
+            got = implementation(torch.device("cpu"), backend).hot_gather(
+                memory, hot, index, keys, consts, cfg)
+            assert torch.equal(got, want), (backend, n_hot)
+
+
+def test_shapes_one_dim_and_empty(native: None) -> None:
+    cfg = _cfg("robez", 4, True)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((300,), 9, 16, torch.float32, cfg.m, seed=3)
+    assert torch.equal(hot_gather(memory, hot, index, keys, consts, cfg),
+                       _want(memory, hot, index, keys, cfg))
+    empty = torch.zeros(0, 26, dtype=torch.int64)
+    for backend in ("cpp", "torch"):
+        out = implementation(torch.device("cpu"), backend).hot_gather(
+            memory, hot, empty, empty, consts, cfg)
+        assert out.shape == (0, 26, 16)
+
+
+def test_chunk_boundaries_and_threads(native: None) -> None:
+    """More tokens than one chunk of the C++ kernel, over several threads."""
+    cfg = _cfg("lma", 4, False, m=1 << 14)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((1000, 26), 500, 16, torch.float32, cfg.m, seed=5)
+    want = _want(memory, hot, index, keys, cfg)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(hot_gather(memory, hot, index, keys, consts, cfg), want)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_fallback_when_native_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg("lma", 16, False)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((20, 26), 12, 16, torch.float32, cfg.m)
+    monkeypatch.setenv(_native.DISABLE_ENV, "1")
+    try:
+        assert torch.equal(hot_gather(memory, hot, index, keys, consts, cfg),
+                           _want(memory, hot, index, keys, cfg))
+    finally:
+        monkeypatch.delenv(_native.DISABLE_ENV)
+        _native.reset()
+
+
+def test_bad_inputs_are_refused(native: None) -> None:
+    cfg = _cfg("lma", 4, False)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((4, 3), 5, 16, torch.float32, cfg.m)
+    with pytest.raises(TypeError, match="dtype"):
+        hot_gather(memory, hot.half(), index, keys, consts, cfg)
+    with pytest.raises(ValueError, match=r"hot must be \(H, dim=16\)"):
+        hot_gather(memory, hot[:, :8], index, keys, consts, cfg)
+    with pytest.raises(ValueError, match="same shape"):
+        hot_gather(memory, hot, index[:2], keys, consts, cfg)
+    with pytest.raises(TypeError, match="index must be int64"):
+        hot_gather(memory, hot, index.int(), keys, consts, cfg)
+    bad = index.clone()
+    bad[1, 1] = 5
+    with pytest.raises(RuntimeError, match="out of range"):
+        hot_gather(memory, hot, bad, keys, consts, cfg)
+
+
+def test_backward_raises() -> None:
+    cfg = _cfg("lma", 4, False)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((4, 3), 5, 16, torch.float32, cfg.m)
+    memory.requires_grad_()
+    out = hot_gather(memory, hot, index, keys, consts, cfg)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
+class _Hot(torch.nn.Module):
+    def __init__(self, cfg: HashedGatherConfig, memory: torch.Tensor, hot: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.memory = torch.nn.Parameter(memory, requires_grad=False)
+        self.register_buffer("hot", hot)
+        a, b, w = cfg.param_tensors()
+        self.register_buffer("a", a)
+        self.register_buffer("b", b)
+        self.register_buffer("w", w)
+
+    def forward(self, index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return hot_gather(self.memory, self.hot, index, keys, (self.a, self.b, self.w), self.cfg)
+
+
+def test_torch_export_traces_and_runs(native: None, tmp_path: Path) -> None:
+    cfg = _cfg("lma", 4, False)
+    memory, hot, index, keys = _inputs((8, 26), 30, 16, torch.float32, cfg.m)
+    model = _Hot(cfg, memory, hot)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with torch.no_grad():
+        ep = torch.export.export(model, (index, keys), dynamic_shapes=({0: batch}, {0: batch}))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "lma.hot_gather.default" in targets
+    path = tmp_path / "hot.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    _, _, index2, keys2 = _inputs((13, 26), 30, 16, torch.float32, cfg.m, seed=9)
+    assert torch.equal(loaded.module()(index2, keys2), _want(memory, hot, index2, keys2, cfg))
+
+
+def test_triton_composition_in_interpreter() -> None:
+    """The CUDA path (cold tokens through the Triton gather) in Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent(
+        """
+        import torch
+        from lma.ops import HashedGatherConfig, hot_gather_reference
+        from lma.ops import triton_kernels as tk
+        from lma.ops.reference import compose_hot_gather
+        gather = compose_hot_gather(tk.forward)
+        for mode in ("lma", "robez"):
+            for z, al in ((1, False), (4, False), (4, True), (16, False)):
+                cfg = HashedGatherConfig(dim=16, z=z, mode=mode, aligned=al, m=999, seed=3)
+                c = cfg.param_tensors()
+                mem = torch.randn(cfg.m)
+                for n_hot in (0, 6):
+                    hot = torch.randn(n_hot, 16)
+                    keys = torch.randint(-(1 << 63), (1 << 63) - 1, (5, 7), dtype=torch.int64)
+                    keys.view(-1)[:4] = torch.tensor([0, -1, -(1 << 63), (1 << 63) - 1])
+                    index = torch.full((5, 7), -1, dtype=torch.int64)
+                    if n_hot:
+                        index[::2] = torch.randint(0, n_hot, index[::2].shape)
+                    got = gather(mem, hot, index, keys, c, cfg)
+                    want = hot_gather_reference(mem, hot, index, keys, c, cfg)
+                    assert torch.equal(got, want), (mode, z, al, n_hot)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode,z,aligned", CASES)
+def test_cuda_matches_cpu(mode: str, z: int, aligned: bool) -> None:
+    cfg = _cfg(mode, z, aligned, m=1 << 16)
+    consts = cfg.param_tensors()
+    memory, hot, index, keys = _inputs((256, 26), 100, 16, torch.float32, cfg.m, seed=z)
+    got = hot_gather(memory.cuda(), hot.cuda(), index.cuda(), keys.cuda(), consts, cfg)
+    assert torch.equal(got.cpu(), _want(memory, hot, index, keys, cfg))
