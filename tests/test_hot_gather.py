@@ -242,3 +242,157 @@ def test_cuda_matches_cpu(mode: str, z: int, aligned: bool) -> None:
     memory, hot, index, keys = _inputs((256, 26), 100, 16, torch.float32, cfg.m, seed=z)
     got = hot_gather(memory.cuda(), hot.cuda(), index.cuda(), keys.cuda(), consts, cfg)
     assert torch.equal(got.cpu(), _want(memory, hot, index, keys, cfg))
+
+
+# ---------------------------------------------------------------- the LMA hot serving form
+
+
+@pytest.fixture(scope="module")
+def lma_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LMA 16x model trained (one short epoch) on real Criteo rows."""
+    from lma.train import TrainConfig, train_model
+    from tests.conftest import shared_data_root
+
+    data = shared_data_root() / "criteo" / "train_10k.tsv"
+    if not data.is_file():
+        pytest.skip(f"real Criteo rows not found at {data} (set LMA_SHARED_DATA)")
+    out = tmp_path_factory.mktemp("hot") / "ck_lma"
+    train_model(TrainConfig(data=f"criteo:{data}", embedding="lma", compression=16.0, epochs=1,
+                            epoch_rows=2048, batch_size=256, progress=False, threads=1,
+                            out=str(out)))
+    return out
+
+
+def _rows(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real Criteo rows (the training file's first 1500), then 200 rows of tokens never seen."""
+    from lma.checkpoint import load_checkpoint
+    from lma.data import open_source
+
+    ck = load_checkpoint(checkpoint)
+    data = open_source(str(ck.config["train_config"]["data"])).read_all()
+    dense = torch.from_numpy(data.dense[:1700].copy())
+    tokens = torch.from_numpy(data.tokens[:1700].copy())
+    g = torch.Generator().manual_seed(1)
+    tokens[1500:] = torch.randint(I64_MIN, I64_MAX, tokens[1500:].shape, dtype=torch.int64,
+                                  generator=g)
+    return dense, tokens
+
+
+def _hot_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    hot = copy.deepcopy(model)
+    hot.embedding.to_serving("hot")
+    return hot.eval()
+
+
+def test_hot_form_logits_bit_identical(native: None, lma_checkpoint: Path) -> None:
+    from lma.checkpoint import load_checkpoint
+
+    model = load_checkpoint(lma_checkpoint).model.eval()
+    hot = _hot_copy(model)
+    emb = hot.embedding
+    assert emb.serve == "hot" and model.embedding.serve == "hash"
+    assert emb.hot.shape == (model.embedding.n_signed, 16) and emb.hot.dtype == torch.float32
+    assert emb.extra_state_arrays() == {} and emb.key_table is None
+    dense, tokens = _rows(lma_checkpoint)
+    index = emb.hot_index(tokens)
+    # Both paths are exercised: most real occurrences are signed, the unseen rows are all cold.
+    assert 0.3 < float((index[:1500] >= 0).float().mean()) < 1.0
+    assert bool((index[1500:] < 0).all())
+    with torch.no_grad():
+        want, got = model(dense, tokens), hot(dense, tokens)
+    assert torch.equal(got, want)
+    # The embedding rows themselves, bit for bit.
+    with torch.no_grad():
+        assert torch.equal(emb(tokens), model.embedding(tokens))
+    # Serving bytes count the hot rows and their key table (no signature table any more).
+    assert emb.state_bytes() == emb.hot.numel() * 4 + emb.hot_lookup.nbytes()
+
+
+def test_hot_form_float16_memory(native: None, lma_checkpoint: Path) -> None:
+    import copy
+
+    from lma.checkpoint import load_checkpoint
+
+    model = load_checkpoint(lma_checkpoint).model.eval()
+    half = copy.deepcopy(model)
+    half.embedding.memory.data = half.embedding.memory.data.half()
+    hot = _hot_copy(half)
+    assert hot.embedding.hot.dtype == torch.float16
+    dense, tokens = _rows(lma_checkpoint)
+    with torch.no_grad():
+        assert torch.equal(hot(dense, tokens), half(dense, tokens))
+
+
+def test_hot_form_without_signed_tokens(native: None) -> None:
+    """H = 0: an LMA embedding without signatures has no hot rows and hashes every token."""
+    import copy
+
+    from lma.embeddings import EmbeddingSpec
+    from lma.embeddings.lma import LMAEmbedding
+    from lma.signatures import SignatureTable
+
+    emb = LMAEmbedding(EmbeddingSpec("lma", 16, 4096, seed=3), SignatureTable.empty()).eval()
+    hot_emb = copy.deepcopy(emb).to_serving("hot")
+    assert hot_emb.hot.shape == (0, 16)
+    _, _, _, keys = _inputs((50, 26), 0, 16, torch.float32, 10)
+    with torch.no_grad():
+        assert torch.equal(hot_emb(keys), emb(keys))
+
+
+def test_hot_form_rebuilds_from_weights_and_exports(native: None, lma_checkpoint: Path,
+                                                    tmp_path: Path) -> None:
+    """The stored hot form (config with serve=hot, state dict) rebuilds on the meta device
+    without signatures, and torch.export traces it into one lma::hot_gather."""
+    from lma.checkpoint import load_checkpoint
+    from lma.rebuild import rebuild_model
+
+    ck = load_checkpoint(lma_checkpoint)
+    model = ck.model.eval()
+    hot = _hot_copy(model)
+    cfg = hot.embedding.config()
+    assert cfg["options"]["serve"] == "hot"
+    weights = {k: v.clone() for k, v in hot.state_dict().items()}
+    assert "embedding.hot" in weights and "embedding.hot_lookup.table" in weights
+    assert not any(k.startswith("embedding.key_table.") for k in weights)
+    rebuilt = rebuild_model(ck.config["model_config"], cfg, ck.feature_map, {},
+                            weights=weights).eval()
+    assert rebuilt.embedding.serve == "hot" and not rebuilt.embedding.hot.is_meta
+    dense, tokens = _rows(lma_checkpoint)
+    with torch.no_grad():
+        want = model(dense, tokens)
+        assert torch.equal(rebuilt(dense, tokens), want)
+        batch = torch.export.Dim("batch", min=1, max=1 << 24)
+        ep = torch.export.export(hot, (dense[:8], tokens[:8]),
+                                 dynamic_shapes=({0: batch}, {0: batch}))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "lma.hot_gather.default" in targets and "lma.hashed_gather.default" not in targets
+    torch.export.save(ep, tmp_path / "hot.pt2")
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(tmp_path / "hot.pt2").module()(dense, tokens), want)
+
+
+def test_hot_form_refusals(native: None, lma_checkpoint: Path) -> None:
+    from lma.checkpoint import load_checkpoint
+    from lma.embeddings import EmbeddingSpec
+    from lma.embeddings.lma import LMAEmbedding
+    from lma.signatures import SignatureTable
+
+    model = load_checkpoint(lma_checkpoint).model
+    hot = _hot_copy(model)
+    _, tokens = _rows(lma_checkpoint)
+    hot.embedding.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        hot.embedding(tokens)
+    with pytest.raises(ValueError, match="cannot be turned back"):
+        hot.embedding.to_serving("hash")
+    with pytest.raises(ValueError, match="serving form must be one of"):
+        model.embedding.to_serving("cold")
+    with pytest.raises(ValueError, match="option serve must be one of"):
+        LMAEmbedding(EmbeddingSpec("lma", 16, 4096, options={"serve": "x"}),
+                     SignatureTable.empty())
+    placeholder = LMAEmbedding(EmbeddingSpec("lma", 16, 4096, options={"serve": "hot"}),
+                               SignatureTable.empty()).eval()
+    with pytest.raises(RuntimeError, match="without its hot rows"):
+        placeholder(tokens)
