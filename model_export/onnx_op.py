@@ -318,6 +318,127 @@ def standalone_model(
     return model
 
 
+# ---------------------------------------------------------------- hot gather (serving form)
+
+HOT_OP_TYPE = "HotGather"
+HOT_INPUTS = ("memory", "hot", "index", "keys", "A", "B", "W")
+
+
+def _hot_body() -> list[onnx.NodeProto]:
+    """Nodes of ``ai.lma::HotGather(memory, hot, index, keys, A, B, W) -> out`` (the ONNX form of
+    ``lma::hot_gather``): ``out[i] = hot[index[i]]`` where ``index[i] >= 0``, else the
+    ``HashedGather`` of ``keys[i]``, bit for bit.
+
+    The hot rows are one row ``Gather`` (cold entries read row 0 and are overwritten). The table
+    gathered from is ``hot`` with one row appended, so that the gather is valid for H = 0 too;
+    when ``hot`` and ``memory`` are initializers (every exported model) onnxruntime folds that
+    Concat once at session start, and it costs nothing per call. The cold path runs on the cold
+    entries alone: their positions from one ``NonZero``, their keys by a 1-d ``GatherElements``
+    (a ``Gather`` of scalars is the slow kernel in onnxruntime's CPU provider), the
+    ``HashedGather`` function itself on that subset (a nested function call, so there is one
+    copy of its body), and one ``ScatterND`` of its rows into the hot result. Every op has a
+    CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
+    n = helper.make_node
+    ref = helper.make_attribute_ref
+
+    dim_c = n("Constant", [], ["dim_c"])
+    dim_c.attribute.append(ref("value_int", onnx.AttributeProto.INT))
+    dim_c.attribute[-1].ref_attr_name = "dim"
+    call = n(OP_TYPE, ["memory", "cold_keys", "A", "B", "W"], ["cold_vals"], domain=DOMAIN)
+    for name in ATTRIBUTES:
+        kind = onnx.AttributeProto.STRING if name == "mode" else onnx.AttributeProto.INT
+        call.attribute.append(ref(name, kind))
+    return [
+        dim_c,
+        _const_i64("c0", 0),
+        _const_i64("c0_1", [0]),
+        _const_i64("c1_1", [1]),
+        _const_i64("cm1", [-1]),
+        _const_i64("shape_11", [1, 1]),
+        n("Unsqueeze", ["dim_c", "c0_1"], ["dim_1"]),
+        # ---- hot + one row (memory[0], never output): a constant when hot and memory are ----
+        n("Slice", ["memory", "c0_1", "c1_1"], ["m_first"]),
+        n("Reshape", ["m_first", "shape_11"], ["m_first2"]),
+        n("Concat", ["c1_1", "dim_1"], ["row_shape"], axis=0),
+        n("Expand", ["m_first2", "row_shape"], ["pad_row"]),
+        n("Concat", ["hot", "pad_row"], ["hot_pad"], axis=0),  # (H + 1, dim)
+        # ---- every entry's hot row (cold ones read row 0) ----
+        n("Reshape", ["index", "cm1"], ["idx_f"]),  # (N,)
+        n("Max", ["idx_f", "c0"], ["idx_safe"]),
+        n("Gather", ["hot_pad", "idx_safe"], ["base"], axis=0),  # (N, dim)
+        # ---- the cold entries only ----
+        n("Less", ["idx_f", "c0"], ["is_cold"]),
+        n("NonZero", ["is_cold"], ["cold_nz"]),  # (1, nc)
+        n("Reshape", ["cold_nz", "cm1"], ["cold_pos"]),  # (nc,)
+        n("Transpose", ["cold_nz"], ["cold_pos2"], perm=[1, 0]),  # (nc, 1): ScatterND indices
+        n("Reshape", ["keys", "cm1"], ["kf"]),
+        n("GatherElements", ["kf", "cold_pos"], ["cold_keys"], axis=0),  # (nc,)
+        call,  # (nc, dim)
+        n("ScatterND", ["base", "cold_pos2", "cold_vals"], ["merged"]),  # (N, dim)
+        n("Shape", ["index"], ["i_shape"]),
+        n("Concat", ["i_shape", "dim_1"], ["out_shape"], axis=0),
+        n("Reshape", ["merged", "out_shape"], ["out"]),
+    ]
+
+
+def hot_function_proto() -> onnx.FunctionProto:
+    """The model-local function implementing ``ai.lma::HotGather``; it calls the
+    ``HashedGather`` function, which the model must hold too (:func:`finalize` adds both)."""
+    return helper.make_function(
+        DOMAIN,
+        HOT_OP_TYPE,
+        inputs=list(HOT_INPUTS),
+        outputs=["out"],
+        nodes=_hot_body(),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        attributes=list(ATTRIBUTES),
+        doc_string=_hot_body.__doc__,
+    )
+
+
+def hot_standalone_model(
+    config: Any,
+    memory: np.ndarray,
+    hot: np.ndarray,
+    as_inputs: bool = False,
+) -> onnx.ModelProto:
+    """A model with one HotGather node: index and keys (batch, S) int64 -> (batch, S, dim).
+    ``memory`` (M,) and ``hot`` (H, dim) share a dtype (float32 or float16) and are initializers,
+    or graph inputs with ``as_inputs``; ``config`` is a :class:`lma.ops.HashedGatherConfig`."""
+    memory, hot = np.asarray(memory), np.asarray(hot)
+    if memory.dtype != hot.dtype or hot.ndim != 2 or hot.shape[1] != config.dim:
+        raise ValueError(f"need hot (H, {config.dim}) of the memory's dtype {memory.dtype}, "
+                         f"got {hot.shape} {hot.dtype}")
+    elem = helper.np_dtype_to_tensor_dtype(memory.dtype)
+    p = config.params()
+    inits = [
+        numpy_helper.from_array(p.A, "A"),
+        numpy_helper.from_array(p.B, "B"),
+        numpy_helper.from_array(lift_weights(p.nibble_weights, config.mode), "W"),
+    ]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "slots"])
+              for name in ("index", "keys")]
+    if as_inputs:
+        inputs = [helper.make_tensor_value_info("memory", elem, [config.m]),
+                  helper.make_tensor_value_info("hot", elem, ["h", config.dim]), *inputs]
+    else:
+        inits = [numpy_helper.from_array(memory, "memory"), numpy_helper.from_array(hot, "hot"),
+                 *inits]
+    t = config.n_subkeys if config.mode == "lma" else 0
+    attrs = node_attributes(config.dim, config.z, config.mode, config.aligned, t)
+    node = helper.make_node(HOT_OP_TYPE, list(HOT_INPUTS), ["y"], domain=DOMAIN, **attrs)
+    out = helper.make_tensor_value_info("y", elem, ["batch", "slots", config.dim])
+    graph = helper.make_graph([node], "hot_gather", inputs, [out], initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        functions=[hot_function_proto(), function_proto()],
+        producer_name="lma-ctr",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
 # ---------------------------------------------------------------- key lookup (key tables)
 
 KEY_LOOKUP_OP_TYPE = "KeyLookup"
