@@ -616,6 +616,18 @@ def register_schema() -> None:
     )
     onnx.defs.register_schema(schema)
     onnx.defs.register_schema(onnx.defs.OpSchema(
+        HOT_OP_TYPE,
+        DOMAIN,
+        OP_VERSION,
+        "Hot rows where index >= 0, else the HashedGather of the key; see model_export/onnx_op.py",
+        inputs=[fp("memory", "T"), fp("hot", "T"), fp("index", "tensor(int64)"),
+                fp("keys", "tensor(int64)"), fp("A", "tensor(int64)"), fp("B", "tensor(int64)"),
+                fp("W", "tensor(int64)")],
+        outputs=[fp("out", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)"], "float")],
+        attributes=[attr(a.name, a.type, a.description) for a in schema.attributes.values()],
+    ))
+    onnx.defs.register_schema(onnx.defs.OpSchema(
         KEY_LOOKUP_OP_TYPE,
         DOMAIN,
         OP_VERSION,
@@ -629,26 +641,43 @@ def register_schema() -> None:
     _schema_registered = True
 
 
+def _node_weights(nibble_w: Any, dim: int, z: int, mode: str) -> tuple[Any, int]:
+    """(W, t) for a lookup node: the signature weights and their sub-key count for lma; for
+    robez, which ignores the signature weights, the identity lift and t = 0."""
+    if mode != "lma":
+        from onnxscript import opset20 as op
+
+        return op.Constant(value=numpy_helper.from_array(robez_lift_weights(dim // z))), 0
+    const = getattr(nibble_w, "const_value", None)
+    if const is None:
+        return nibble_w, 0
+    try:
+        return nibble_w, subkeys_from_w(const.numpy())
+    except Exception:  # noqa: BLE001 - t is informative only
+        return nibble_w, 0
+
+
 def _translate_hashed_gather(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned):  # noqa: ANN001, ANN202
     """Translation of ``lma::hashed_gather`` for the dynamo exporter: one custom-domain node."""
     from onnxscript import values
 
-    t = 0
-    const = getattr(nibble_w, "const_value", None)
-    if const is not None and mode == "lma":
-        try:
-            t = subkeys_from_w(const.numpy())
-        except Exception:  # noqa: BLE001 - t is informative only
-            t = 0
-    if mode != "lma":
-        # robez ignores the signature weights; its node takes the identity lift instead.
-        from onnxscript import opset20 as op
-
-        nibble_w = op.Constant(value=numpy_helper.from_array(robez_lift_weights(dim // z)))
+    nibble_w, t = _node_weights(nibble_w, dim, z, mode)
     opset = values.Opset(DOMAIN, OP_VERSION)
     return opset.HashedGather(
         memory, keys, coef_a, coef_b, nibble_w, **node_attributes(dim, z, mode, aligned, t)
     )
+
+
+def _translate_hot_gather(memory, hot, index, keys, coef_a, coef_b, nibble_w, dim, z, mode,  # noqa: ANN001, ANN202
+                          aligned):
+    """Translation of ``lma::hot_gather``: one ``ai.lma::HotGather`` node (its function and the
+    HashedGather function it calls are attached by :func:`finalize`)."""
+    from onnxscript import values
+
+    nibble_w, t = _node_weights(nibble_w, dim, z, mode)
+    opset = values.Opset(DOMAIN, OP_VERSION)
+    return opset.HotGather(memory, hot, index, keys, coef_a, coef_b, nibble_w,
+                           **node_attributes(dim, z, mode, aligned, t))
 
 
 def _translate_searchsorted(
@@ -707,31 +736,47 @@ def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     register_schema()
     return {
         torch.ops.lma.hashed_gather.default: _translate_hashed_gather,
+        torch.ops.lma.hot_gather.default: _translate_hot_gather,
         torch.ops.lma.key_lookup.default: _translate_key_lookup,
         torch.ops.aten.searchsorted.Tensor: _translate_searchsorted,
     }
 
 
+# Lookup ops with a hash spec: the position of their W input (finalize sets t from it).
+_W_INPUT = {OP_TYPE: 4, HOT_OP_TYPE: 6}
+
+
+def _functions_for(used: set[str]) -> list[onnx.FunctionProto]:
+    """The model-local functions a graph using the ``ai.lma`` op types ``used`` needs (a
+    HotGather node calls the HashedGather function)."""
+    out = []
+    if HOT_OP_TYPE in used:
+        out.append(hot_function_proto())
+    if used & {OP_TYPE, HOT_OP_TYPE}:
+        out.append(function_proto())
+    if KEY_LOOKUP_OP_TYPE in used:
+        out.append(key_lookup_function())
+    return out
+
+
 def finalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Attach the model-local function, fix opset imports and the IR version; check the model."""
-    used = {(nd.domain, nd.op_type) for nd in model.graph.node}
+    """Attach the model-local functions, fix opset imports and the IR version; check the model."""
+    used = {nd.op_type for nd in model.graph.node if nd.domain == DOMAIN}
     have = {(f.domain, f.name) for f in model.functions}
-    if (DOMAIN, OP_TYPE) in used and (DOMAIN, OP_TYPE) not in have:
-        model.functions.append(function_proto())
-    if (DOMAIN, KEY_LOOKUP_OP_TYPE) in used and (DOMAIN, KEY_LOOKUP_OP_TYPE) not in have:
-        model.functions.append(key_lookup_function())
-    if used & {(DOMAIN, OP_TYPE), (DOMAIN, KEY_LOOKUP_OP_TYPE)}:
-        imports = {o.domain: o for o in model.opset_import}
-        if DOMAIN not in imports:
-            model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+    for fn in _functions_for(used):
+        if (fn.domain, fn.name) not in have:
+            model.functions.append(fn)
+    if used and DOMAIN not in {o.domain for o in model.opset_import}:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
     inits = {i.name: i for i in model.graph.initializer}
     for nd in model.graph.node:
-        if (nd.domain, nd.op_type) != (DOMAIN, OP_TYPE) or len(nd.input) < 5:
+        w_at = _W_INPUT.get(nd.op_type) if nd.domain == DOMAIN else None
+        if w_at is None or len(nd.input) <= w_at:
             continue
         t_attr = next((a for a in nd.attribute if a.name == "t"), None)
         mode = next((a.s for a in nd.attribute if a.name == "mode"), b"")
-        if t_attr is not None and t_attr.i == 0 and mode == b"lma" and nd.input[4] in inits:
-            t_attr.i = subkeys_from_w(numpy_helper.to_array(inits[nd.input[4]]))
+        if t_attr is not None and t_attr.i == 0 and mode == b"lma" and nd.input[w_at] in inits:
+            t_attr.i = subkeys_from_w(numpy_helper.to_array(inits[nd.input[w_at]]))
     if model.ir_version > IR_VERSION:
         model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
@@ -745,23 +790,23 @@ def _finalize_ir(model: Any) -> None:
     """:func:`finalize` on an ``onnx_ir`` model (used for models too large for one protobuf)."""
     import onnx_ir as ir
 
-    if any((n.domain, n.op_type) == (DOMAIN, KEY_LOOKUP_OP_TYPE) for n in model.graph):
-        fn = ir.serde.deserialize_function(key_lookup_function())
+    used = {n.op_type for n in model.graph if n.domain == DOMAIN}
+    for proto in _functions_for(used):
+        fn = ir.serde.deserialize_function(proto)
         model.functions[fn.identifier()] = fn
+    if used:
         model.opset_imports[DOMAIN] = OP_VERSION
-    nodes = [n for n in model.graph if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
-    if nodes:
-        fn = ir.serde.deserialize_function(function_proto())
-        model.functions[fn.identifier()] = fn
-        model.opset_imports[DOMAIN] = OP_VERSION
-        for node in nodes:
-            w = node.inputs[4] if len(node.inputs) > 4 else None
-            t = node.attributes.get("t")
-            mode = node.attributes.get("mode")
-            if mode is None or mode.value != "lma":
-                continue  # t means sub-keys of a signature: lma only (robez nodes keep 0)
-            if w is not None and w.const_value is not None and (t is None or t.value == 0):
-                node.attributes["t"] = ir.AttrInt64("t", subkeys_from_w(w.const_value.numpy()))
+    for node in model.graph:
+        w_at = _W_INPUT.get(node.op_type) if node.domain == DOMAIN else None
+        if w_at is None:
+            continue
+        w = node.inputs[w_at] if len(node.inputs) > w_at else None
+        t = node.attributes.get("t")
+        mode = node.attributes.get("mode")
+        if mode is None or mode.value != "lma":
+            continue  # t means sub-keys of a signature: lma only (robez nodes keep 0)
+        if w is not None and w.const_value is not None and (t is None or t.value == 0):
+            node.attributes["t"] = ir.AttrInt64("t", subkeys_from_w(w.const_value.numpy()))
     model.ir_version = min(model.ir_version, IR_VERSION)
 
 

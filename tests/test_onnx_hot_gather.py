@@ -3,6 +3,8 @@ bit for bit, in onnxruntime's CPU provider."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -139,3 +141,138 @@ def test_hot_gather_function_has_cuda_kernels(dtype: type, mode: str, z: int, al
         assert cuda_kernels.cuda_problems(model) == []
         census = cuda_kernels.op_type_census(model)
         assert census["NonZero"] == 1 and census["ScatterND"] == 1 and census["Gather"] == 1
+
+
+# ---------------------------------------------------------------- torch.onnx export of lma::hot_gather
+
+
+class _HotModule(torch.nn.Module):
+    """One hot_gather lookup, as the LMA hot serving form calls it."""
+
+    def __init__(self, cfg: HashedGatherConfig, h: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(h)
+        self.memory = torch.nn.Parameter(torch.randn(cfg.m, generator=g).to(dtype),
+                                         requires_grad=False)
+        self.register_buffer("hot", torch.randn(h, cfg.dim, generator=g).to(dtype))
+        a, b, w = cfg.param_tensors()
+        self.register_buffer("a", a)
+        self.register_buffer("b", b)
+        self.register_buffer("w", w)
+
+    def forward(self, index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        from lma.ops import hot_gather
+
+        return hot_gather(self.memory, self.hot, index, keys, (self.a, self.b, self.w), self.cfg)
+
+
+@pytest.mark.parametrize("mode,z,h,dtype", [("lma", 4, 50, torch.float32),
+                                            ("robez", 1, 0, torch.float32),
+                                            ("lma", 16, 7, torch.float16)])
+def test_export_emits_one_hot_gather_node(tmp_path: Path, mode: str, z: int, h: int,
+                                          dtype: torch.dtype) -> None:
+    cfg = HashedGatherConfig(dim=16, z=z, mode=mode, aligned=False, m=5003, seed=4)
+    module = _HotModule(cfg, h, dtype).eval()
+    rng = np.random.default_rng(2)
+    index, keys = _case(rng, 4, h, 0.3)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    path = tmp_path / "hot.onnx"
+    onnx_op.export_onnx(module, (torch.from_numpy(index), torch.from_numpy(keys)), path,
+                        ["index", "keys"], ["rows"], dynamic_shapes=({0: batch}, {0: batch}))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    custom = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
+    assert [n.op_type for n in custom] == [onnx_op.HOT_OP_TYPE]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in custom[0].attribute}
+    assert attrs == {"dim": 16, "z": z, "t": 8 if mode == "lma" else 0, "b": 4,
+                     "mode": mode.encode(), "aligned": 0, "spec_version": 1}
+    assert sorted(f.name for f in model.functions) == [onnx_op.OP_TYPE, onnx_op.HOT_OP_TYPE]
+    assert cuda_kernels.cuda_problems(model) == []
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for rows, cold in ((1, 0.0), (1, 1.0), (300, 0.12), (1000, 1.0)):
+            index, keys = _case(rng, rows, h, cold)
+            (y,) = sess.run(None, {"index": index, "keys": keys})
+            want = module(torch.from_numpy(index), torch.from_numpy(keys)).numpy()
+            assert y.dtype == want.dtype and np.array_equal(_bits(y), _bits(want)), (rows, cold)
+
+
+def _hot_dlrm(dtype: str) -> torch.nn.Module:
+    from lma.embeddings import EMBEDDINGS, EmbeddingSpec, build_embedding
+    from lma.features import FeatureMap
+    from lma.model import DLRMConfig, build_dlrm
+    from lma.schema import CategoricalField, Schema
+
+    rng = np.random.default_rng(0)
+    sizes = (40, 300, 7)
+    cats = tuple(CategoricalField(f"f{i}") for i in range(len(sizes)))
+    schema = Schema(name="t", label="y", dense=(), categorical=cats)
+    toks = [np.sort(rng.choice(2**62, n, replace=False)).astype(np.int64) + i
+            for i, n in enumerate(sizes)]
+    fmap = FeatureMap(schema, toks, [rng.integers(1, 10, n) for n in sizes], n_rows=1000)
+    spec = EmbeddingSpec(kind="lma", dim=8, n_params=fmap.full_table_rows(1) * 8 // 4, seed=1,
+                         options={"z": 2})
+    train = np.stack([rng.choice(t, 400) for t in fmap.tokens], axis=1)
+    emb = build_embedding(spec, fmap, **EMBEDDINGS["lma"].prepare(spec, fmap, train))
+    cfg = DLRMConfig(n_dense=2, slot_fields=fmap.schema.slot_fields(), dim=8, bottom_mlp=[8, 8],
+                     top_mlp=[8])
+    model = build_dlrm(cfg, emb, fmap).eval()
+    if dtype == "float16":
+        model.embedding.memory.data = model.embedding.memory.data.half()
+    model.embedding.to_serving("hot")
+    model.signed = np.concatenate(toks)  # tokens to query: signed (hot) ones among them
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exported_hot_form_dlrm(tmp_path: Path, dtype: str) -> None:
+    """A DLRM whose LMA embedding is in the hot serving form: one HotGather node, a KeyLookup for
+    token -> hot row, every node with a CUDA kernel, logits equal to torch eager."""
+    model = _hot_dlrm(dtype)
+    assert model.embedding.hot.shape[0] > 0 and model.embedding.hot.dtype == getattr(torch, dtype)
+    rng = np.random.default_rng(5)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dense = torch.randn(4, 2)
+    tokens = torch.from_numpy(rng.choice(model.signed, (4, 3)))
+    with torch.no_grad():
+        program = torch.export.export(model, (dense, tokens),
+                                      dynamic_shapes=({0: batch}, {0: batch}))
+    path = tmp_path / "m.onnx"
+    onnx_op.export_onnx(program, (dense, tokens), path, ["dense", "tokens"], ["logits"])
+    proto = onnx.load(str(path))
+    types = sorted(n.op_type for n in proto.graph.node if n.domain == onnx_op.DOMAIN)
+    assert types == [onnx_op.HOT_OP_TYPE, onnx_op.KEY_LOOKUP_OP_TYPE]
+    assert cuda_kernels.cuda_problems(proto) == []
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows in (1, 7, 500):
+        tok = rng.choice(model.signed, (rows, 3))
+        cold = rng.random((rows, 3)) < 0.3
+        tok[cold] = rng.integers(I64_MIN, I64_MAX, int(cold.sum()), dtype=np.int64)
+        d = rng.standard_normal((rows, 2)).astype(np.float32)
+        (y,) = sess.run(None, {"dense": d, "tokens": tok})
+        with torch.no_grad():
+            want = model(torch.from_numpy(d), torch.from_numpy(tok)).numpy()
+        np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_external_data_export_attaches_both_functions(tmp_path: Path) -> None:
+    cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=True, m=5003, seed=4)
+    module = _HotModule(cfg, 20, torch.float32).eval()
+    rng = np.random.default_rng(3)
+    index, keys = _case(rng, 4, 20, 0.5)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    path = tmp_path / "big.onnx"
+    proto = onnx_op.export_onnx(module, (torch.from_numpy(index), torch.from_numpy(keys)), path,
+                                ["index", "keys"], ["rows"],
+                                dynamic_shapes=({0: batch}, {0: batch}), external_data=True)
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert sorted(f.name for f in proto.functions) == [onnx_op.OP_TYPE, onnx_op.HOT_OP_TYPE]
+    (node,) = [n for n in proto.graph.node if n.domain == onnx_op.DOMAIN]
+    assert {a.name: a.i for a in node.attribute if a.name in ("t", "aligned")} == {"t": 8, "aligned": 1}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    index, keys = _case(rng, 300, 20, 0.4)
+    (y,) = sess.run(None, {"index": index, "keys": keys})
+    with torch.no_grad():
+        want = module(torch.from_numpy(index), torch.from_numpy(keys)).numpy()
+    assert np.array_equal(_bits(y), _bits(want))
