@@ -105,9 +105,11 @@ class DLRM(nn.Module):
         self.n_pairs = n_vec * (n_vec - 1) // 2
         # Derived (non-persistent) buffers are made on the CPU explicitly, so that a model built
         # under torch.device("meta") to receive loaded weights still computes them.
+        # The upper triangle of the (n, n) dot products, as flat positions i * n + j: one
+        # index_select along a flattened row is ~9x faster than indexing with (i, j) pairs
+        # (aten::index) and picks the same values.
         iu = torch.triu_indices(n_vec, n_vec, offset=1, device="cpu")
-        self.register_buffer("pair_i", iu[0].clone(), persistent=False)
-        self.register_buffer("pair_j", iu[1].clone(), persistent=False)
+        self.register_buffer("pair_index", iu[0] * n_vec + iu[1], persistent=False)
         if config.interaction not in ("dot", "dot-cat", "dot-wide"):
             raise ValueError(
                 f"interaction must be 'dot', 'dot-cat' or 'dot-wide', got {config.interaction!r}"
@@ -177,7 +179,7 @@ class DLRM(nn.Module):
             x = self.bottom(dense)  # (B, d)
             vecs = torch.cat([x[:, None, :], vecs], dim=1)  # (B, F + 1, d)
         inter = torch.bmm(vecs, vecs.transpose(1, 2))  # (B, n, n)
-        pairs = inter[:, self.pair_i, self.pair_j]  # (B, n_pairs)
+        pairs = inter.flatten(1).index_select(1, self.pair_index)  # (B, n_pairs)
         parts = [x, pairs] if self.has_dense else [pairs]
         if self.cat_fields:
             parts.append(vecs[:, int(self.has_dense):].flatten(1))  # (B, F * d)

@@ -156,3 +156,43 @@ def test_first_order_config_and_table_must_match():
 
     with pytest.raises(ValueError, match="'full' or 'hash'"):
         first_order_spec("lma", 10, 1, 0)
+
+
+@pytest.mark.parametrize("n_dense", [0, 1])
+def test_interaction_pairs_are_the_upper_triangle_in_order(n_dense):
+    # The pairs come from one index_select over the flattened (n, n) dot products; they must be
+    # the strict upper triangle in row-major order, bit for bit, as (i, j) indexing gives.
+    schema = _schema(multi=False)
+    if n_dense == 0:
+        schema = Schema(name="t", label="y", dense=(), categorical=schema.categorical)
+    fmap, enc = _fmap(schema)
+    emb = build_embedding(EmbeddingSpec(kind="hash", dim=4, n_params=400), fmap)
+    model = DLRM(DLRMConfig(n_dense=n_dense, slot_fields=schema.slot_fields(), dim=4), emb).eval()
+    captured = {}
+    model.top.register_forward_pre_hook(lambda m, a: captured.setdefault("top_in", a[0]))
+    dense = torch.from_numpy(enc.dense[:16, :n_dense])
+    tokens = torch.from_numpy(enc.tokens[:16])
+    with torch.no_grad():
+        model(dense, tokens)
+        vecs = model.field_vectors(tokens)
+        if n_dense:
+            x = model.bottom((dense - model.dense_mean) / model.dense_std)
+            vecs = torch.cat([x[:, None, :], vecs], dim=1)
+        n = vecs.shape[1]
+        inter = torch.bmm(vecs, vecs.transpose(1, 2))
+        i, j = torch.triu_indices(n, n, offset=1)
+        want = inter[:, i, j]
+    got = captured["top_in"][:, 4 * n_dense:]
+    assert got.shape == (16, n * (n - 1) // 2)
+    assert torch.equal(got, want)
+
+
+def test_interaction_index_is_computed_on_a_meta_built_model():
+    schema = _schema()
+    fmap, _ = _fmap(schema)
+    with torch.device("meta"):
+        emb = build_embedding(EmbeddingSpec(kind="hash", dim=4, n_params=400), fmap)
+        model = DLRM(DLRMConfig(n_dense=1, slot_fields=schema.slot_fields(), dim=4), emb)
+    assert model.pair_index.device.type == "cpu"
+    assert model.pair_index.tolist() == [1, 2, 5]  # n = 3: (0, 1), (0, 2), (1, 2)
+    assert "pair_index" not in model.state_dict()
