@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from lma.embeddings.base import (
 )
 from lma.features import FeatureMap
 from lma.ops.key_lookup import KeyLookup
+
+logger = logging.getLogger(__name__)
 
 # Tables above this many floats train with sparse gradients (dense Adam state would dominate).
 SPARSE_THRESHOLD = 4_000_000
@@ -59,17 +62,28 @@ class FullTables(Embedding):
     Built to receive loaded weights (``vocab=None``, only the vocabulary's size known), the
     module takes the stored key table; checkpoints and bundles written before tables were stored
     hold the sorted vocabulary instead, from which the table is built at load.
+
+    ``rows_from``: another FullTables over the same vocabulary (the DLRM's first-order scalars
+    beside its embedding, see :func:`shares_vocabulary`) whose token -> row map this one uses:
+    it then holds no key table (nor vocabulary) of its own, so checkpoints and bundles store the
+    map once, and loading one written when both held a table drops this one's copy.
     """
 
     kind = "full"
 
     def __init__(self, spec: EmbeddingSpec, vocab: np.ndarray | None, slot_fields: list[int],
-                 n_fields: int, n_vocab: int | None = None):
+                 n_fields: int, n_vocab: int | None = None, rows_from: FullTables | None = None):
         super().__init__(spec)
         self.register_buffer("slot_fields", torch.tensor(slot_fields, dtype=torch.int64))
         self.lookup = lookup_option(spec)
         self.key_table: KeyLookup | None = None
-        if vocab is None:
+        # Kept out of the module tree (the owner of the map registers it), hence __dict__.
+        self.__dict__["rows_from"] = rows_from
+        if rows_from is not None:
+            if not shares_vocabulary(spec, rows_from):
+                raise ValueError("rows_from must be a full table of the same min_count and lookup")
+            self.n_vocab = rows_from.n_vocab
+        elif vocab is None:
             if n_vocab is None:
                 raise ValueError("FullTables without a vocabulary needs its size (n_vocab)")
             self.n_vocab = int(n_vocab)
@@ -93,6 +107,9 @@ class FullTables(Embedding):
     @classmethod
     def build(cls, spec: EmbeddingSpec, feature_map: FeatureMap, **state: Any) -> FullTables:
         slot_fields, n_fields = feature_map.schema.slot_fields(), len(feature_map.schema.categorical)
+        rows_from = state.get("rows_from")
+        if rows_from is not None:
+            return cls(spec, None, slot_fields, n_fields, rows_from=rows_from)
         if building_for_load():
             # The weights bring the key table: only the vocabulary's size is needed (counted
             # without copying the tokens).
@@ -105,6 +122,8 @@ class FullTables(Embedding):
         return cls(spec, vocab, slot_fields, n_fields)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if self.rows_from is not None:
+            self._drop_stored_copy(state_dict, prefix, args[-1])
         if self.key_table is not None:
             # Checkpoints and bundles written before key tables were stored hold the sorted
             # vocabulary instead (rows are positions in it): the table is built from it once.
@@ -114,8 +133,46 @@ class FullTables(Embedding):
             self.key_table.prepare_state(state_dict, prefix + "key_table.", source)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def _drop_stored_copy(self, state_dict: dict[str, Any], prefix: str,
+                          error_msgs: list[str]) -> None:
+        """Checkpoints and bundles written before the map was shared hold this module's own
+        copy of it (``key_table.*``, or ``vocab``): built from the same vocabulary, so equal to
+        the owner's. The stored key table is compared with the owner's (already loaded: the
+        owner comes first in the model) before it is dropped; a difference is an error, since
+        outputs would change."""
+        own = [k for k in state_dict if k.startswith(prefix + "key_table.") or k == prefix + "vocab"]
+        if not own:
+            return
+        src = self.rows_from
+        stored = {n: state_dict.get(prefix + "key_table." + n) for n in ("table", "header")}
+        if src.key_table is not None and not src.key_table.is_placeholder and all(
+                v is not None for v in stored.values()):
+            ref: dict[str, torch.Tensor] = {"table": src.key_table.table,
+                                            "header": src.key_table.header}
+        elif src.key_table is None and prefix + "vocab" in state_dict:
+            ref, stored = {"vocab": src.vocab}, {"vocab": state_dict[prefix + "vocab"]}
+        else:
+            ref = {}  # a table of another layout, or a vocabulary beside a table: sizes only
+        for n, want in ref.items():
+            got = stored[n]
+            if tuple(got.shape) != tuple(want.shape) or not torch.equal(got.cpu(), want.cpu()):
+                error_msgs.append(f"{prefix.rstrip('.')}: the stored {n} differs from the "
+                                  "embedding's it shares; the two vocabularies differ")
+                return
+        vocab = state_dict.get(prefix + "vocab")
+        if vocab is not None and int(vocab.shape[0]) != self.n_vocab:
+            error_msgs.append(f"{prefix.rstrip('.')}: the stored vocabulary has "
+                              f"{int(vocab.shape[0])} tokens, the one it shares {self.n_vocab}")
+            return
+        logger.info("%s: dropping its stored copy of the embedding's token -> row map (%s)",
+                    prefix.rstrip("."), ", ".join(k[len(prefix):] for k in own))
+        for k in own:
+            del state_dict[k]
+
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S) tokens -> (B, S) row indices (OOV row of the slot's field when absent)."""
+        if self.rows_from is not None:
+            return self.rows_from.rows(tokens)
         if self.key_table is not None:
             return self.key_table(tokens, self.n_vocab + self.slot_fields)
         if self.n_vocab == 0:
@@ -125,19 +182,34 @@ class FullTables(Embedding):
         return torch.where(found, pos, self.n_vocab + self.slot_fields)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return as_compute_dtype(self.table(self.rows(tokens)))
+        return self.gather(self.rows(tokens))
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, S) row indices (from :meth:`rows`) -> (B, S, d) float32."""
+        return as_compute_dtype(self.table(rows))
 
     def parameter_count(self) -> int:
         return self.table.weight.numel()
 
     def state_bytes(self) -> int:
-        """What serving holds besides the rows: the key table (or the sorted vocabulary)."""
+        """What serving holds besides the rows: the key table (or the sorted vocabulary); none
+        when the map is shared (``rows_from``, counted by its owner)."""
+        if self.rows_from is not None:
+            return 0
         if self.key_table is not None:
             return self.key_table.nbytes()
         return 8 * self.n_vocab  # the sorted vocabulary (int64 token hashes)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.table.weight] if self.sparse else []
+
+
+def shares_vocabulary(spec: EmbeddingSpec, other: Embedding) -> bool:
+    """Whether a full table of ``spec`` over the same feature map has exactly ``other``'s token
+    -> row map (same kind, vocabulary threshold and lookup), so it can use ``other``'s."""
+    return (spec.kind == FullTables.kind and isinstance(other, FullTables)
+            and other.rows_from is None and spec.min_count == other.spec.min_count
+            and lookup_option(spec) == other.lookup)
 
 
 @register
