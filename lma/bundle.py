@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -60,6 +60,14 @@ MARKER_VERSION = 1
 CUSTOM_OP_DOMAIN = "ai.lma"
 CUSTOM_OP_TYPE = "HashedGather"
 CUSTOM_OP_VERSION = 1
+
+# Where a server holds a format 2 bundle's weights: "mmap", memory-mapped from
+# weights.safetensors (page-cache pages, shared by every process serving the bundle, read when
+# first touched), or "private", read into each process's own memory (the whole weights resident
+# per process, and eligible for transparent huge pages: faster scattered reads of large tables;
+# measured in docs/RESULTS.md, "Weights in private memory or memory-mapped").
+WEIGHT_MODES = ("private", "mmap")
+DEFAULT_WEIGHTS: Literal["private", "mmap"] = "private"
 
 # Top-level DLRM modules whose parameters are MLP weights (component_bytes).
 _MLP_MODULES = ("bottom", "top", "wide", "linear")
@@ -202,17 +210,36 @@ class Bundle:
         return FeatureMap(self.schema, tokens, counts, int(info.get("n_rows", 0)),
                           info.get("meta"))
 
-    def weights(self) -> dict[str, np.ndarray]:
+    def weights(self, private: bool = False) -> dict[str, np.ndarray]:
         """The state dict of a format 2 bundle as copy-on-write memory maps of
-        ``weights.safetensors`` (nothing is read until used)."""
-        from lma import tensorfile
-
+        ``weights.safetensors`` (nothing is read until used), or with ``private`` read into
+        the process's own memory (see :data:`WEIGHT_MODES`)."""
         if self.format == 1:
             raise BundleError(f"{self.path}: a format 1 bundle keeps its weights in {PROGRAM_FILE}")
         info = self.manifest.get("weights") or {}
-        names = info.get("state_dict")
+        return self._read_weights(info.get("state_dict"), private)
+
+    def onnx_initializers(self, private: bool = True) -> dict[str, np.ndarray]:
+        """The arrays that ``model.onnx``'s external initializers point to in
+        ``weights.safetensors``, by initializer name (format 2): what ``add_initializer`` gives
+        onnxruntime so that it reads none of them itself."""
+        info = self.manifest.get("weights") or {}
+        if self.format == 1 or "onnx_shares" not in info:
+            raise BundleError(f"{self.path}: a format {self.format} bundle's model.onnx does not "
+                              f"point into {WEIGHTS_FILE}")
+        names = {n: n for n in info["onnx_shares"]}
+        names.update({t.removeprefix("onnx::"): t for t in info.get("onnx_only", [])})
+        arrays = self._read_weights(sorted(set(names.values())), private)
+        return {init: arrays[t] for init, t in names.items()}
+
+    def _read_weights(self, names: list[str] | None, private: bool) -> dict[str, np.ndarray]:
+        from lma import tensorfile
+
+        f = self.file((self.manifest.get("weights") or {}).get("file", WEIGHTS_FILE))
         try:
-            return tensorfile.read(self.file(info.get("file", WEIGHTS_FILE)), names)
+            return tensorfile.read(f, names, private=private)
+        except OSError as exc:
+            raise BundleError(f"{f}: cannot read the weights ({exc})") from exc
         except tensorfile.TensorFileError as exc:
             raise BundleError(str(exc)) from exc
 
@@ -245,13 +272,16 @@ class Bundle:
                 self._cache["program"] = torch.export.load(str(path))
             return self._cache["program"]
 
-    def eager_model(self) -> Any:
+    def eager_model(self, weights: str = "mmap") -> Any:
         """The DLRM rebuilt in eager torch from the manifest's config, the feature map, the
-        per-token state and the saved weights (eval mode)."""
+        per-token state and the saved weights (eval mode), which it holds memory-mapped
+        (``weights="mmap"``) or in its own memory (``"private"``; see :data:`WEIGHT_MODES`)."""
+        check_weights_mode(weights)
+        key = f"eager:{weights}"
         with self._lock:
-            if "eager" not in self._cache:
-                self._cache["eager"] = _eager_model(self)
-            return self._cache["eager"]
+            if key not in self._cache:
+                self._cache[key] = _eager_model(self, private=weights == "private")
+            return self._cache[key]
 
 
 def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
@@ -442,7 +472,13 @@ def load_bundle(path: str | Path | Bundle, verify_checksums: bool = True, *,
     return Bundle(path=d, manifest=manifest, verification=verification)
 
 
-def _eager_model(bundle: Bundle) -> Any:
+def check_weights_mode(weights: str) -> str:
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    return weights
+
+
+def _eager_model(bundle: Bundle, private: bool = False) -> Any:
     import torch
 
     from lma.rebuild import rebuild_model
@@ -460,7 +496,7 @@ def _eager_model(bundle: Bundle) -> Any:
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
         return model.eval()
-    arrays = bundle.weights()
+    arrays = bundle.weights(private=private)
     weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
     fmap = bundle.feature_map()
     if not bundle.manifest.get("vocabulary"):

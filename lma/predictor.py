@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from lma.bundle import Bundle, BundleError, load_bundle
+from lma.bundle import (
+    DEFAULT_WEIGHTS,
+    Bundle,
+    BundleError,
+    check_weights_mode,
+    load_bundle,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,54 @@ ENGINES = ("onnx", "program", "eager")
 # The sample's logits were computed by torch eager at export; another engine or provider may
 # differ by float rounding (TOLERANCE of lma verify is 1e-5), a broken one by much more.
 WARMUP_TOLERANCE = 1e-3
+
+
+CPU_EP = "CPUExecutionProvider"
+
+
+def onnx_session(bundle: Bundle, providers: Sequence[Any] | None = None,
+                 session_options: Any = None, weights: str = DEFAULT_WEIGHTS
+                 ) -> tuple[Any, dict[str, Any]]:
+    """An onnxruntime session of ``bundle``'s ``model.onnx`` and what must outlive it.
+
+    ``weights`` (:data:`lma.bundle.WEIGHT_MODES`): with ``"mmap"`` onnxruntime loads the
+    external initializers itself (it maps ``weights.safetensors``); with ``"private"`` they
+    are read into arrays of this process's memory and handed over with ``add_initializer``,
+    which onnxruntime uses without copying and instead of reading the file (it still checks
+    that the file exists). The returned dict holds those arrays and their OrtValues: keep it as
+    long as the session. Private applies to a format 2 bundle on the CPU provider alone; on
+    another provider (CUDA) the weights are copied to the device either way, and format 1
+    bundles carry theirs inside ``model.onnx``: onnxruntime then loads them itself (logged).
+    """
+    import onnxruntime as ort
+
+    check_weights_mode(weights)
+    providers = list(providers) if providers else [CPU_EP]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    so = session_options if session_options is not None else ort.SessionOptions()
+    owned: dict[str, Any] = {"mode": weights}
+    if weights == "mmap" and bundle.format == 2:
+        # onnxruntime's own message for a damaged file names an initializer, not the file:
+        # check the file's header and sizes first (maps are made and dropped, nothing read).
+        bundle.onnx_initializers(private=False)
+    if weights == "private":
+        if names != [CPU_EP] or bundle.format == 1:
+            why = "format 1 bundle" if bundle.format == 1 else f"providers {names}"
+            logger.info("%s: weights loaded by onnxruntime (%s), not into private memory",
+                        bundle.path, why)
+            owned["mode"] = "onnxruntime"
+        else:
+            arrays = bundle.onnx_initializers(private=True)
+            values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+            for k, v in values.items():
+                so.add_initializer(k, v)
+            owned.update(arrays=arrays, values=values,
+                         private_bytes=int(sum(a.nbytes for a in arrays.values())))
+    try:
+        sess = ort.InferenceSession(str(bundle.onnx_path), sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(f"{bundle.onnx_path}: onnxruntime cannot load the model ({exc})") from exc
+    return sess, owned
 
 
 @dataclass
@@ -43,6 +97,10 @@ class Predictor:
     device: str = "cpu"
     open_seconds: float = 0.0
     warmup_seconds: float | None = None
+    # Where the weights live: "private", "mmap", or "onnxruntime" / "program" where the
+    # engine loads them itself (see open); _owned keeps private arrays alive with the session.
+    weights: str = ""
+    _owned: Any = field(default=None, repr=False)
 
     @classmethod
     def open(
@@ -54,6 +112,7 @@ class Predictor:
         intra_op_threads: int | None = None,
         device: str = "cpu",
         verify_checksums: bool = True,
+        weights: str = DEFAULT_WEIGHTS,
     ) -> Predictor:
         """Open ``path`` (a bundle folder, or an already loaded :class:`Bundle`, whose checksums
         are then not hashed again) with ``engine``.
@@ -62,57 +121,61 @@ class Predictor:
         ``onnxruntime.SessionOptions``) go to the session; ``intra_op_threads`` sets its
         intra-op thread count. Torch engines: ``device`` ("cpu", "cuda", "cuda:1", ...);
         ``intra_op_threads`` calls ``torch.set_num_threads`` (process-wide).
+
+        ``weights`` (``"private"`` or ``"mmap"``, :data:`lma.bundle.WEIGHT_MODES`): whether the
+        onnx and eager engines read the weights into this process's memory or map
+        ``weights.safetensors`` (see :func:`onnx_session`). The program engine always holds
+        its own copy (``torch.export.load`` reads ``model.pt2`` into memory).
         """
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        check_weights_mode(weights)
         t0 = time.perf_counter()
         b = path if isinstance(path, Bundle) else load_bundle(path, verify_checksums)
         if engine == "onnx":
-            p = cls._open_onnx(b, providers, session_options, intra_op_threads)
+            p = cls._open_onnx(b, providers, session_options, intra_op_threads, weights)
         else:
-            p = cls._open_torch(b, engine, device, intra_op_threads)
+            p = cls._open_torch(b, engine, device, intra_op_threads, weights)
         p.open_seconds = time.perf_counter() - t0
         return p
 
     @classmethod
     def _open_onnx(cls, b: Bundle, providers: Sequence[Any] | None, session_options: Any,
-                   intra_op_threads: int | None) -> Predictor:
+                   intra_op_threads: int | None, weights: str) -> Predictor:
         import onnxruntime as ort
 
         so = session_options if session_options is not None else ort.SessionOptions()
         if intra_op_threads is not None:
             so.intra_op_num_threads = int(intra_op_threads)
-        try:
-            sess = ort.InferenceSession(
-                str(b.onnx_path), sess_options=so,
-                providers=list(providers) if providers else ["CPUExecutionProvider"],
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(f"{b.onnx_path}: onnxruntime cannot load the model ({exc})") from exc
+        sess, owned = onnx_session(b, providers, so, weights)
 
         def run(d: np.ndarray, t: np.ndarray) -> np.ndarray:
             return sess.run(None, {"dense": d, "tokens": t})[0]
 
-        return cls(b, "onnx", run, session=sess)
+        return cls(b, "onnx", run, session=sess, weights=owned["mode"], _owned=owned)
 
     @classmethod
     def _open_torch(cls, b: Bundle, engine: str, device: str,
-                    intra_op_threads: int | None) -> Predictor:
+                    intra_op_threads: int | None, weights: str) -> Predictor:
         import torch
 
         if intra_op_threads is not None:
             torch.set_num_threads(int(intra_op_threads))
-        mod = b.program().module() if engine == "program" else b.eager_model()
+        if engine == "program":
+            mod, held = b.program().module(), "program"
+        else:
+            held = weights if b.format == 2 else "program"
+            mod = b.eager_model(weights)
         dev = torch.device(device)
         if dev.type != "cpu":
-            mod = mod.to(dev)
+            mod, held = mod.to(dev), str(dev)
 
         def run(d: np.ndarray, t: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 out = mod(torch.from_numpy(d).to(dev), torch.from_numpy(t).to(dev))
                 return out.float().cpu().numpy()
 
-        return cls(b, engine, run, module=mod, device=str(dev))
+        return cls(b, engine, run, module=mod, device=str(dev), weights=held)
 
     def providers_in_use(self) -> list[str]:
         """What actually runs the model: onnxruntime's providers as the session reports them, or

@@ -9,6 +9,7 @@ Bundles keep their weights in one such file, which ``model.onnx`` also points in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Iterable
@@ -51,31 +52,57 @@ def header(path: str | Path) -> tuple[dict[str, Any], int]:
     return h, 8 + n
 
 
-def read(path: str | Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Tensors of ``path`` as copy-on-write memory maps (nothing is read until used)."""
+def read(path: str | Path, names: Iterable[str] | None = None, *,
+         private: bool = False) -> dict[str, np.ndarray]:
+    """Tensors of ``path`` as copy-on-write memory maps (nothing is read until used), or with
+    ``private`` read into arrays of the process's own (anonymous) memory. Mapped pages are the
+    page cache's, shared by every process that maps the file; private arrays cost their bytes
+    per process but may be backed by transparent huge pages, which file pages are not (fewer
+    TLB misses for scattered reads of a large table)."""
     p = Path(path)
     h, start = header(p)
     size = p.stat().st_size
     out: dict[str, np.ndarray] = {}
     wanted = None if names is None else set(names)
-    for name, info in h.items():
-        if name == "__metadata__" or (wanted is not None and name not in wanted):
-            continue
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TensorFileError(f"{p}: tensor {name!r}: bad entry {info!r} ({exc})") from None
-        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if e - b != n * dtype.itemsize or start + e > size or b < 0:
-            raise TensorFileError(f"{p}: tensor {name!r}: offsets {b}..{e} do not fit its shape "
-                                  f"{shape} {info['dtype']} or the file ({size} bytes)")
-        if n == 0:
-            out[name] = np.empty(shape, dtype)
-        else:
-            out[name] = np.memmap(p, dtype=dtype, mode="c", offset=start + b, shape=shape)
+    if wanted is not None and (absent := sorted(wanted - set(h))):
+        raise TensorFileError(f"{p}: no tensor named {', '.join(map(repr, absent[:5]))}")
+    with open(p, "rb", buffering=0) if private else contextlib.nullcontext() as f:
+        for name, info in h.items():
+            if name == "__metadata__" or (wanted is not None and name not in wanted):
+                continue
+            out[name] = _tensor(p, f, name, info, start, size)
     return out
+
+
+def _tensor(p: Path, f: Any, name: str, info: Any, start: int, size: int) -> np.ndarray:
+    """One tensor of the file: mapped (``f`` None) or read from ``f`` into a new array."""
+    if not isinstance(info, dict):
+        raise TensorFileError(f"{p}: tensor {name!r}: bad entry {info!r}")
+    try:
+        dtype = DTYPES[info["dtype"]]
+        shape = tuple(int(s) for s in info["shape"])
+        b, e = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TensorFileError(f"{p}: tensor {name!r}: bad entry {info!r} ({exc})") from None
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if e - b != n * dtype.itemsize or start + e > size or b < 0:
+        raise TensorFileError(f"{p}: tensor {name!r}: offsets {b}..{e} do not fit its shape "
+                              f"{shape} {info['dtype']} or the file ({size} bytes)")
+    if n == 0:
+        return np.empty(shape, dtype)
+    if f is None:
+        return np.memmap(p, dtype=dtype, mode="c", offset=start + b, shape=shape)
+    a = np.empty(shape, dtype)
+    view = memoryview(a.reshape(-1).view(np.uint8))
+    f.seek(start + b)
+    got = 0
+    while got < len(view):  # a raw read may return fewer bytes than asked
+        k = f.readinto(view[got:])
+        if not k:
+            raise TensorFileError(f"{p}: tensor {name!r}: the file ended after {got} of its "
+                                  f"{len(view)} bytes")
+        got += k
+    return a
 
 
 def write(path: str | Path, tensors: dict[str, np.ndarray],

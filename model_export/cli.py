@@ -74,10 +74,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     (``--ids yes``, the default under ``--on-error skip``), ``ID<TAB>probability`` where ID is
     the row's 1-based line in a text file or its 1-based row in Parquet / synthetic data, so
     that rows dropped as bad (or blank lines) leave no doubt which output belongs to which row."""
+    from lma.bundle import DEFAULT_WEIGHTS
     from lma.data import open_source
     from lma.predictor import Predictor
 
-    pred = Predictor.open(args.bundle, engine=args.engine, intra_op_threads=args.threads)
+    pred = Predictor.open(args.bundle, engine=args.engine, intra_op_threads=args.threads,
+                          weights=args.weights or DEFAULT_WEIGHTS)
     src = open_source(args.data, args.schema, on_error=args.on_error)
     pred.check_schema(src.schema)
     ids = args.ids == "yes" or (args.ids == "auto" and args.on_error == "skip")
@@ -188,6 +190,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--on-error skip only (default)",
     )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the engine")
+    p.add_argument("--weights", choices=["private", "mmap"], default=None,
+                   help="read the weights into this process's memory (private, the default) or "
+                        "map them from weights.safetensors (mmap: less resident memory)")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("bench", help="benchmarks")

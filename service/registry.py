@@ -157,6 +157,7 @@ class LoadedModel:
             "engine": p.engine,
             "providers": p.providers,
             "device": p.device,
+            "weights": p.weights,
             "embedding_memory": {"location": p.memory, "bytes": comp["embedding"],
                                  **p.memory_bytes},
             "checksums": {k: v for k, v in (self.bundle.verification or {}).items()
@@ -226,7 +227,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         bundle = load_bundle(src.path, verify_checksums=s.verify_checksums)
         schema = bundle.schema
-        backend = open_backend(s.backend, bundle, s.device, s.threads)
+        backend = open_backend(s.backend, bundle, s.device, s.threads, s.weights)
         name, version = src.name, src.version
         metrics = self.metrics
 

@@ -14,6 +14,9 @@ variable                        meaning                                         
 ``LMA_SERVE_PORT``              port to bind (``lma serve`` only)                        8000
 ``LMA_SERVE_WORKERS``           worker processes, each loading every model              1
 ``LMA_SERVE_THREADS``           intra-op threads of each model (0: the library default)  0
+``LMA_SERVE_WEIGHTS``           ``private``: weights read into each worker's own memory  private
+                                (faster lookups; RSS = the weights per worker); ``mmap``:
+                                mapped from weights.safetensors, pages shared by workers
 ``LMA_SERVE_MAX_BATCH_ROWS``    rows per model call; larger requests are split           1024
 ``LMA_SERVE_MAX_WAIT_MS``       how long a batch waits for more rows (0: see below)      0
 ``LMA_SERVE_MAX_QUEUE_ROWS``    rows waiting per model before 503 + Retry-After          65536
@@ -58,6 +61,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lma.bundle import DEFAULT_WEIGHTS
+
 Backend = Literal["onnxruntime", "torch"]
 
 
@@ -72,6 +77,7 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     threads: int = Field(0, ge=0)
+    weights: Literal["private", "mmap"] = DEFAULT_WEIGHTS  # lma.bundle.WEIGHT_MODES
     max_batch_rows: int = Field(1024, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)
     max_queue_rows: int = Field(65536, ge=1)

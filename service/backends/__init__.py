@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lma.bundle import DEFAULT_WEIGHTS
+
 BACKENDS = ("onnxruntime", "torch")
 
 
@@ -23,6 +25,9 @@ class Placement:
     memory: str  # "host" or "cuda:N"
     memory_bytes: dict[str, int] = field(default_factory=dict)
     engine: str = ""  # what runs: "onnx", or the torch "program" (model.pt2) / "eager" model
+    # Where the host holds the weights: "private" (read into the process's memory), "mmap"
+    # (mapped from weights.safetensors), or who loaded them ("onnxruntime", "program", "cuda:N").
+    weights: str = ""
 
 
 class Backend(Protocol):
@@ -38,16 +43,18 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(name: str, bundle: Any, device: str = "cpu", threads: int = 0) -> Backend:
-    """The bundle's model opened with backend ``name`` on ``device`` (cpu, cuda[:N], auto)."""
+def open_backend(name: str, bundle: Any, device: str = "cpu", threads: int = 0,
+                 weights: str = DEFAULT_WEIGHTS) -> Backend:
+    """The bundle's model opened with backend ``name`` on ``device`` (cpu, cuda[:N], auto),
+    its weights held as ``weights`` says (``private`` or ``mmap``, lma.bundle.WEIGHT_MODES)."""
     if name == "onnxruntime":
         from service.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle, device, threads)
+        return OnnxRuntimeBackend(bundle, device, threads, weights)
     if name == "torch":
         from service.backends.torch import TorchBackend
 
-        return TorchBackend(bundle, device, threads)
+        return TorchBackend(bundle, device, threads, weights)
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 

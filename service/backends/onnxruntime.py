@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from lma.bundle import WEIGHTS_FILE
+from lma.bundle import DEFAULT_WEIGHTS, WEIGHTS_FILE
+from lma.predictor import onnx_session
 from service.backends import Placement, cuda_index
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ CPU_EP = "CPUExecutionProvider"
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Any, device: str = "cpu", threads: int = 0):
+    def __init__(self, bundle: Any, device: str = "cpu", threads: int = 0,
+                 weights: str = DEFAULT_WEIGHTS):
         available = ort.get_available_providers()
         want_cuda = device.startswith("cuda") or (device == "auto" and CUDA_EP in available)
         if want_cuda and CUDA_EP not in available:
@@ -45,7 +47,8 @@ class OnnxRuntimeBackend:
         else:
             providers = [CPU_EP]
         path = bundle.onnx_path
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        # On CUDA the weights are copied to the device whatever the host does with them.
+        self.session, self._owned = onnx_session(bundle, providers, opts, weights)
         used = self.session.get_providers()
         if want_cuda and CUDA_EP not in used:
             raise RuntimeError(f"{path}: onnxruntime did not register the CUDA provider ({used})")
@@ -57,8 +60,11 @@ class OnnxRuntimeBackend:
             memory=dev if on_cuda else "host",
             # model.onnx, plus the weights file it points into (bundle format 2).
             memory_bytes={"model_files": path.stat().st_size + (
-                weights.stat().st_size if (weights := bundle.file(WEIGHTS_FILE)).is_file() else 0)},
+                w.stat().st_size if (w := bundle.file(WEIGHTS_FILE)).is_file() else 0),
+                **({"private_weights": self._owned["private_bytes"]}
+                   if "private_bytes" in self._owned else {})},
             engine="onnx",
+            weights=dev if on_cuda else self._owned["mode"],
         )
         self._output = self.session.get_outputs()[0].name
 
@@ -76,3 +82,4 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+        self._owned = {}

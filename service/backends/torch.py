@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import lma.ops  # noqa: F401  (registers lma::hashed_gather before the program is loaded)
+from lma.bundle import DEFAULT_WEIGHTS, check_weights_mode
 from service.backends import Placement, cuda_index
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,8 @@ logger = logging.getLogger(__name__)
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, bundle: Any, device: str = "cpu", threads: int = 0):
+    def __init__(self, bundle: Any, device: str = "cpu", threads: int = 0,
+                 weights: str = DEFAULT_WEIGHTS):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
@@ -30,13 +32,15 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         # Format 2 bundles carry model.pt2 only when exported with --torch-program; without it,
-        # the eager model (same lma ops, weights memory-mapped from weights.safetensors) runs.
+        # the eager model (same lma ops, weights from weights.safetensors, private or mapped as
+        # ``weights`` says) runs. The program holds its own copy (torch.export.load reads it).
+        check_weights_mode(weights)
         if bundle.program_path is not None:
             self.module = torch.export.load(str(bundle.program_path)).module().to(self.device)
-            engine = "program"
+            engine, held = "program", "program"
         else:
-            self.module = bundle.eager_model().to(self.device)
-            engine = "eager"
+            self.module = bundle.eager_model(weights).to(self.device)
+            engine, held = "eager", weights if bundle.format == 2 else "program"
         tensors = [*self.module.parameters(), *self.module.buffers()]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         where = {str(t.device) for t in tensors}
@@ -49,6 +53,7 @@ class TorchBackend:
             memory=memory,
             memory_bytes={"weights_and_buffers": int(nbytes)},
             engine=engine,
+            weights=held if device == "cpu" else device,
         )
 
     @torch.inference_mode()
