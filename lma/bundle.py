@@ -62,12 +62,14 @@ CUSTOM_OP_TYPE = "HashedGather"
 CUSTOM_OP_VERSION = 1
 
 # Where a server holds a format 2 bundle's weights: "mmap", memory-mapped from
-# weights.safetensors (page-cache pages, shared by every process serving the bundle, read when
-# first touched), or "private", read into each process's own memory (the whole weights resident
-# per process, and eligible for transparent huge pages: faster scattered reads of large tables;
-# measured in docs/RESULTS.md, "Weights in private memory or memory-mapped").
+# weights.safetensors (page-cache pages, shared by every process serving the bundle, resident
+# once touched), or "private", read into each process's own memory (the whole weights resident
+# per process, in transparent huge pages where the kernel has them). mmap is the default: in the
+# measurement (docs/RESULTS.md, "Weights in private memory or memory-mapped") private was no
+# faster beyond this machine's noise, since this kernel maps page-cache large folios with huge
+# pages too, and it costs the whole weights per worker.
 WEIGHT_MODES = ("private", "mmap")
-DEFAULT_WEIGHTS: Literal["private", "mmap"] = "private"
+DEFAULT_WEIGHTS: Literal["private", "mmap"] = "mmap"
 
 # Top-level DLRM modules whose parameters are MLP weights (component_bytes).
 _MLP_MODULES = ("bottom", "top", "wide", "linear")

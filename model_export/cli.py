@@ -191,8 +191,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the engine")
     p.add_argument("--weights", choices=["private", "mmap"], default=None,
-                   help="read the weights into this process's memory (private, the default) or "
-                        "map them from weights.safetensors (mmap: less resident memory)")
+                   help="map the weights from weights.safetensors (mmap, the default) or read "
+                        "them into this process's memory (private)")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("bench", help="benchmarks")

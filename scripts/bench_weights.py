@@ -32,11 +32,15 @@ ROWS = (1, 100, 1000)
 
 
 def _status() -> dict[str, float]:
+    """Resident memory (MB), and how much of it is mapped with 2 MB pages: anonymous huge
+    pages (private weights) and page-cache large folios mapped by PMD (mapped weights)."""
     out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[k] = int(v.split()[0]) / 1024  # MB
+    for f, keys in (("status", ("VmRSS", "RssAnon", "RssFile", "VmHWM")),
+                    ("smaps_rollup", ("AnonHugePages", "FilePmdMapped"))):
+        for line in Path(f"/proc/self/{f}").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in keys:
+                out[k] = int(v.split()[0]) / 1024
     return out
 
 
@@ -96,7 +100,7 @@ def main() -> int:
                 modes = ("private", "mmap") if r % 2 == 0 else ("mmap", "private")
                 for mode in modes:
                     results["meta"]["load_avg"].append(
-                        float(open("/proc/loadavg").read().split()[0]))
+                        float(Path("/proc/loadavg").read_text().split()[0]))
                     cmd = ["taskset", "-c", "0", sys.executable, __file__, "--cell", path,
                            engine, mode, args.data]
                     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -117,19 +121,21 @@ def main() -> int:
 
 def report(results: dict[str, Any]) -> str:
     lines = ["| bundle | engine | weights | 1 row ms | 100 rows ms | 1000 rows ms | CPU ms at 1000 "
-             "| RSS MB (anon + file) | peak RSS MB | open s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| RSS MB (anon + file) | in 2 MB pages MB | peak RSS MB | open s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = dict.fromkeys((c["bundle"], c["engine"], c["mode"]) for c in results["cells"])
     for b, e, m in keys:
         cs = [c for c in results["cells"] if (c["bundle"], c["engine"], c["mode"]) == (b, e, m)
               and "ms" in c]
         if not cs:
-            lines.append(f"| {b} | {e} | {m} | error | | | | | | |")
+            lines.append(f"| {b} | {e} | {m} | error | | | | | | | |")
             continue
         ms = {n: min(c["ms"][n] for c in cs) for n in ("1", "100", "1000")}
         cpu = min(c["cpu_ms"]["1000"] for c in cs)
         mem = cs[-1]["memory_mb"]
         lines.append(f"| {b} | {e} | {m} | {ms['1']:.3f} | {ms['100']:.2f} | {ms['1000']:.2f} | "
                      f"{cpu:.2f} | {mem['VmRSS']:.0f} ({mem['RssAnon']:.0f} + {mem['RssFile']:.0f})"
+                     f" | {mem.get('AnonHugePages', 0) + mem.get('FilePmdMapped', 0):.0f}"
                      f" | {mem['VmHWM']:.0f} | {min(c['open_s'] for c in cs):.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -21,8 +21,8 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--port", "port", int, "port (default 8000)"),
     ("--workers", "workers", int, "worker processes, each loading every model (default 1)"),
     ("--threads", "threads", int, "intra-op threads per model (default 0: the library's)"),
-    ("--weights", "weights", str, "private (default: read into each worker's memory, faster) "
-                                  "or mmap (mapped from weights.safetensors, shared by workers)"),
+    ("--weights", "weights", str, "mmap (default: mapped from weights.safetensors, pages shared "
+                                  "by workers) or private (read into each worker's memory)"),
     ("--max-batch-rows", "max_batch_rows", int, "rows per model call (default 1024)"),
     ("--max-wait-ms", "max_wait_ms", float, "how long a batch waits for more rows (default 0: batches form from requests that arrive while the model is busy)"),
     ("--max-queue-rows", "max_queue_rows", int, "rows waiting per model before 503 (default 65536)"),

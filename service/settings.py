@@ -14,9 +14,9 @@ variable                        meaning                                         
 ``LMA_SERVE_PORT``              port to bind (``lma serve`` only)                        8000
 ``LMA_SERVE_WORKERS``           worker processes, each loading every model              1
 ``LMA_SERVE_THREADS``           intra-op threads of each model (0: the library default)  0
-``LMA_SERVE_WEIGHTS``           ``private``: weights read into each worker's own memory  private
-                                (faster lookups; RSS = the weights per worker); ``mmap``:
-                                mapped from weights.safetensors, pages shared by workers
+``LMA_SERVE_WEIGHTS``           ``mmap``: weights mapped from weights.safetensors (pages  mmap
+                                shared by workers); ``private``: read into each worker's
+                                own memory (RSS = the whole weights per worker)
 ``LMA_SERVE_MAX_BATCH_ROWS``    rows per model call; larger requests are split           1024
 ``LMA_SERVE_MAX_WAIT_MS``       how long a batch waits for more rows (0: see below)      0
 ``LMA_SERVE_MAX_QUEUE_ROWS``    rows waiting per model before 503 + Retry-After          65536

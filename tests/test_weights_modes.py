@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from lma.bundle import WEIGHTS_FILE, BundleError, load_bundle
+from lma.bundle import DEFAULT_WEIGHTS, WEIGHTS_FILE, BundleError, load_bundle
 from lma.predictor import Predictor, onnx_session
 from lma.train import TrainConfig, train_model
 from model_export.bundle import export_bundle
@@ -44,7 +44,7 @@ def _rows() -> tuple[np.ndarray, np.ndarray]:
 def _mapped(path: Path) -> bool:
     """Whether this process maps ``path`` (onnxruntime maps external data it loads itself)."""
     target = str(path.resolve())
-    return any(line.rstrip("\n").endswith(target) for line in open("/proc/self/maps"))
+    return any(line.endswith(target) for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 @pytest.mark.parametrize("kind", ["full", "lma"])
@@ -121,7 +121,7 @@ def test_cuda_providers_leave_the_weights_to_onnxruntime(bundles):
 def test_service_takes_the_weights_setting(bundles, tmp_path):
     from service.settings import ServeSettings
 
-    assert ServeSettings(models=["x"]).weights == "private"
+    assert ServeSettings(models=["x"]).weights == DEFAULT_WEIGHTS == "mmap"
     with pytest.raises(ValueError, match="weights"):
         ServeSettings(models=["x"], weights="shared")
     d, t = _rows()
@@ -141,7 +141,7 @@ def test_service_takes_the_weights_setting(bundles, tmp_path):
             answers[mode] = r.json()["outputs"][0]["data"]
             target = str((b / WEIGHTS_FILE).resolve())
             maps[mode] = any(line.rstrip("\n").endswith(target)
-                             for line in open(f"/proc/{s.proc.pid}/maps"))
+                             for line in Path(f"/proc/{s.proc.pid}/maps").read_text().splitlines())
         finally:
             s.stop()
         assert info["weights"] == mode, info
