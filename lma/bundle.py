@@ -114,6 +114,19 @@ class Bundle:
         return str(self.manifest["embedding"]["kind"])
 
     @property
+    def lma_serving(self) -> str | None:
+        """An LMA bundle's serving form: "hot" (the signed tokens' rows precomputed at export,
+        the others hashed; no signatures in the bundle) or "hash" (token -> signature -> hashed
+        blocks, as in training; every bundle written before the hot form); None for other kinds.
+        The embedding config's ``serve`` option carries it, so the eager model is rebuilt in
+        that form."""
+        if self.kind != "lma":
+            return None
+        emb = self.manifest["embedding"]
+        options = (emb.get("config") or {}).get("options") or {}
+        return str(emb.get("serving") or options.get("serve") or "hash")
+
+    @property
     def format(self) -> int:
         return int(self.manifest["bundle_format"])
 
@@ -156,9 +169,10 @@ class Bundle:
             return {k: z[k] for k in z.files}
 
     def component_bytes(self) -> dict[str, int]:
-        """Bytes a server holds by component: ``embedding`` (shared memory or tables),
+        """Bytes a server holds by component: ``embedding`` (shared memory or tables; for the
+        LMA hot form also its precomputed rows),
         ``key_lookup`` (the embedding's key table: token -> row for full tables, token ->
-        signature for LMA; bundles written before key tables were stored count the sorted
+        signature for LMA, token -> hot row for the LMA hot form; bundles written before key tables were stored count the sorted
         vocabulary as well; 0 for kinds that need neither), ``mlp`` (bottom, top and wide layers), ``other`` (first-order term, dense
         statistics, ...), and ``total``."""
         comp = self.manifest.get("components")

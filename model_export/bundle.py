@@ -11,7 +11,8 @@ Layout written by :func:`export_bundle` (bundle format 2; each byte once)::
                           state-dict twin (key tables, folded constants) are stored here too
     feature_map.json      the schema (and per-field sizes) the model was trained with; no counts
     vocabulary.npz        only for kinds that need each field's vocabulary to rebuild (QR)
-    embedding_state.npz   only for kinds with per-token state (the LMA signature table)
+    embedding_state.npz   only for kinds with per-token state at serving (the LMA signature table
+                          of a hash-form bundle; hot-form bundles have none)
     model.pt2             only with ``torch_program=True`` (``lma export --torch-program``): the
                           ``torch.export`` program; ``import lma.ops`` before loading
     sample.npz            rows for ``verify`` / warm-up (dense, tokens) and the eager logits;
@@ -26,6 +27,16 @@ its rows right after the gather (a ``Cast`` after the ``Gather`` / ``HashedGathe
 ``.float()`` after the index in torch; ``lma.embeddings.base.as_compute_dtype``). The manifest
 records it under ``dtype``; ``lma verify`` compares such a bundle with its float32 model within
 ``model_export.verify.FLOAT16_TOLERANCE``.
+
+An LMA model is exported in its hot serving form by default (``lma_serving="hot"``, ``lma export
+--lma-serving hot``; :meth:`lma.embeddings.lma.LMAEmbedding.to_serving`): the signed tokens'
+rows are computed once, here, through the model's own gather, and stored as ``embedding.hot``
+with a token -> row key table (``embedding.hot_lookup``); serving copies those rows and hashes
+only the other tokens (one ``lma::hot_gather``, ONNX ``ai.lma::HotGather``). The export checks
+that the hot form's logits on the sample equal the hash form's bit for bit. The signatures are
+then folded into the rows, so such a bundle has no ``embedding_state.npz``; its embedding config
+records ``serve: hot`` (and the manifest ``embedding.serving``), which rebuilds the eager model
+in that form. ``lma_serving="hash"`` (and format 1) keeps the training form.
 
 The hashes are computed once, here, and a verified-once marker is written beside the bundle
 (``lma.bundle``), so the first load does not hash again. ``bundle_format=1`` writes the old
@@ -84,6 +95,7 @@ DEFAULT_SAMPLE_ROWS = 256
 # float16 storage would change its arithmetic: not offered).
 TABLE_DTYPES = ("float32", "float16")
 FLOAT16_KINDS = ("full", "hash", "robez", "lma")
+LMA_SERVING_FORMS = ("hot", "hash")
 
 __all__ = [
     "BUNDLE_FORMAT", "DEFAULT_SAMPLE_ROWS", "FEATURE_FILES", "HASHED_KINDS", "INPUT_NAMES",
@@ -206,6 +218,21 @@ def _store_tables_as(model: Any, dtype: str, kinds: dict[str, str]) -> list[str]
     return cast
 
 
+def _to_hot_form(model: Any, dense: Any, tokens: Any, want: np.ndarray) -> None:
+    """Convert the LMA embedding of ``model`` to its hot serving form, in place, and check that
+    the model's logits on the sample rows stay bit for bit ``want`` (the hash form's)."""
+    import torch
+
+    model.embedding.to_serving("hot")
+    with torch.no_grad():
+        got = model(dense, tokens).float().numpy()
+    if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+        bad = int(np.sum(got != want))
+        diff = float(np.abs(got - want).max())
+        raise RuntimeError(f"the LMA hot serving form changed {bad} of {len(want)} sample logits "
+                           f"(max diff {diff:.3g}); export with lma_serving='hash'")
+
+
 def _component_bytes(model: Any) -> dict[str, int]:
     """Bytes of the eager model's tensors by component (see ``Bundle.component_bytes``)."""
     from lma.bundle import _MLP_MODULES
@@ -216,7 +243,10 @@ def _component_bytes(model: Any) -> dict[str, int]:
         part = "embedding" if top == "embedding" else "mlp" if top in _MLP_MODULES else "other"
         out[part] += p.numel() * p.element_size()
     for name, b in model.named_buffers():
-        part = "key_lookup" if name.split(".")[0] == "embedding" else "other"
+        # The LMA hot form's precomputed rows are embedding values; its other buffers (the
+        # token -> row table) are its key lookup.
+        part = ("embedding" if name == "embedding.hot"
+                else "key_lookup" if name.split(".")[0] == "embedding" else "other")
         out[part] += b.numel() * b.element_size()
     return out
 
@@ -372,13 +402,16 @@ def export_bundle(
     torch_program: bool = False,
     bundle_format: int = BUNDLE_FORMAT,
     dtype: str = "float32",
+    lma_serving: str | None = None,
 ) -> Path:
     """Write the bundle of a training checkpoint (see the module docstring); returns ``out_dir``.
 
     ``torch_program`` also writes ``model.pt2`` (the ``program`` engine). ``bundle_format=1``
     writes the old layout (for tools that still need it; the reader takes both). ``dtype``: the
     storage type of the embedding tables, ``float32`` or ``float16`` (format 2 only; compute
-    stays float32, see the module docstring)."""
+    stays float32, see the module docstring). ``lma_serving``: the serving form of an LMA
+    model, "hot" (default for format 2) or "hash" (default, and the only form, for format 1);
+    ignored for other kinds."""
     import torch
 
     from lma.checkpoint import load_checkpoint
@@ -390,6 +423,13 @@ def export_bundle(
         raise ValueError(f"dtype must be one of {TABLE_DTYPES}, got {dtype!r}")
     if dtype != "float32" and bundle_format != 2:
         raise ValueError(f"dtype {dtype} needs bundle format 2")
+    if lma_serving is None:
+        lma_serving = "hot" if bundle_format == 2 else "hash"
+    if lma_serving not in LMA_SERVING_FORMS:
+        raise ValueError(f"lma_serving must be one of {LMA_SERVING_FORMS}, got {lma_serving!r}")
+    if lma_serving == "hot" and bundle_format != 2:
+        raise ValueError("the LMA hot serving form needs bundle format 2 (use lma_serving='hash' "
+                         "with bundle format 1)")
     ck_dir = Path(checkpoint_dir)
     out = Path(out_dir)
     ck = load_checkpoint(ck_dir)
@@ -419,6 +459,14 @@ def export_bundle(
         with torch.no_grad():
             logits = model(td, tt).float().numpy()
         _phase(f"tables cast to {dtype} ({', '.join(tables['cast'])})")
+    serving = None
+    emb_cfg = dict(ck.config["embedding_config"])
+    if kind == "lma":
+        serving = lma_serving
+        if serving == "hot":
+            _to_hot_form(model, td, tt, logits)
+            emb_cfg["options"] = {**emb_cfg.get("options", {}), "serve": "hot"}
+            _phase(f"LMA hot serving form: {int(model.embedding.hot.shape[0])} hot rows")
 
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     dyn = ({0: batch}, {0: batch})
@@ -454,7 +502,6 @@ def export_bundle(
     np.savez(out / SAMPLE_FILE, dense=dense, tokens=tokens, logits=logits, **sample_extra)
 
     schema_obj = ck.feature_map.schema
-    emb_cfg = ck.config["embedding_config"]
     files = {}
     for f in sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST):
         files[f] = {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
@@ -471,7 +518,10 @@ def export_bundle(
         "embedding": {
             "kind": kind,
             "config": emb_cfg,
-            "signature_lookup": "in-graph" if kind == "lma" else None,
+            "signature_lookup": ("in-graph" if serving == "hash"
+                                 else "folded into the hot rows" if serving == "hot" else None),
+            # LMA: "hot" (signed tokens' rows precomputed, the others hashed) or "hash".
+            "serving": serving,
         },
         "hash_spec_version": hashspec.SPEC_VERSION if kind in HASHED_KINDS else None,
         # Storage type of the embedding tables (``cast``: the parameters stored in ``dtype``);

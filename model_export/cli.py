@@ -34,6 +34,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch_program=args.torch_program,
         bundle_format=args.bundle_format,
         dtype=args.dtype,
+        lma_serving=args.lma_serving,
     )
     b = load_bundle(out)
     m = b.manifest
@@ -149,6 +150,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="storage type of the embedding tables (full and hashing-trick rows, LMA / ROBE-Z "
         "memory): float16 halves their bytes; the model computes in float32 either way (kinds "
         "full, hash, robez, lma; `lma verify` compares with the float32 model)",
+    )
+    p.add_argument(
+        "--lma-serving",
+        choices=["hot", "hash"],
+        default=None,
+        help="serving form of an LMA model. hot (default with bundle format 2): the signed "
+        "tokens' rows are computed once at export (bit for bit the rows the hash form reads) "
+        "and copied at serving; only the other tokens are hashed, and the bundle holds no "
+        "signatures. hash (default with --bundle-format 1): token -> signature -> hashed "
+        "blocks at serving, as in training",
     )
     p.set_defaults(func=cmd_export)
 

@@ -5,7 +5,9 @@ On the bundle's own sample rows (or any ``--data`` rows) it compares the logits 
 with torch eager (tolerance 1e-5, relative above 1), and for lma / robez models the slot indices
 of every lookup as computed by the numpy hash spec, the pure-torch reference, the op's native
 backend, and the ONNX function stored in ``model.onnx`` itself (run on a memory that holds each
-slot's own index, split in two float32-exact halves).
+slot's own index, split in two float32-exact halves). For an LMA bundle in the hot serving form
+the keys are the tokens (what ``HotGather`` hashes for cold tokens) and the ONNX function is the
+``HotGather`` node's with no hot rows; its hot rows are checked through the logits.
 
 A bundle with float16 tables (``lma export --dtype float16``) is checked twice: its engines
 against each other as above (they read the same float16 rows, so 1e-5 holds), and its eager
@@ -106,12 +108,21 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, (time.perf_counter() - t0) * 1e3
 
 
+# Lookup nodes and the positions of their (memory, keys, A, B, W) inputs: HashedGather, and the
+# hot serving form's HotGather(memory, hot, index, keys, A, B, W), whose cold path is checked.
+LOOKUP_INPUTS = {"HashedGather": (0, 1, 2, 3, 4), "HotGather": (0, 3, 4, 5, 6)}
+
+
 def _lookup_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     from model_export import onnx_op
 
-    return [
-        n for n in model.graph.node if (n.domain, n.op_type) == (onnx_op.DOMAIN, onnx_op.OP_TYPE)
-    ]
+    return [n for n in model.graph.node
+            if n.domain == onnx_op.DOMAIN and n.op_type in LOOKUP_INPUTS]
+
+
+def _lookup_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names of a lookup node's memory, keys, A, B and W inputs."""
+    return [node.input[i] for i in LOOKUP_INPUTS[node.op_type]]
 
 
 def _onnx_lookup_inputs(
@@ -128,7 +139,8 @@ def _onnx_lookup_inputs(
     nodes = _lookup_nodes(model)
     names: list[str] = []
     for n in nodes:
-        for name in n.input[int(n.input[0] in sizes):]:
+        ins = _lookup_inputs(n)
+        for name in ins[int(ins[0] in sizes):]:
             if name not in names:
                 names.append(name)
     existing = {o.name for o in model.graph.output}
@@ -152,23 +164,24 @@ def _onnx_lookup_inputs(
     found = []
     for n in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        memory = n.input[0]
+        memory, keys, a, b, w = _lookup_inputs(n)
         found.append(
             {
                 "node": n,
                 "attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()},
                 "memory_size": sizes[memory] if memory in sizes else int(values[memory].shape[0]),
-                "keys": values[n.input[1]],
-                "A": values[n.input[2]],
-                "B": values[n.input[3]],
-                "W": values[n.input[4]],
+                "keys": values[keys],
+                "A": values[a],
+                "B": values[b],
+                "W": values[w],
             }
         )
     return onnx.load(str(path), load_external_data=False), found
 
 
 def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) -> np.ndarray:
-    """Slot indices (N, dim) computed by the file's own HashedGather function."""
+    """Slot indices (N, dim) computed by the file's own HashedGather function (for a HotGather
+    node: its own function with no hot rows and every token cold, i.e. its cold path)."""
     import onnxruntime as ort
 
     node = lookup["node"]
@@ -181,9 +194,15 @@ def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) 
         helper.make_tensor_value_info("B", TensorProto.INT64, None),
         helper.make_tensor_value_info("W", TensorProto.INT64, None),
     ]
-    probe = helper.make_node(
-        node.op_type, ["memory", "keys", "A", "B", "W"], ["y"], domain=node.domain
-    )
+    names = ["memory", "keys", "A", "B", "W"]
+    extra: dict[str, np.ndarray] = {}
+    if node.op_type == "HotGather":
+        inputs += [helper.make_tensor_value_info("hot", TensorProto.FLOAT, [0, dim]),
+                   helper.make_tensor_value_info("index", TensorProto.INT64, None)]
+        names = ["memory", "hot", "index", "keys", "A", "B", "W"]
+        extra = {"hot": np.zeros((0, dim), np.float32),
+                 "index": np.full(lookup["keys"].shape, -1, np.int64)}
+    probe = helper.make_node(node.op_type, names, ["y"], domain=node.domain)
     probe.attribute.extend(node.attribute)
     graph = helper.make_graph([probe], "probe", inputs, [helper.make_empty_tensor_value_info("y")])
     model = helper.make_model(
@@ -191,7 +210,8 @@ def _onnx_function_indices(file_model: onnx.ModelProto, lookup: dict[str, Any]) 
     )
     model.ir_version = file_model.ir_version
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = {"keys": lookup["keys"], "A": lookup["A"], "B": lookup["B"], "W": lookup["W"]}
+    feed = {"keys": lookup["keys"], "A": lookup["A"], "B": lookup["B"], "W": lookup["W"],
+            **extra}
     # Each slot's index in two float32-exact halves, one memory-sized float32 array at a time
     # (no int64 index array: at the Kaggle vocabulary that alone would be 4x the memory).
     blocks = -(-m // _SPLIT)
@@ -300,7 +320,7 @@ def verify_bundle(
                     "count": 0,
                     "implementations": [],
                     "ok": False,
-                    "detail": "model.onnx has no HashedGather node",
+                    "detail": "model.onnx has no HashedGather or HotGather node",
                 }
             )
     report.ok = all(ln["ok"] for ln in report.lines) and all(c["ok"] for c in report.index_checks)

@@ -9,6 +9,9 @@ Models are UNTRAINED: built through the project's API (``build_embedding`` + ``b
 (``lma.data.synthetic.value_set_feature_map``, preset ``kaggle``, 45,840,617 rows: ~33.7M tokens);
 LMA's signature table signs the most frequent tokens (as many as a 125k-row sample signs: 107k)
 with random signatures. Latency does not depend on training; AUC does and is not measured here.
+``lma16/hot`` is LMA 16x (default Z) in the hot serving form ``lma export`` writes by default
+(``LMAEmbedding.to_serving("hot")``: the signed tokens' rows precomputed); its key resolution is
+token -> hot row (``-1`` for the hashed tokens).
 
 Every measurement is its own process (one engine per process), pinned to core 0 (``taskset``)
 with one thread: ``prepare`` builds the feature map once; ``export`` builds a model and writes its
@@ -47,6 +50,7 @@ def variants(quick: bool) -> dict[str, dict[str, Any]]:
     v = {
         "full/table": {"kind": "full", "options": {"lookup": "table"}},
         "lma16/table": {"kind": "lma", "options": {"lookup": "table"}},
+        "lma16/hot": {"kind": "lma", "options": {"lookup": "table"}, "serve": "hot"},
         "robez16": {"kind": "robez", "options": {}},
         "full/search": {"kind": "full", "options": {"lookup": "search"}},
         "lma16/search": {"kind": "lma", "options": {"lookup": "search"}},
@@ -86,11 +90,14 @@ def _model(out: Path, spec: dict[str, Any]):  # noqa: ANN202
         emb = build_embedding(es, fmap, **state)
         cfg = DLRMConfig(n_dense=13, slot_fields=fmap.schema.slot_fields(), dim=dim)
         model = build_dlrm(cfg, emb, fmap).eval()
+    if spec.get("serve") == "hot":
+        model.embedding.to_serving("hot")
     return model, fmap
 
 
 class _Resolve:
-    """Key resolution alone: tokens -> rows (full) or keys (lma), as the model does it."""
+    """Key resolution alone, as the model does it: tokens -> rows (full), keys (lma), or hot rows
+    (-1 where hashed: the lma hot form)."""
 
     @staticmethod
     def module(model):  # noqa: ANN001, ANN205
@@ -104,6 +111,8 @@ class _Resolve:
                 self.emb = emb
 
             def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+                if getattr(self.emb, "serve", "hash") == "hot":
+                    return self.emb.hot_index(tokens)
                 return self.emb.resolve_keys(tokens) if hasattr(self.emb, "resolve_keys") \
                     else self.emb.rows(tokens)
 
@@ -312,7 +321,8 @@ def report(results: dict[str, Any]) -> str:
     for engine in ("onnxruntime", "torch"):
         ref = v.get("full/table", {}).get(f"{engine}/model", {}).get("1000")
         ref_cpu = v.get("full/table", {}).get(f"{engine}/model", {}).get("cpu", {}).get("1000")
-        for name in ("full/search", "full/table", "lma16/search", "lma16/table", "robez16"):
+        for name in ("full/search", "full/table", "lma16/search", "lma16/table", "lma16/hot",
+                     "robez16"):
             r = v.get(name, {})
             m = r.get(f"{engine}/model", {})
             if "1000" not in m:

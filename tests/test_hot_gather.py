@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -396,3 +397,115 @@ def test_hot_form_refusals(native: None, lma_checkpoint: Path) -> None:
                                SignatureTable.empty()).eval()
     with pytest.raises(RuntimeError, match="without its hot rows"):
         placeholder(tokens)
+
+
+# ---------------------------------------------------------------- hot-form bundles
+
+
+@pytest.fixture(scope="module")
+def hot_bundles(lma_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[str, Path]:
+    """The same checkpoint exported in the hot form (the default; float32 and float16, with the
+    torch program) and in the hash form."""
+    from model_export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("hot_bundles")
+    return {
+        "hot": export_bundle(lma_checkpoint, root / "hot", sample_rows=128, torch_program=True),
+        "hot16": export_bundle(lma_checkpoint, root / "hot16", sample_rows=128,
+                               dtype="float16"),
+        "hash": export_bundle(lma_checkpoint, root / "hash", sample_rows=128,
+                              lma_serving="hash"),
+    }
+
+
+def test_hot_bundle_layout_and_manifest(native: None, hot_bundles: dict[str, Path]) -> None:
+    import onnx
+
+    from model_export.bundle import load_bundle
+
+    hot, hashed = load_bundle(hot_bundles["hot"]), load_bundle(hot_bundles["hash"])
+    assert hot.lma_serving == "hot" and hashed.lma_serving == "hash"
+    assert hot.manifest["embedding"]["config"]["options"]["serve"] == "hot"
+    # Each byte once: no signature table beside the hot rows' key table.
+    assert "embedding_state.npz" not in hot.manifest["files"]
+    assert "embedding_state.npz" in hashed.manifest["files"]
+    names = set(hot.weights())
+    assert {"embedding.hot", "embedding.hot_lookup.table", "embedding.memory"} <= names
+    assert not any(n.startswith("embedding.key_table.") for n in names)
+    model = onnx.load(str(hot.onnx_path), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node if n.domain == "ai.lma"]
+    assert "HotGather" in ops and "HashedGather" not in ops
+    # Bytes: the hot rows are embedding bytes, their key table the key lookup.
+    eager = hot.eager_model().embedding
+    comp = hot.component_bytes()
+    assert comp["embedding"] == 4 * (eager.memory.numel() + eager.hot.numel())
+    assert comp["key_lookup"] == eager.hot_lookup.nbytes()
+    assert hot.manifest["parameters"]["embedding_state"]["bytes"] == eager.state_bytes()
+
+
+def test_hot_bundle_engines_agree_with_hash_bundle(native: None, lma_checkpoint: Path,
+                                                   hot_bundles: dict[str, Path]) -> None:
+    """Every engine of the hot bundle gives the hash bundle's logits: bit for bit in torch, within
+    verify's tolerance in onnxruntime; lma verify passes on both forms and on float16."""
+    import onnxruntime as ort
+
+    from model_export.bundle import load_bundle
+    from model_export.verify import TOLERANCE, verify_bundle
+
+    hot, hashed = load_bundle(hot_bundles["hot"]), load_bundle(hot_bundles["hash"])
+    dense, tokens = _rows(lma_checkpoint)
+    with torch.no_grad():
+        want = hashed.eager_model()(dense, tokens)
+        assert torch.equal(hot.eager_model()(dense, tokens), want)
+        assert torch.equal(hot.program().module()(dense, tokens), want)
+    sess = ort.InferenceSession(str(hot.onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"dense": dense.numpy(), "tokens": tokens.numpy()})
+    np_want = want.numpy()
+    assert np.all(np.abs(got - np_want) <= TOLERANCE * np.maximum(1.0, np.abs(np_want)))
+    for name in ("hot", "hot16", "hash"):
+        report = verify_bundle(load_bundle(hot_bundles[name]))
+        assert report.ok, (name, report.table())
+        assert report.index_checks and all("ONNX function" in c["implementations"]
+                                           for c in report.index_checks)
+    report = verify_bundle(hot, dense.numpy(), tokens.numpy())
+    assert report.ok, report.table()
+
+
+def test_hash_bundles_and_format_1_still_serve(native: None, lma_checkpoint: Path,
+                                               hot_bundles: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """A bundle without the serve option (every bundle written before the hot form) is the hash
+    form; format 1 writes the hash form and refuses the hot one."""
+    import json
+    import shutil
+
+    from model_export.bundle import export_bundle, load_bundle
+
+    src = hot_bundles["hash"]
+    m = json.loads((src / "manifest.json").read_text())
+    assert m["embedding"]["serving"] == "hash"
+    del m["embedding"]["serving"]
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    (old / "manifest.json").write_text(json.dumps(m))
+    (old / ".lma-verified.json").unlink(missing_ok=True)
+    b = load_bundle(old)
+    assert b.lma_serving == "hash" and b.eager_model().embedding.serve == "hash"
+    with pytest.raises(ValueError, match="needs bundle format 2"):
+        export_bundle(lma_checkpoint, tmp_path / "f1", bundle_format=1, lma_serving="hot")
+    f1 = load_bundle(export_bundle(lma_checkpoint, tmp_path / "f1", bundle_format=1,
+                                   sample_rows=64))
+    assert f1.lma_serving == "hash" and "embedding_state.npz" in f1.manifest["files"]
+
+
+def test_cli_lma_serving_option(native: None, lma_checkpoint: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from model_export import cli
+    from model_export.bundle import load_bundle
+
+    assert cli.main(["export", str(lma_checkpoint), "--out", str(tmp_path / "b"),
+                     "--lma-serving", "hash", "--sample-rows", "32"]) == 0
+    assert load_bundle(tmp_path / "b").lma_serving == "hash"
+    assert cli.main(["verify", str(tmp_path / "b")]) == 0
+    assert "result: OK" in capsys.readouterr().out

@@ -73,7 +73,6 @@ class LMAEmbedding(SharedMemoryEmbedding):
         self.sample_rows = int(opts.get("sample_rows", DEFAULT_SAMPLE_ROWS))
         self.sig_min_count = int(opts.get("sig_min_count", DEFAULT_MIN_COUNT))
         self.signature_meta = dict(signatures.meta)
-        self.n_signed = len(signatures)
         # Per-token state, saved through ``extra_state_arrays`` rather than the state dict.
         self.register_buffer("sig_tokens", torch.from_numpy(signatures.tokens.copy()), persistent=False)
         self.register_buffer("sig_values", torch.from_numpy(signatures.signatures.copy()), persistent=False)
@@ -161,6 +160,11 @@ class LMAEmbedding(SharedMemoryEmbedding):
         if self.serve == "hot":
             return self.hot_forward(tokens)
         return self.gather(self.resolve_keys(tokens))
+
+    @property
+    def n_signed(self) -> int:
+        """Tokens with a signature (in the hot form: with a hot row, the same tokens)."""
+        return int(self.hot.shape[0] if self.serve == "hot" else self.sig_tokens.shape[0])
 
     def hot_index(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hot form: (B, S) int64 tokens -> (B, S) int64 hot row of each token, -1 where cold."""
