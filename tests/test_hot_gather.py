@@ -440,7 +440,8 @@ def test_hot_bundle_layout_and_manifest(native: None, hot_bundles: dict[str, Pat
     eager = hot.eager_model().embedding
     comp = hot.component_bytes()
     assert comp["embedding"] == 4 * (eager.memory.numel() + eager.hot.numel())
-    assert comp["key_lookup"] == eager.hot_lookup.nbytes()
+    # (plus the hash constants and the table header: under 1 KB)
+    assert 0 <= comp["key_lookup"] - eager.hot_lookup.nbytes() < 1024
     assert hot.manifest["parameters"]["embedding_state"]["bytes"] == eager.state_bytes()
 
 
