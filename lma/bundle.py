@@ -331,7 +331,7 @@ def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
                 )
             if node.get("spec_version") != hashspec.SPEC_VERSION:
                 raise BundleError(
-                    f"{mf}: a {CUSTOM_OP_TYPE} node has spec_version "
+                    f"{mf}: a {node.get('op_type', CUSTOM_OP_TYPE)} node has spec_version "
                     f"{node.get('spec_version')!r}, this build implements v{hashspec.SPEC_VERSION}"
                 )
     files = manifest.get("files")

@@ -28,9 +28,11 @@ its rows right after the gather (a ``Cast`` after the ``Gather`` / ``HashedGathe
 records it under ``dtype``; ``lma verify`` compares such a bundle with its float32 model within
 ``model_export.verify.FLOAT16_TOLERANCE``.
 
-An LMA model is exported in its hot serving form by default (``lma_serving="hot"``, ``lma export
---lma-serving hot``; :meth:`lma.embeddings.lma.LMAEmbedding.to_serving`): the signed tokens'
-rows are computed once, here, through the model's own gather, and stored as ``embedding.hot``
+An LMA model is exported in its hot serving form (``lma_serving="hot"``, ``lma export
+--lma-serving hot``; :meth:`lma.embeddings.lma.LMAEmbedding.to_serving`), by default
+(``auto``) when its hot rows take at most ``HOT_AUTO_MAX_SHARE`` of the memory's bytes: the
+signed tokens' rows are computed once, here, through the model's own gather, and stored as
+``embedding.hot``
 with a token -> row key table (``embedding.hot_lookup``); serving copies those rows and hashes
 only the other tokens (one ``lma::hot_gather``, ONNX ``ai.lma::HotGather``). The export checks
 that the hot form's logits on the sample equal the hash form's bit for bit. The signatures are
@@ -95,7 +97,14 @@ DEFAULT_SAMPLE_ROWS = 256
 # float16 storage would change its arithmetic: not offered).
 TABLE_DTYPES = ("float32", "float16")
 FLOAT16_KINDS = ("full", "hash", "robez", "lma")
-LMA_SERVING_FORMS = ("hot", "hash")
+LMA_SERVING_FORMS = ("auto", "hot", "hash")
+# "auto" serves the hot form when its rows take at most this share of the memory's bytes: then
+# they cost little and save the scattered reads of a memory too big for the caches (at the
+# Criteo-Kaggle vocabulary 107k rows, 6.8 MB, against 135 MB: 0.69x the torch program's time at
+# 1000 rows). On small vocabularies nearly every token is signed, the rows outgrow the memory
+# several times over, and a memory that small is cache-resident anyway, so the hash form is as
+# fast and keeps the compression (docs/RESULTS.md, "The LMA hot serving form").
+HOT_AUTO_MAX_SHARE = 0.25
 
 __all__ = [
     "BUNDLE_FORMAT", "DEFAULT_SAMPLE_ROWS", "FEATURE_FILES", "HASHED_KINDS", "INPUT_NAMES",
@@ -216,6 +225,20 @@ def _store_tables_as(model: Any, dtype: str, kinds: dict[str, str]) -> list[str]
                 p.data = p.data.to(target)
                 cast.append(f"{mod_name}.{p_name}")
     return cast
+
+
+def choose_lma_serving(embedding: Any) -> tuple[str, str]:
+    """The serving form ``--lma-serving auto`` picks for an LMA embedding (hash form), and why:
+    "hot" when its hot rows (one d-row per signed token, in the memory's dtype) would take at
+    most ``HOT_AUTO_MAX_SHARE`` of the memory's bytes, else "hash"."""
+    mem = embedding.memory
+    hot_bytes = int(embedding.n_signed) * int(embedding.dim) * mem.element_size()
+    mem_bytes = mem.numel() * mem.element_size()
+    share = hot_bytes / max(mem_bytes, 1)
+    why = (f"{embedding.n_signed} signed tokens' rows would take {hot_bytes / 1e6:.2f} MB, "
+           f"{share:.0%} of the memory's {mem_bytes / 1e6:.2f} MB; hot at most "
+           f"{HOT_AUTO_MAX_SHARE:.0%}")
+    return ("hot" if share <= HOT_AUTO_MAX_SHARE else "hash"), why
 
 
 def _to_hot_form(model: Any, dense: Any, tokens: Any, want: np.ndarray) -> None:
@@ -410,8 +433,9 @@ def export_bundle(
     writes the old layout (for tools that still need it; the reader takes both). ``dtype``: the
     storage type of the embedding tables, ``float32`` or ``float16`` (format 2 only; compute
     stays float32, see the module docstring). ``lma_serving``: the serving form of an LMA
-    model, "hot" (default for format 2) or "hash" (default, and the only form, for format 1);
-    ignored for other kinds."""
+    model: "hot", "hash", or "auto" (the default for format 2: hot when the hot rows would take
+    at most ``HOT_AUTO_MAX_SHARE`` of the memory's bytes, see :func:`choose_lma_serving`); format
+    1 writes the hash form only. Ignored for other kinds."""
     import torch
 
     from lma.checkpoint import load_checkpoint
@@ -423,8 +447,8 @@ def export_bundle(
         raise ValueError(f"dtype must be one of {TABLE_DTYPES}, got {dtype!r}")
     if dtype != "float32" and bundle_format != 2:
         raise ValueError(f"dtype {dtype} needs bundle format 2")
-    if lma_serving is None:
-        lma_serving = "hot" if bundle_format == 2 else "hash"
+    if lma_serving is None or (lma_serving == "auto" and bundle_format == 1):
+        lma_serving = "auto" if bundle_format == 2 else "hash"
     if lma_serving not in LMA_SERVING_FORMS:
         raise ValueError(f"lma_serving must be one of {LMA_SERVING_FORMS}, got {lma_serving!r}")
     if lma_serving == "hot" and bundle_format != 2:
@@ -463,6 +487,9 @@ def export_bundle(
     emb_cfg = dict(ck.config["embedding_config"])
     if kind == "lma":
         serving = lma_serving
+        if serving == "auto":
+            serving, why = choose_lma_serving(model.embedding)
+            logger.info("export: LMA serving form %s (--lma-serving auto: %s)", serving, why)
         if serving == "hot":
             _to_hot_form(model, td, tt, logits)
             emb_cfg["options"] = {**emb_cfg.get("options", {}), "serve": "hot"}
@@ -520,8 +547,10 @@ def export_bundle(
             "config": emb_cfg,
             "signature_lookup": ("in-graph" if serving == "hash"
                                  else "folded into the hot rows" if serving == "hot" else None),
-            # LMA: "hot" (signed tokens' rows precomputed, the others hashed) or "hash".
+            # LMA: "hot" (signed tokens' rows precomputed, the others hashed) or "hash", and
+            # what was asked for ("auto": chosen by choose_lma_serving).
             "serving": serving,
+            "serving_requested": lma_serving if kind == "lma" else None,
         },
         "hash_spec_version": hashspec.SPEC_VERSION if kind in HASHED_KINDS else None,
         # Storage type of the embedding tables (``cast``: the parameters stored in ``dtype``);

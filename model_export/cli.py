@@ -153,13 +153,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lma-serving",
-        choices=["hot", "hash"],
+        choices=["auto", "hot", "hash"],
         default=None,
-        help="serving form of an LMA model. hot (default with bundle format 2): the signed "
-        "tokens' rows are computed once at export (bit for bit the rows the hash form reads) "
-        "and copied at serving; only the other tokens are hashed, and the bundle holds no "
-        "signatures. hash (default with --bundle-format 1): token -> signature -> hashed "
-        "blocks at serving, as in training",
+        help="serving form of an LMA model. hot: the signed tokens' rows are computed once at "
+        "export (bit for bit the rows the hash form reads) and copied at serving; only the "
+        "other tokens are hashed, and the bundle holds no signatures. hash: token -> "
+        "signature -> hashed blocks at serving, as in training (the only form of "
+        "--bundle-format 1). auto (default with format 2): hot when the hot rows take at "
+        "most 25%% of the memory's bytes (large vocabularies), else hash",
     )
     p.set_defaults(func=cmd_export)
 

@@ -111,8 +111,8 @@ def test_format_2_holds_each_byte_once(v2: dict[str, Path], checkpoints: dict[st
         # their weights), no torch program unless asked for.
         assert "feature_map.npz" not in files and "vocabulary.npz" not in files
         assert "model.pt2" not in files and "model.onnx.data" not in files
-        # Nor LMA's signatures: its hot serving form folds them into the hot rows.
-        assert "embedding_state.npz" not in files
+        # LMA's signatures only in the hash serving form (the hot form folds them into its rows).
+        assert ("embedding_state.npz" in files) == (kind == "lma" and b.lma_serving == "hash")
         # Every ONNX initializer of any size lives in weights.safetensors; those with a state
         # dict twin point at that very tensor.
         model = onnx.load(str(d / "model.onnx"), load_external_data=False)

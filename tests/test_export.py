@@ -55,8 +55,10 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
     # program only when asked for, the per-field vocabulary only for QR.
     want = {"model.onnx", "weights.safetensors", "feature_map.json", "sample.npz"}
     want |= {"model.pt2"} if kind in ("full", "lma") else set()
-    # (LMA is exported in its hot serving form: its signatures are folded into the hot rows,
-    # so there is no per-token state file; tests/test_hot_gather.py has the hash form.)
+    # (LMA: the signature table, unless exported in the hot serving form, which folds it into
+    # its hot rows; tests/test_hot_gather.py covers both forms.)
+    hot_form = kind == "lma" and b.lma_serving == "hot"
+    want |= {"embedding_state.npz"} if kind == "lma" and not hot_form else set()
     want |= {"vocabulary.npz"} if kind == "qr" else set()
     assert {f for f in m["files"]} == want
     assert m["bundle_format"] == 2
@@ -70,12 +72,13 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
     if kind in ("lma", "robez"):
         assert m["hash_spec_version"] == 1
         assert m["onnx"]["custom_op"]["domain"] == "ai.lma"
-        op = "HotGather" if kind == "lma" else "HashedGather"
+        op = "HotGather" if hot_form else "HashedGather"
         custom = [n for n in model.graph.node if n.op_type == op]
         assert len(custom) == 1 and custom[0].domain == "ai.lma"
-        # lma (hot form) resolves token -> hot row with a key table (one KeyLookup node), and
-        # its HotGather function calls the HashedGather function on the other tokens
-        want = {"HotGather", "HashedGather", "KeyLookup"} if kind == "lma" else {"HashedGather"}
+        # lma resolves token -> signature (hot form: -> hot row) with a key table (one KeyLookup
+        # node); a HotGather function calls the HashedGather function on the other tokens
+        want = ({"HotGather", "HashedGather", "KeyLookup"} if hot_form
+                else {"HashedGather", "KeyLookup"} if kind == "lma" else {"HashedGather"})
         assert {f.name for f in model.functions} == want
     elif kind in ("full", "qr"):  # token -> row by a key table
         assert domains <= {"", "ai.lma"} and [f.name for f in model.functions] == ["KeyLookup"]
@@ -102,13 +105,17 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
     assert verify_bundle(b, data.dense, tokens).ok
 
 
-def test_lma_hot_rows_in_graph(bundles: dict[str, Path]) -> None:
+def test_lma_signature_lookup_in_graph(bundles: dict[str, Path]) -> None:
     b = load_bundle(bundles["lma"])
     emb = b.eager_model().embedding
-    assert b.lma_serving == "hot" and emb.serve == "hot"
-    assert emb.n_signed > 0  # the tiny run does sign tokens, so the hot rows are exercised
-    assert emb.hot.shape == (emb.n_signed, 16) and emb.hot_lookup.n_keys == emb.n_signed
-    assert "embedding_state.npz" not in b.manifest["files"]
+    assert emb.n_signed > 0  # the tiny run does sign tokens, so the lookup is exercised
+    assert b.lma_serving == emb.serve
+    if emb.serve == "hot":
+        assert emb.hot.shape == (emb.n_signed, 16) and emb.hot_lookup.n_keys == emb.n_signed
+        assert "embedding_state.npz" not in b.manifest["files"]
+    else:
+        with np.load(b.file("embedding_state.npz")) as z:
+            assert len(z["sig_tokens"]) == emb.n_signed
 
 
 def test_cli_verify_and_predict(

@@ -78,11 +78,11 @@ def test_tables_are_stored_in_half_the_bytes(pairs: dict[str, tuple[Path, Path]]
     fo32 = b32.manifest["parameters"].get("first_order", {}).get("bytes", 0)
     saved = (c32["embedding"] + fo32) // 2
     assert abs((w32 - w16) - saved) <= 3 * tensorfile.ALIGN
-    # LMA is exported in its hot serving form: its precomputed rows, computed from the float16
+    # An LMA bundle in the hot serving form: its precomputed rows, computed from the float16
     # memory and so float16 too, are embedding bytes beside the memory parameter.
     hot = header.get("embedding.hot")
     hot_bytes = 0
-    if kind == "lma":
+    if b16.lma_serving == "hot":
         assert hot is not None and hot["dtype"] == "F16"
         hot_bytes = 2 * int(np.prod(hot["shape"]))
     assert b16.manifest["parameters"]["embedding"]["bytes"] + hot_bytes == c16["embedding"]

@@ -405,15 +405,16 @@ def test_hot_form_refusals(native: None, lma_checkpoint: Path) -> None:
 @pytest.fixture(scope="module")
 def hot_bundles(lma_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> dict[str, Path]:
-    """The same checkpoint exported in the hot form (the default; float32 and float16, with the
-    torch program) and in the hash form."""
+    """The same checkpoint exported in the hot form (float32 and float16, with the torch
+    program) and in the hash form."""
     from model_export.bundle import export_bundle
 
     root = tmp_path_factory.mktemp("hot_bundles")
     return {
-        "hot": export_bundle(lma_checkpoint, root / "hot", sample_rows=128, torch_program=True),
+        "hot": export_bundle(lma_checkpoint, root / "hot", sample_rows=128, torch_program=True,
+                             lma_serving="hot"),
         "hot16": export_bundle(lma_checkpoint, root / "hot16", sample_rows=128,
-                               dtype="float16"),
+                               dtype="float16", lma_serving="hot"),
         "hash": export_bundle(lma_checkpoint, root / "hash", sample_rows=128,
                               lma_serving="hash"),
     }
@@ -510,3 +511,31 @@ def test_cli_lma_serving_option(native: None, lma_checkpoint: Path, tmp_path: Pa
     assert load_bundle(tmp_path / "b").lma_serving == "hash"
     assert cli.main(["verify", str(tmp_path / "b")]) == 0
     assert "result: OK" in capsys.readouterr().out
+
+
+def test_auto_serving_form_follows_the_bytes(native: None, lma_checkpoint: Path,
+                                             tmp_path: Path) -> None:
+    """--lma-serving auto (the default): hot where the hot rows are a small share of the memory
+    (large vocabularies), hash where they would outgrow it (this small model signs most of its
+    vocabulary)."""
+    from lma.embeddings import EmbeddingSpec
+    from lma.embeddings.lma import LMAEmbedding
+    from lma.signatures import SignatureTable
+    from model_export.bundle import (
+        HOT_AUTO_MAX_SHARE,
+        choose_lma_serving,
+        export_bundle,
+        load_bundle,
+    )
+
+    tokens = np.arange(1, 1001, dtype=np.int64) * 7919
+    table = SignatureTable(tokens, tokens * 31 + 5, {})
+    large = LMAEmbedding(EmbeddingSpec("lma", 16, 1 << 20), table)  # 4 MB of memory, 64 kB hot
+    small = LMAEmbedding(EmbeddingSpec("lma", 16, 4096), table)  # 16 kB of memory
+    assert choose_lma_serving(large)[0] == "hot" and choose_lma_serving(small)[0] == "hash"
+    form, why = choose_lma_serving(small)
+    assert "1000 signed tokens" in why and f"{HOT_AUTO_MAX_SHARE:.0%}" in why
+    b = load_bundle(export_bundle(lma_checkpoint, tmp_path / "auto", sample_rows=32))
+    emb = b.eager_model().embedding
+    assert emb.n_signed * 16 > HOT_AUTO_MAX_SHARE * emb.memory.numel()
+    assert b.lma_serving == "hash" and b.manifest["embedding"]["serving_requested"] == "auto"
