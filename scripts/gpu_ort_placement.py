@@ -1,4 +1,4 @@
-"""GPU check: every node of the HashedGather and KeyLookup functions (and of any bundles given) runs on
+"""GPU check: every node of the HashedGather, HotGather and KeyLookup functions (and of any bundles given) runs on
 onnxruntime's CUDA EP, with answers equal to the CPU EP's.
 
 Run on a machine with onnxruntime-gpu (the CPU wheel has no CUDA EP; the script then says SKIP and
@@ -106,6 +106,19 @@ def main() -> int:
                 what = "indices" if indices_only else "gather"
                 ok &= check(ort, f"HashedGather {mode} Z={z} aligned={aligned} {what}",
                             model.SerializeToString(), {"keys": keys})
+    rng = np.random.default_rng(2)
+    cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=(1 << 20) + 7, seed=5)
+    for dtype in (np.float32, np.float16):
+        mem = rng.standard_normal(cfg.m).astype(dtype)
+        for h in (0, 5000):
+            hot = rng.standard_normal((h, 16)).astype(dtype)
+            model = onnx_op.hot_standalone_model(cfg, mem, hot).SerializeToString()
+            for cold in (0.0, 0.12, 1.0):
+                index = rng.integers(0, max(h, 1), (257, 26)).astype(np.int64)
+                index[(rng.random(index.shape) < cold) | (h == 0)] = -1
+                share = float((index < 0).mean())
+                ok &= check(ort, f"HotGather {np.dtype(dtype).name} H={h} cold={share:.0%}", model,
+                            {"index": index, "keys": _keys((257, 26), seed=h)})
     from lma import hashspec
 
     rng = np.random.default_rng(1)
