@@ -206,3 +206,33 @@ def test_cuda_equals_numpy(name: str) -> None:
     default = torch.arange(q.shape[1]) - 3
     got = mod(torch.from_numpy(q).cuda(), default.cuda())
     assert np.array_equal(got.cpu().numpy(), hs.key_table_lookup(table, q, default.numpy()))
+
+
+def test_onnx_function_batches_by_bucket_and_default_shapes() -> None:
+    """From KEY_LOOKUP_TWO_PASS_KEYS keys per call the ONNX function reads the first bucket of
+    every key and the second only for the keys not found there, below it both at once: batches
+    with no such key, only such keys (in b1 or absent), one key, either side of the threshold,
+    and defaults of every broadcastable shape all equal the numpy lookup."""
+    keys, values, _ = _case("random", seed=4)
+    table = hs.build_key_table(keys, values)
+    b = hs.bucket_pair(keys, table.n_buckets)
+    in_b0 = (table.keys[b[:, 0]] == keys[:, None]).any(axis=1)
+    assert 0 < in_b0.mean() < 1
+    absent = np.random.default_rng(5).integers(I64_MIN, I64_MAX, 64, dtype=np.int64, endpoint=True)
+    batches = {
+        "all in b0": keys[in_b0][:64], "all in b1": keys[~in_b0][:64], "all absent": absent,
+        "b1 and absent": np.concatenate([keys[~in_b0][:32], absent[:32]]),
+        "extreme": np.resize(EXTREME, 64), "one": keys[~in_b0][:1],
+    }
+    model = onnx_op.key_lookup_model(table, default_shape=["d0", "d1"])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    big = onnx_op.KEY_LOOKUP_TWO_PASS_KEYS
+    for what, small in batches.items():
+        for flat in (small, np.resize(small, big), np.resize(small, big - 4)):  # both forms
+            q = flat.reshape(-1, 4) if flat.size % 4 == 0 else flat.reshape(1, -1)
+            for default in (np.full((1, 1), -7, np.int64),
+                            np.arange(q.shape[1], dtype=np.int64)[None],
+                            np.arange(q.size, dtype=np.int64).reshape(q.shape)):
+                (got,) = sess.run(None, {"keys": q, "default": default})
+                want = hs.key_table_lookup(table, q, default)
+                assert np.array_equal(got, want), (what, q.size)
