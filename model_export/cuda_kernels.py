@@ -33,42 +33,19 @@ def _elem_name(elem_type: int) -> str:
     return TensorProto.DataType.Name(elem_type).lower()
 
 
-def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The nodes of ``graph`` and, after each control-flow node, those of its subgraphs (an
-    ``If``'s branches), recursively: each runs on some EP and needs its kernel."""
-    out = []
-    for node in graph.node:
-        out.append(node)
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                out.extend(all_nodes(sub))
-    return out
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    out = [graph]
-    for node in graph.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                out.extend(_graphs(sub))
-    return out
-
-
 def _types(model: onnx.ModelProto) -> dict[str, str]:
+    g = model.graph
     out: dict[str, str] = {}
-    for g in _graphs(model.graph):  # names are unique across a model's graphs (SSA)
-        for vi in [*g.input, *g.value_info, *g.output]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                out[vi.name] = _elem_name(vi.type.tensor_type.elem_type)
-        for init in g.initializer:
-            out[init.name] = _elem_name(init.data_type)
-        for node in g.node:  # Constant outputs carry their type in the attribute
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                for a in node.attribute:
-                    if a.name == "value":
-                        out[node.output[0]] = _elem_name(a.t.data_type)
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out[vi.name] = _elem_name(vi.type.tensor_type.elem_type)
+    for init in g.initializer:
+        out[init.name] = _elem_name(init.data_type)
+    for node in g.node:  # Constant outputs carry their type in the attribute
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = _elem_name(a.t.data_type)
     return out
 
 
@@ -124,7 +101,7 @@ def cuda_problems(model: onnx.ModelProto) -> list[str]:
     """One line per node of the inlined model that onnxruntime's CUDA EP could not run exactly."""
     flat, types = inlined_with_types(model)
     problems = []
-    for node in all_nodes(flat.graph):
+    for node in flat.graph.node:
         p = _check_node(node, types)
         if p:
             problems.append(p)
@@ -135,6 +112,6 @@ def op_type_census(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> number of nodes in the inlined graph (for reports)."""
     flat, _ = inlined_with_types(model)
     out: dict[str, int] = {}
-    for node in all_nodes(flat.graph):
+    for node in flat.graph.node:
         out[node.op_type] = out.get(node.op_type, 0) + 1
     return dict(sorted(out.items()))

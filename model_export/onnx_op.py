@@ -457,33 +457,14 @@ def key_lookup_attributes() -> dict[str, int]:
     return {"spec_version": hashspec.SPEC_VERSION, "table_version": hashspec.KEY_TABLE_VERSION}
 
 
-# Below this many keys per call the KeyLookup function reads both buckets of every key in one
-# pass (fewer nodes: each costs a fixed ~0.3-1 us in onnxruntime's CPU executor), from it on
-# it reads the second bucket only for keys not in their first (docs/RESULTS.md, "HotGather").
-KEY_LOOKUP_TWO_PASS_KEYS = 1024
-
-
 def _key_lookup_body() -> list[onnx.NodeProto]:
     """Nodes of ``ai.lma::KeyLookup(keys, default, table) -> out`` (key table v2, hashspec "Key
-    tables"). A key lives in bucket b0 = lo mod n or b1 = (b0 + 1 + hi mod (n - 1)) mod n (lo,
-    hi: its 32-bit halves, from one uint64 division), each a 64-byte row of 4 keys then their
-    4 values; its match is found by a float MatMul of the 0/1 matches against lane weights (only
-    key lanes weigh, each its value lane + 1; keys are unique in a table, so the sum is that
-    lane or 0), and the value beside it by a 1-d GatherElements at that flat position (the fast
-    one in onnxruntime's CPU kernels; a Gather of scalars, or axis 1 of a matrix, goes element
-    by element). Two forms, chosen per call by an ``If`` on the number of keys:
-
-    - fewer than ``KEY_LOOKUP_TWO_PASS_KEYS``: both rows of every key with one Gather, one
-      match over the 16 lanes (the fewest nodes);
-    - otherwise two passes, because most keys live in b0 (the build moves a key to b1 only when
-      b0 overflows: ~89% at load 0.8) and the random row reads are the lookup's cost: every
-      key's b0 row, then only for the keys not found there (NonZero) their b1 row, and one
-      ScatterND of those answers (value, or the default) into the first pass's: ~1.2 instead of
-      2 rows read per key at 12% absent keys. The rows are compared transposed, (8, n) against
-      (n,): onnxruntime's CPU Equal of (n, 8) against (n, 1) goes row by row, ~6x slower.
-
-    A key is in exactly one of its buckets or in neither, so both forms equal the numpy lookup
-    bit for bit. Every op has a CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
+    tables"): the two 32-bit halves of each key from one uint64 division, the two candidate
+    buckets with three uint64 remainders, both buckets' keys and values (two 64-byte rows of the
+    (nb, 8) table) with one Gather, and the value beside the matching key with one
+    GatherElements at the position a float MatMul of the 0/1 matches finds (only key lanes carry
+    a weight, each its value lane + 1; at most one key matches, so the sum is that lane or 0).
+    Every op has a CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
     n = helper.make_node
     flt = TensorProto.FLOAT
     i64 = TensorProto.INT64
@@ -493,137 +474,68 @@ def _key_lookup_body() -> list[onnx.NodeProto]:
     def const(name: str, values: Any, dtype: Any) -> onnx.NodeProto:
         return n("Constant", [], [name], value=numpy_helper.from_array(np.asarray(values, dtype), name))
 
-    # Lane weights (onnxruntime's CPU MatMul with a 1-d input is ~80x slower: both are matrices):
-    # one pass, (16, 1): key lane s of row r -> its value lane (r row + bucket + s) + 1; two
-    # passes, (1, 8) on the left of the transposed matches: key lane s -> bucket + s + 1.
-    lane_w16 = np.zeros((2 * row, 1), np.float32)
+    # lane weights: key lane s of candidate r -> its value lane (row r + bucket + s) + 1
+    lane_w = np.zeros((2 * row, 1), np.float32)
     for r in range(2):
-        lane_w16[r * row : r * row + bucket, 0] = r * row + np.arange(bucket, 2 * bucket) + 1
-    lane_w8 = np.zeros((1, row), np.float32)
-    lane_w8[0, :bucket] = np.arange(bucket, 2 * bucket) + 1
-
-    def consts(c: str, names: Sequence[str]) -> list[onnx.NodeProto]:
-        """The constants ``names`` of one branch, named ``{c}...``: defined inside the branch,
-        they are its own initializers rather than outer-scope values the If passes in on every
-        call; and so is the per-key prologue (halves and first bucket), which each branch
-        computes itself, so that the If passes in only keys, default and table."""
-        values = {"cm1": ([-1], np.int64), "ax_1": ([1], np.int64),
-                  "shape_m1_16": ([-1, 2 * row], np.int64), "c0": (0, np.int64),
-                  "c8": (row, np.int64), "c16": (2 * row, np.int64), "c0f": (0.0, np.float32),
-                  "c1f": (1.0, np.float32), "c1u": (1, np.uint64), "c2p32u": (1 << 32, np.uint64),
-                  "lane_w16": (lane_w16, np.float32), "lane_w8": (lane_w8, np.float32)}
-        nodes = [const(f"{c}{k}", *values[k]) for k in names]
-        return nodes + [
-            n("Shape", ["table"], [f"{c}t_shape"]),
-            n("Split", [f"{c}t_shape"], [f"{c}nb1", f"{c}w1"], axis=0, num_outputs=2),
-            n("Cast", [f"{c}nb1"], [f"{c}nb_u"], to=u64),  # (1,): broadcasts against (N,)
-            n("Sub", [f"{c}nb_u", f"{c}c1u"], [f"{c}nb_m1"]),
-            n("Cast", ["kf"], [f"{c}ku"], to=u64),
-            n("Div", [f"{c}ku", f"{c}c2p32u"], [f"{c}k_hi"]),
-            n("Mul", [f"{c}k_hi", f"{c}c2p32u"], [f"{c}k_hi_sh"]),
-            n("Sub", [f"{c}ku", f"{c}k_hi_sh"], [f"{c}k_lo"]),
-            n("Mod", [f"{c}k_lo", f"{c}nb_u"], [f"{c}b0"]),
-            n("Shape", ["keys"], [f"{c}k_shape"]),
-        ]
-
-    def pick(c: str, p: str, pos2: str, rows: str, k: str, width: str) -> list[onnx.NodeProto]:
-        """Match lane + 1 ``pos2`` (any shape, n values) of rows (n, width) -> {p}hit (n,) bool
-        and {p}val (n,) int64 (absent keys read lane 0, discarded by hit)."""
-        return [
-            # kept 1-d: the CPU kernels broadcast (n, 1) against a scalar element by element
-            n("Reshape", [pos2, f"{c}cm1"], [f"{p}pos"]),
-            n("Greater", [f"{p}pos", f"{c}c0f"], [f"{p}hit"]),
-            n("Sub", [f"{p}pos", f"{c}c1f"], [f"{p}pos0"]),
-            n("Relu", [f"{p}pos0"], [f"{p}sel_f"]),
-            n("Cast", [f"{p}sel_f"], [f"{p}sel"], to=i64),
-            n("Shape", [k], [f"{p}n_1"]),
-            n("Squeeze", [f"{p}n_1"], [f"{p}n_c"]),
-            n("Mul", [f"{p}n_c", width], [f"{p}nw"]),
-            n("Range", [f"{c}c0", f"{p}nw", width], [f"{p}row_off"]),  # (n,): 0, w, 2w, ...
-            n("Add", [f"{p}row_off", f"{p}sel"], [f"{p}flat"]),
-            n("Reshape", [rows, f"{c}cm1"], [f"{p}rows_flat"]),
-            n("GatherElements", [f"{p}rows_flat", f"{p}flat"], [f"{p}val"], axis=0),
-        ]
-
-    def match8(c: str, p: str, rows: str, k: str) -> list[onnx.NodeProto]:
-        """rows (n, 8) of one bucket each, keys k (n,): transposed compare, then pick."""
-        return [
-            n("Transpose", [rows], [f"{p}rows_t"], perm=[1, 0]),
-            n("Equal", [f"{p}rows_t", k], [f"{p}eq"]),  # value lanes may match too: weigh 0
-            n("Cast", [f"{p}eq"], [f"{p}eq_f"], to=flt),
-            n("MatMul", [f"{c}lane_w8", f"{p}eq_f"], [f"{p}pos2"]),  # (1, n)
-            *pick(c, p, f"{p}pos2", rows, k, f"{c}c8"),
-        ]
-
-    def b1_of(c: str, p: str, hi: str, b0: str) -> list[onnx.NodeProto]:
-        return [
-            n("Mod", [hi, f"{c}nb_m1"], [f"{p}r1"]),
-            n("Add", [b0, f"{p}r1"], [f"{p}b0r"]),
-            n("Add", [f"{p}b0r", f"{c}c1u"], [f"{p}b1_raw"]),
-            n("Mod", [f"{p}b1_raw", f"{c}nb_u"], [f"{p}b1"]),
-        ]
-
-    def graph(name: str, nodes: list[onnx.NodeProto], out: str) -> onnx.GraphProto:
-        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, i64, None)])
-
-    c = "s_"
-    one_pass = graph("key_lookup_one_pass", [
-        *consts(c, ["cm1", "ax_1", "shape_m1_16", "c0", "c16", "c0f", "c1f", "c1u", "c2p32u",
-                    "lane_w16"]),
-        *b1_of(c, "s_", f"{c}k_hi", f"{c}b0"),
-        n("Unsqueeze", [f"{c}b0", f"{c}ax_1"], ["s_b0_2"]),
-        n("Unsqueeze", ["s_b1", f"{c}ax_1"], ["s_b1_2"]),
-        n("Concat", ["s_b0_2", "s_b1_2"], ["s_buckets_u"], axis=1),  # (N, 2)
-        n("Cast", ["s_buckets_u"], ["s_buckets"], to=i64),
-        n("Gather", ["table", "s_buckets"], ["s_cand3"], axis=0),  # (N, 2, 8): two rows
-        n("Reshape", ["s_cand3", f"{c}shape_m1_16"], ["s_cand"]),  # (N, 16)
-        n("Unsqueeze", ["kf", f"{c}ax_1"], ["s_kf2"]),
-        n("Equal", ["s_cand", "s_kf2"], ["s_eq"]),  # value lanes may match too: weigh 0
-        n("Cast", ["s_eq"], ["s_eq_f"], to=flt),
-        n("MatMul", ["s_eq_f", f"{c}lane_w16"], ["s_pos2"]),  # (N, 1)
-        *pick(c, "s_", "s_pos2", "s_cand", "kf", f"{c}c16"),
-        n("Reshape", ["s_val", f"{c}k_shape"], ["s_val_k"]),
-        n("Reshape", ["s_hit", f"{c}k_shape"], ["s_hit_k"]),
-        n("Where", ["s_hit_k", "s_val_k", "default"], ["s_out"]),
-    ], "s_out")
-
-    c = "t_"
-    two_pass = graph("key_lookup_two_pass", [
-        *consts(c, ["cm1", "c0", "c8", "c0f", "c1f", "c1u", "c2p32u", "lane_w8"]),
-        # pass 1: every key's first bucket
-        n("Cast", [f"{c}b0"], ["b0_i"], to=i64),
-        n("Gather", ["table", "b0_i"], ["rows0"], axis=0),  # (N, 8): one row per key
-        *match8(c, "p0_", "rows0", "kf"),
-        n("Reshape", ["p0_hit", f"{c}k_shape"], ["hit_k"]),
-        n("Reshape", ["p0_val", f"{c}k_shape"], ["val_k"]),
-        n("Where", ["hit_k", "val_k", "default"], ["out0"]),
-        n("Reshape", ["out0", f"{c}cm1"], ["out0_f"]),
-        # pass 2: the second bucket of the keys not found in their first
-        n("Not", ["p0_hit"], ["miss"]),
-        n("NonZero", ["miss"], ["miss_nz"]),  # (1, nm)
-        n("Reshape", ["miss_nz", f"{c}cm1"], ["miss_pos"]),
-        n("Transpose", ["miss_nz"], ["miss_pos2"], perm=[1, 0]),  # (nm, 1): ScatterND indices
-        n("GatherElements", ["kf", "miss_pos"], ["mk"], axis=0),
-        n("GatherElements", [f"{c}k_hi", "miss_pos"], ["m_hi"], axis=0),
-        n("GatherElements", [f"{c}b0", "miss_pos"], ["m_b0"], axis=0),
-        *b1_of(c, "t_", "m_hi", "m_b0"),
-        n("Cast", ["t_b1"], ["b1_i"], to=i64),
-        n("Gather", ["table", "b1_i"], ["rows1"], axis=0),  # (nm, 8)
-        *match8(c, "p1_", "rows1", "mk"),
-        n("GatherElements", ["out0_f", "miss_pos"], ["m_default"], axis=0),
-        n("Where", ["p1_hit", "p1_val", "m_default"], ["m_out"]),
-        n("ScatterND", ["out0_f", "miss_pos2", "m_out"], ["out_f"]),
-        n("Shape", ["out0"], ["o_shape"]),
-        n("Reshape", ["out_f", "o_shape"], ["t_out"]),
-    ], "t_out")
-
+        for s in range(bucket):
+            lane_w[r * row + s, 0] = r * row + bucket + s + 1
     return [
         const("cm1", [-1], np.int64),
-        const("c_two_pass", KEY_LOOKUP_TWO_PASS_KEYS, np.int64),
+        const("ax_1", [1], np.int64),
+        const("c1u", 1, np.uint64),
+        const("c2p32u", 1 << 32, np.uint64),
+        n("Shape", ["table"], ["t_shape"]),
+        n("Split", ["t_shape"], ["nb1", "w1"], axis=0, num_outputs=2),
+        n("Cast", ["nb1"], ["nb_u"], to=u64),  # (1,): broadcasts against (N,)
+        n("Sub", ["nb_u", "c1u"], ["nb_m1"]),
+        # per key: halves and buckets, in uint64
         n("Reshape", ["keys", "cm1"], ["kf"]),
-        n("Size", ["kf"], ["n_keys"]),
-        n("Less", ["n_keys", "c_two_pass"], ["few"]),
-        n("If", ["few"], ["out"], then_branch=one_pass, else_branch=two_pass),
+        n("Cast", ["kf"], ["ku"], to=u64),
+        n("Div", ["ku", "c2p32u"], ["k_hi"]),
+        n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
+        n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
+        n("Mod", ["k_lo", "nb_u"], ["b0"]),
+        n("Mod", ["k_hi", "nb_m1"], ["r1"]),
+        n("Add", ["b0", "r1"], ["b0r"]),
+        n("Add", ["b0r", "c1u"], ["b1_raw"]),
+        n("Mod", ["b1_raw", "nb_u"], ["b1"]),
+        n("Unsqueeze", ["b0", "ax_1"], ["b0_2"]),
+        n("Unsqueeze", ["b1", "ax_1"], ["b1_2"]),
+        n("Concat", ["b0_2", "b1_2"], ["buckets_u"], axis=1),  # (N, 2)
+        n("Cast", ["buckets_u"], ["buckets"], to=i64),
+        n("Gather", ["table", "buckets"], ["cand3"], axis=0),  # (N, 2, 8): two cache lines
+        const("shape_m1_16", [-1, 2 * row], np.int64),
+        n("Reshape", ["cand3", "shape_m1_16"], ["cand"]),  # (N, 16)
+        n("Unsqueeze", ["kf", "ax_1"], ["kf2"]),
+        n("Equal", ["cand", "kf2"], ["eq"]),  # value lanes may match too: they weigh 0
+        n("Cast", ["eq"], ["eq_f"], to=flt),
+        const("lane_w", lane_w, np.float32),
+        # 0 = absent, else value lane + 1. The weights are (16, 1): onnxruntime's CPU MatMul
+        # with a 1-d second input is ~80x slower. The result is then kept 1-d: its CPU kernels
+        # broadcast an (N, 1) tensor against a scalar element by element, ~20x slower than (N,).
+        n("MatMul", ["eq_f", "lane_w"], ["pos_2"]),
+        n("Reshape", ["pos_2", "cm1"], ["pos_f"]),
+        const("c0f", 0.0, np.float32),
+        const("c1f", 1.0, np.float32),
+        n("Greater", ["pos_f", "c0f"], ["hit"]),
+        n("Sub", ["pos_f", "c1f"], ["pos0"]),
+        n("Relu", ["pos0"], ["sel_f"]),  # absent keys read lane 0 (discarded below)
+        n("Cast", ["sel_f"], ["sel"], to=i64),
+        # the value by its flat position in the (N * 16,) candidates (a 1-d GatherElements is
+        # the fast one in onnxruntime's CPU kernels; axis 1 of (N, 16) goes row by row)
+        n("Shape", ["kf"], ["n_1"]),
+        n("Squeeze", ["n_1"], ["n_c"]),
+        const("c16", 2 * row, np.int64),
+        const("c0", 0, np.int64),
+        n("Mul", ["n_c", "c16"], ["n16"]),
+        n("Range", ["c0", "n16", "c16"], ["row_off"]),  # (N,): 0, 16, 32, ...
+        n("Add", ["row_off", "sel"], ["flat"]),
+        n("Reshape", ["cand", "cm1"], ["cand_flat"]),
+        n("GatherElements", ["cand_flat", "flat"], ["got"], axis=0),  # (N,)
+        n("Shape", ["keys"], ["k_shape"]),
+        n("Reshape", ["got", "k_shape"], ["got_k"]),
+        n("Reshape", ["hit", "k_shape"], ["hit_k"]),
+        n("Where", ["hit_k", "got_k", "default"], ["out"]),
     ]
 
 
