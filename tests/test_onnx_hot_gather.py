@@ -146,25 +146,13 @@ def test_hot_gather_function_has_cuda_kernels(dtype: type, mode: str, z: int, al
 # ---------------------------------------------------------------- torch.onnx export of lma::hot_gather
 
 
-class _HotModule(torch.nn.Module):
-    """One hot_gather lookup, as the LMA hot serving form calls it."""
+def _hot_module(cfg: HashedGatherConfig, h: int, dtype: torch.dtype) -> torch.nn.Module:
+    """One hot_gather lookup (tests/test_hot_gather.py's module) over random tables."""
+    from tests.test_hot_gather import _Hot
 
-    def __init__(self, cfg: HashedGatherConfig, h: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.cfg = cfg
-        g = torch.Generator().manual_seed(h)
-        self.memory = torch.nn.Parameter(torch.randn(cfg.m, generator=g).to(dtype),
-                                         requires_grad=False)
-        self.register_buffer("hot", torch.randn(h, cfg.dim, generator=g).to(dtype))
-        a, b, w = cfg.param_tensors()
-        self.register_buffer("a", a)
-        self.register_buffer("b", b)
-        self.register_buffer("w", w)
-
-    def forward(self, index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        from lma.ops import hot_gather
-
-        return hot_gather(self.memory, self.hot, index, keys, (self.a, self.b, self.w), self.cfg)
+    g = torch.Generator().manual_seed(h)
+    memory = torch.randn(cfg.m, generator=g).to(dtype)
+    return _Hot(cfg, memory, torch.randn(h, cfg.dim, generator=g).to(dtype))
 
 
 @pytest.mark.parametrize("mode,z,h,dtype", [("lma", 4, 50, torch.float32),
@@ -173,7 +161,7 @@ class _HotModule(torch.nn.Module):
 def test_export_emits_one_hot_gather_node(tmp_path: Path, mode: str, z: int, h: int,
                                           dtype: torch.dtype) -> None:
     cfg = HashedGatherConfig(dim=16, z=z, mode=mode, aligned=False, m=5003, seed=4)
-    module = _HotModule(cfg, h, dtype).eval()
+    module = _hot_module(cfg, h, dtype).eval()
     rng = np.random.default_rng(2)
     index, keys = _case(rng, 4, h, 0.3)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
@@ -258,7 +246,7 @@ def test_exported_hot_form_dlrm(tmp_path: Path, dtype: str) -> None:
 
 def test_external_data_export_attaches_both_functions(tmp_path: Path) -> None:
     cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=True, m=5003, seed=4)
-    module = _HotModule(cfg, 20, torch.float32).eval()
+    module = _hot_module(cfg, 20, torch.float32).eval()
     rng = np.random.default_rng(3)
     index, keys = _case(rng, 4, 20, 0.5)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
