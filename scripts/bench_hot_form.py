@@ -7,8 +7,11 @@ calls interleaved (5 rounds of hash, hot), one thread; checks that both give bit
 ``BENCH_DIR`` is a folder prepared by ``scripts/bench_model.py`` (its ``feature_map`` and
 ``signatures.npz``: an UNTRAINED model on a synthetic value-set vocabulary; e.g. ``--fmap-rows
 1000000`` or the default Criteo-Kaggle size). ``--op`` times the two ops alone instead, at the
-Kaggle shape (M = 33.7M floats, 107k hot rows, 88% of the tokens hot). Prints one line per row
-count: median wall and thread CPU ms of each form and hot / hash.
+Kaggle shape (M = 33.7M floats, 107k hot rows, 88% of the tokens hot). ``--onnx`` times the
+ONNX models ``bench_model.py --only lma16/table,lma16/hot --export-only`` wrote to ``BENCH_DIR``
+in onnxruntime (one thread), interleaved likewise; those two are built separately (their MLPs'
+random initialisations differ), so only their times are compared. Prints one line per row
+count: median thread CPU ms of each form and hot / hash.
 """
 
 from __future__ import annotations
@@ -105,18 +108,45 @@ def ops() -> None:
                          f"ms, key lookup (token -> hot row) {k:.3f} ms (thread CPU)\n")
 
 
+def onnx_models(bench_dir: Path) -> None:
+    import bench_model as bm
+    import onnxruntime as ort
+
+    fmap = bm._fmap(bench_dir)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = {n: ort.InferenceSession(str(bench_dir / d / "model.onnx"), so,
+                                    providers=["CPUExecutionProvider"])
+            for n, d in (("hash", "lma16_table"), ("hot", "lma16_hot"))}
+    for rows in (1, 100, 1000):
+        bs = bm._batches(fmap, rows, 100 + rows)
+        res: dict[str, list[float]] = {n: [] for n in sess}
+        for _ in range(5):
+            for n, s in sess.items():
+                _, c = bm._time(lambda b, s=s: s.run(None, {"dense": b[0], "tokens": b[1]}), bs)
+                res[n].append(c)
+        m = {n: statistics.median(v) for n, v in res.items()}
+        sys.stdout.write(f"onnxruntime rows {rows}: hash cpu {m['hash']:.3f} ms | hot cpu "
+                         f"{m['hot']:.3f} ms | hot/hash {m['hot'] / m['hash']:.2f}\n")
+
+
 def main() -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("bench_dir", nargs="?", type=Path)
     ap.add_argument("--op", action="store_true", help="time the two ops alone")
+    ap.add_argument("--onnx", action="store_true",
+                    help="time bench_model.py's exported lma16/table and lma16/hot ONNX models")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.op:
         ops()
     elif args.bench_dir is None:
         ap.error("give BENCH_DIR (prepared by scripts/bench_model.py) or --op")
+    elif args.onnx:
+        onnx_models(args.bench_dir)
     else:
         models(args.bench_dir)
     return 0
