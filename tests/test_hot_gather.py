@@ -22,12 +22,7 @@ from lma.ops import (
     hot_gather_reference,
     implementation,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
-EXTREME = [0, -1, 1, I64_MIN, I64_MIN + 1, I64_MAX, I64_MAX - 1, 0xFFFF, -0x10000, 1 << 32]
-CASES = [(mode, z, aligned) for mode in ("lma", "robez") for z in (1, 4, 16)
-         for aligned in (False, True)]
+from tests.test_ops import CASES, EXTREME, I64_MAX, I64_MIN, REPO
 
 
 def _cfg(mode: str, z: int, aligned: bool, m: int = 2053, dim: int = 16) -> HashedGatherConfig:
