@@ -1,7 +1,7 @@
 """One markdown table row per run from ``rss_sample.py``'s samples and the run's metrics.json.
 
 For each RUN (an ``lma train --out`` folder whose samples are in ``RUN.rss.tsv``, or
-``--tsv-suffix``), prints: rows in the store, rows trained, vocabulary, the trainer's peak RSS
+``--tsv-suffix``, or ``--samples-dir``), prints: rows in the store, rows trained, vocabulary, the trainer's peak RSS
 (``peak_rss_bytes``, ru_maxrss), the sampled RSS over the epoch (median / max of the samples
 between the end of the model build and the end of the training loop, placed on the sample
 clock from the end of the run backwards using the phase times in metrics.json), the maximum
@@ -50,13 +50,18 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--tsv-suffix", default=".rss.tsv",
                     help="the samples of RUN are in RUN + this suffix")
+    ap.add_argument("--samples-dir", type=Path, default=None,
+                    help="look for the samples in this folder instead of beside RUN")
     args = ap.parse_args()
     print("| run | rows in the store | rows trained | vocabulary | peak RSS (MB) | RSS over the "
           "epoch, median / max (MB) | mapped store, max (MB) | RssAnon, max (MB) | train rows/s"
           " | test AUC | samples |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
-        print(summarize(run, Path(str(run) + args.tsv_suffix)))
+        tsv = Path(str(run) + args.tsv_suffix)
+        if args.samples_dir is not None:
+            tsv = args.samples_dir / tsv.name
+        print(summarize(run, tsv))
 
 
 if __name__ == "__main__":
