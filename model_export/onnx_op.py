@@ -291,7 +291,8 @@ def standalone_model(
 ) -> onnx.ModelProto:
     """A model with one HashedGather node: keys (batch, S) int64 -> (batch, S, dim) (or the
     (N, dim) slot indices). ``config`` is a :class:`lma.ops.HashedGatherConfig`; the memory and
-    the constants are initializers (or ``memory`` is a graph input with ``memory_as_input``)."""
+    the constants are initializers (or ``memory`` is a graph input with ``memory_as_input``); a
+    float16 ``memory`` stays float16 (so does the output), any other becomes float32."""
     p = config.params()
     inits = [
         numpy_helper.from_array(p.A, "A"),
@@ -299,11 +300,15 @@ def standalone_model(
         numpy_helper.from_array(lift_weights(p.nibble_weights, config.mode), "W"),
     ]
     inputs = [helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots"])]
+    elem = TensorProto.FLOAT
     if memory_as_input:
-        inputs.insert(0, helper.make_tensor_value_info("memory", TensorProto.FLOAT, [config.m]))
+        inputs.insert(0, helper.make_tensor_value_info("memory", elem, [config.m]))
     else:
-        mem = np.zeros(config.m, np.float32) if memory is None else np.asarray(memory, np.float32)
+        mem = np.zeros(config.m, np.float32) if memory is None else np.asarray(memory)
+        if mem.dtype != np.float16:
+            mem = mem.astype(np.float32)
         inits.insert(0, numpy_helper.from_array(mem, "memory"))
+        elem = helper.np_dtype_to_tensor_dtype(mem.dtype)
     op = INDICES_OP_TYPE if indices_only else OP_TYPE
     t = config.n_subkeys if config.mode == "lma" else 0
     attrs = node_attributes(config.dim, config.z, config.mode, config.aligned, t)
@@ -311,7 +316,7 @@ def standalone_model(
     if indices_only:
         out = helper.make_tensor_value_info("y", TensorProto.INT64, ["n", config.dim])
     else:
-        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "slots", config.dim])
+        out = helper.make_tensor_value_info("y", elem, ["batch", "slots", config.dim])
     graph = helper.make_graph([node], "hashed_gather", inputs, [out], initializer=inits)
     model = helper.make_model(
         graph,

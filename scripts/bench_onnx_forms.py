@@ -9,8 +9,8 @@ at git revision ``--old-rev`` (default: the last revision with the BitShift / in
 against the working tree's. ``--bench hot``: the working tree's HotGather function (the hot
 serving form: ``--hot-rows`` precomputed rows, default 107,000, the signed tokens of the Kaggle
 vocabulary at the default signature sample) at 0%, 12% and 100% cold entries against its
-HashedGather function on the same keys; hot entries pick a row uniformly (no locality, so the
-rows' reads are as uncached as they get). ``--bench keylookup``: the KeyLookup function at
+HashedGather function on the same keys (``--dtype float16``: both tables in float16); hot entries
+pick a row uniformly (no locality, so the rows' reads are as uncached as they get). ``--bench keylookup``: the KeyLookup function at
 ``--old-rev`` against the working tree's, over key tables of ``--table-keys`` random keys
 (default 107,000 and 4,000,000), queries 88% present keys, 12% absent.
 
@@ -98,17 +98,18 @@ def _worker_hashed(module_path: str, mode: str, z: int, log2m: int) -> dict[str,
     return _time(sess, {r: [{"keys": _random_keys(rng, (r, 26))} for _ in range(8)] for r in ROWS})
 
 
-def _worker_hot(form: str, cold: float, log2m: int, hot_rows: int) -> dict[str, float]:
+def _worker_hot(form: str, cold: float, log2m: int, hot_rows: int,
+                dtype: str) -> dict[str, float]:
     from lma.ops.reference import HashedGatherConfig
 
     mod = _load(str(REPO / "model_export" / "onnx_op.py"))
     cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=1 << log2m, seed=1)
     rng = np.random.default_rng(0)
-    mem = rng.standard_normal(cfg.m).astype(np.float32)
+    mem = rng.standard_normal(cfg.m).astype(dtype)
     if form == "hashed":
         sess = _session(mod.standalone_model(cfg, memory=mem))
     else:
-        hot = rng.standard_normal((hot_rows, 16)).astype(np.float32)
+        hot = rng.standard_normal((hot_rows, 16)).astype(dtype)
         sess = _session(mod.hot_standalone_model(cfg, mem, hot))
     pools: dict[int, list[dict[str, np.ndarray]]] = {}
     for r in ROWS:
@@ -144,7 +145,7 @@ def _worker_keylookup(module_path: str, table_path: str) -> dict[str, float]:
 
 def _run(args: argparse.Namespace, *worker: str) -> dict[str, float]:
     cmd = ["taskset", "-c", "0", sys.executable, __file__, "--log2m", str(args.log2m),
-           "--hot-rows", str(args.hot_rows), "--worker", *worker]
+           "--hot-rows", str(args.hot_rows), "--dtype", args.dtype, "--worker", *worker]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -240,6 +241,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--log2m", type=int, default=25)
     ap.add_argument("--hot-rows", type=int, default=107_000)
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                    help="--bench hot: the memory's and hot rows' dtype")
     ap.add_argument("--table-keys", type=int, nargs="+", default=[107_000, 4_000_000])
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -248,7 +251,7 @@ def main() -> int:
         if kind == "hashed":
             res = _worker_hashed(rest[0], rest[1], int(rest[2]), args.log2m)
         elif kind == "hot":
-            res = _worker_hot(rest[0], float(rest[1]), args.log2m, args.hot_rows)
+            res = _worker_hot(rest[0], float(rest[1]), args.log2m, args.hot_rows, args.dtype)
         else:
             res = _worker_keylookup(rest[0], rest[1])
         sys.stdout.write(json.dumps(res) + "\n")

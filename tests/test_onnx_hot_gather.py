@@ -264,3 +264,13 @@ def test_external_data_export_attaches_both_functions(tmp_path: Path) -> None:
     with torch.no_grad():
         want = module(torch.from_numpy(index), torch.from_numpy(keys)).numpy()
     assert np.array_equal(_bits(y), _bits(want))
+
+
+def test_standalone_hashed_gather_keeps_a_float16_memory() -> None:
+    cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=4099, seed=1)
+    memory = np.random.default_rng(0).standard_normal(cfg.m).astype(np.float16)
+    index, keys = _case(np.random.default_rng(1), 5, 0, 1.0)
+    (y,) = _session(onnx_op.standalone_model(cfg, memory=memory)).run(None, {"keys": keys})
+    assert y.dtype == np.float16
+    assert np.array_equal(_bits(y), _bits(_reference(cfg, memory, memory[:0].reshape(0, 16),
+                                                     index, keys)))
