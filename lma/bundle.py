@@ -288,6 +288,14 @@ class Bundle:
                 self._cache["program"] = torch.export.load(str(path))
             return self._cache["program"]
 
+    def release(self, *what: str) -> None:
+        """Drop cached engines (``"eager"``, ``"program"``, ``"ort"``; all without arguments), so
+        the weights they map or hold are released once the caller drops its own references."""
+        with self._lock:
+            for key in list(self._cache):
+                if not what or key.split(":", 1)[0] in what:
+                    del self._cache[key]
+
     def eager_model(self, weights: str = "mmap") -> Any:
         """The DLRM rebuilt in eager torch from the manifest's config, the feature map, the
         per-token state and the saved weights (eval mode), which it holds memory-mapped
