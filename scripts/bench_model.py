@@ -202,7 +202,8 @@ def cmd_export(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
             "state_bytes": int(emb.state_bytes()), "params": int(emb.parameter_count())}
 
 
-def cmd_time(out: Path, name: str, spec: dict[str, Any], engine: str, part: str) -> dict[str, Any]:
+def _engine_fn(out: Path, name: str, spec: dict[str, Any], engine: str, part: str):  # noqa: ANN202
+    """(fn(batch), feature map): one engine of one exported variant, ready to call."""
     d = out / name.replace("/", "_")
     if engine == "onnxruntime":
         import onnxruntime as ort
@@ -238,9 +239,50 @@ def cmd_time(out: Path, name: str, spec: dict[str, Any], engine: str, part: str)
                 if part == "model":
                     return prog(torch.from_numpy(b[0]), torch.from_numpy(b[1]))
                 return prog(torch.from_numpy(b[1]))
+    return fn, fmap
+
+
+def cmd_time(out: Path, name: str, spec: dict[str, Any], engine: str, part: str) -> dict[str, Any]:
+    fn, fmap = _engine_fn(out, name, spec, engine, part)
     res: dict[str, Any] = {"cpu": {}}
     for rows in ROWS:
         res[str(rows)], res["cpu"][str(rows)] = _time(fn, _batches(fmap, rows, 100 + rows))
+    return res
+
+
+def cmd_interleaved(out: Path, variants_: dict[str, dict[str, Any]], engine: str,
+                    calls: int) -> dict[str, Any]:
+    """Every variant's whole model in ONE process (one engine kind, one thread), calls
+    alternating between the models (the order rotated each round), so that the machine's
+    drift over minutes falls on all of them alike. Pessimistic for models that rely on cache
+    residency: each call runs after another model's call has used the caches. Per row count:
+    median wall ms per model, and the median over rounds of each model's time over
+    full/table's in the same round."""
+    fns = {}
+    fmap = None
+    for name, spec in variants_.items():
+        fns[name], fmap = _engine_fn(out, name, spec, engine, "model")
+    names = list(fns)
+    res: dict[str, Any] = {"models": names, "calls": calls}
+    for rows in ROWS:
+        batches = _batches(fmap, rows, 100 + rows)
+        for fn in fns.values():
+            for b in batches:
+                fn(b)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(calls):
+            b = batches[i % len(batches)]
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[name](b)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        cell: dict[str, Any] = {"median_ms": {n: statistics.median(t) for n, t in times.items()}}
+        if "full/table" in times:
+            ref = times["full/table"]
+            cell["ratio_vs_full"] = {n: statistics.median(a / r for a, r in zip(t, ref, strict=True))
+                                     for n, t in times.items() if n != "full/table"}
+        res[str(rows)] = cell
     return res
 
 
@@ -256,6 +298,8 @@ def worker(argv: list[str]) -> int:
     cmd, out = argv[0], Path(argv[1])
     if cmd == "prepare":
         res = cmd_prepare(out, int(argv[2]))
+    elif cmd == "interleave":
+        res = cmd_interleaved(out, json.loads(argv[3]), argv[2], int(argv[4]))
     else:
         name, spec = argv[2], json.loads(argv[3])
         res = cmd_export(out, name, spec) if cmd == "export" else cmd_time(out, name, spec,
@@ -274,6 +318,13 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated variant names")
     ap.add_argument("--export-only", action="store_true",
                     help="prepare and export only (no timing; for the variants given by --only)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every cell this many times, the variants alternating within each "
+                         "round (this machine's speed drifts over minutes: ratios are taken "
+                         "within a round); a cell's figure is the median over rounds")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="CALLS",
+                    help="also time the variants' whole models in one process per engine, calls "
+                         "alternating between models, CALLS calls each per row count")
     ap.add_argument("--fmap-rows", type=int, default=45_840_617,
                     help="rows whose value set makes the vocabulary (default: Criteo Kaggle's)")
     args = ap.parse_args()
@@ -295,22 +346,93 @@ def main() -> int:
         if "export" not in r or "error" in r["export"]:
             r["export"] = _run(["--worker", "export", str(out), name, json.dumps(spec)], pin=False)
             rpath.write_text(json.dumps(results, indent=1))
-        if args.export_only:
-            continue
+    for rnd in range(0 if args.export_only else args.rounds):
+        for name, spec in vs.items():
+            r = results["variants"][name]
+            for engine in ("onnxruntime", "torch"):
+                parts = (["model"] if spec["kind"] == "robez" or "/z" in name
+                         else ["model", "resolve"])
+                for part in parts:
+                    key = f"{engine}/{part}"
+                    if args.rounds == 1 and key in r and "error" not in r[key]:
+                        continue
+                    cell = _run(["--worker", "time", str(out), name, json.dumps(spec), engine,
+                                 part])
+                    if args.rounds > 1:
+                        cell["round"] = rnd
+                        r.setdefault(f"{key}@rounds", []).append(cell)
+                        cell = _median_cell(r[f"{key}@rounds"])
+                    r[key] = cell
+                    rpath.write_text(json.dumps(results, indent=1))
+                    sys.stderr.write(f"round {rnd} {name} {key}: {cell}\n")
+    if args.interleaved and not args.export_only:
         for engine in ("onnxruntime", "torch"):
-            parts = ["model"] if spec["kind"] == "robez" or "/z" in name else ["model", "resolve"]
-            for part in parts:
-                key = f"{engine}/{part}"
-                if key in r and "error" not in r[key]:
-                    continue
-                r[key] = _run(["--worker", "time", str(out), name, json.dumps(spec), engine, part])
-                rpath.write_text(json.dumps(results, indent=1))
-                sys.stderr.write(f"{name} {key}: {r[key]}\n")
+            cell = _run(["--worker", "interleave", str(out), engine, json.dumps(vs),
+                         str(args.interleaved)])
+            results.setdefault("interleaved", {})[engine] = cell
+            rpath.write_text(json.dumps(results, indent=1))
+            sys.stderr.write(f"interleaved {engine}: {cell}\n")
     results["meta"]["load_avg_after"] = os.getloadavg()[0]
     rpath.write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(report(results))
     sys.stdout.write(report(results))
     return 0
+
+
+def _median_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-row-count medians over a cell's rounds (wall and CPU), errors left out."""
+    ok = [c for c in cells if "error" not in c]
+    if not ok:
+        return cells[-1]
+    rows = [k for k in ok[0] if k.isdigit()]
+    med = {k: statistics.median(c[k] for c in ok) for k in rows}
+    med["cpu"] = {k: statistics.median(c["cpu"][k] for c in ok) for k in rows}
+    med["peak_rss_gb"] = max(c.get("peak_rss_gb", 0.0) for c in ok)
+    med["rounds"] = len(ok)
+    return med
+
+
+def _round_ratios(results: dict[str, Any]) -> list[str]:
+    """Each model's 1000-row time over full tables' in the same round (wall-clock)."""
+    v = results.get("variants", {})
+    ref = {e: {c["round"]: c["1000"] for c in v.get("full/table", {}).get(f"{e}/model@rounds", [])
+               if "error" not in c} for e in ("onnxruntime", "torch")}
+    if not any(ref.values()):
+        return []
+    lines = ["", "Per round, 1000 rows, model / full tables in the same round (wall-clock):", "",
+             "| model | engine | ratio per round | median |", "|---|---|---|---|"]
+    for engine in ("onnxruntime", "torch"):
+        for name, r in v.items():
+            if name == "full/table":
+                continue
+            ratios = [c["1000"] / ref[engine][c["round"]]
+                      for c in r.get(f"{engine}/model@rounds", [])
+                      if "error" not in c and c["round"] in ref[engine]]
+            if ratios:
+                lines.append(f"| {name} | {engine} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+                             f"{statistics.median(ratios):.2f} |")
+    return lines
+
+
+def _interleaved_table(results: dict[str, Any]) -> list[str]:
+    il = results.get("interleaved", {})
+    if not il:
+        return []
+    lines = ["", "All models in one process per engine, calls alternating (median ms; in brackets "
+             "the median per-call ratio to full/table):", "",
+             "| model | engine | 1 row | 100 rows | 1000 rows |", "|---|---|---|---|---|"]
+    for engine, cell in il.items():
+        if "error" in cell:
+            lines.append(f"| - | {engine} | error: {cell['error'][-200:]} | | |")
+            continue
+        for name in cell["models"]:
+            parts = []
+            for rows in ROWS:
+                c = cell[str(rows)]
+                ratio = c.get("ratio_vs_full", {}).get(name)
+                parts.append(f"{c['median_ms'][name]:.3f}" + (f" ({ratio:.2f})" if ratio else ""))
+            lines.append(f"| {name} | {engine} | " + " | ".join(parts) + " |")
+    return lines
 
 
 def report(results: dict[str, Any]) -> str:
@@ -349,6 +471,8 @@ def report(results: dict[str, Any]) -> str:
                     kind, _, z = name.partition("/")
                     lines.append(f"| {kind} | {z[1:]} | {engine} | {m['1']:.3f} | {m['100']:.2f} "
                                  f"| {m['1000']:.2f} |")
+    lines += _round_ratios(results)
+    lines += _interleaved_table(results)
     lines += ["", "Build / export / peak RSS per process (GB):", ""]
     for name, r in v.items():
         e = r.get("export", {})
