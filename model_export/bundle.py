@@ -293,7 +293,8 @@ def _onnx_summary(path: Path) -> dict[str, Any]:
         "custom_op": (
             {
                 "domain": onnx_op.DOMAIN,
-                "op_type": onnx_op.OP_TYPE,
+                # The ai.lma node types the graph uses (HashedGather, HotGather, KeyLookup).
+                "op_types": sorted({n.op_type for n in custom}),
                 "version": onnx_op.OP_VERSION,
                 "implementation": "model-local ONNX function (standard ops)",
                 "nodes": lookups,

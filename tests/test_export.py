@@ -75,6 +75,8 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
         op = "HotGather" if hot_form else "HashedGather"
         custom = [n for n in model.graph.node if n.op_type == op]
         assert len(custom) == 1 and custom[0].domain == "ai.lma"
+        graph_ops = {n.op_type for n in model.graph.node if n.domain == "ai.lma"}
+        assert m["onnx"]["custom_op"]["op_types"] == sorted(graph_ops) and op in graph_ops
         # lma resolves token -> signature (hot form: -> hot row) with a key table (one KeyLookup
         # node); a HotGather function calls the HashedGather function on the other tokens
         want = ({"HotGather", "HashedGather", "KeyLookup"} if hot_form
@@ -83,6 +85,7 @@ def test_round_trip_engines_agree(bundles: dict[str, Path], kind: str) -> None:
     elif kind in ("full", "qr"):  # token -> row by a key table
         assert domains <= {"", "ai.lma"} and [f.name for f in model.functions] == ["KeyLookup"]
         assert [n["op_type"] for n in m["onnx"]["custom_op"]["nodes"]] == ["KeyLookup"]
+        assert m["onnx"]["custom_op"]["op_types"] == ["KeyLookup"]
     else:
         assert domains <= {""} and not model.functions
         assert m["onnx"]["custom_op"] is None
