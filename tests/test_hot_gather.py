@@ -3,9 +3,6 @@ gives ``hot[index]`` on hot tokens and exactly ``lma::hashed_gather`` on cold on
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +19,8 @@ from lma.ops import (
     hot_gather_reference,
     implementation,
 )
-from tests.test_ops import CASES, EXTREME, I64_MAX, I64_MIN, REPO
+from tests.test_ops import CASES, EXTREME, I64_MAX, I64_MIN
+from tests.triton_interpreter import run_interpreted
 
 
 def _cfg(mode: str, z: int, aligned: bool, m: int = 2053, dim: int = 16) -> HashedGatherConfig:
@@ -223,11 +221,7 @@ def test_triton_composition_in_interpreter() -> None:
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_interpreted(code).strip().endswith("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,8 +14,8 @@ from lma import hashspec as hs
 from lma.ops import _native, key_lookup, key_lookup_reference
 from lma.ops.key_lookup import KeyLookup, bucket_pair_torch
 from model_export import cuda_kernels, onnx_op
+from tests.triton_interpreter import run_interpreted
 
-REPO = Path(__file__).resolve().parents[1]
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 EXTREME = np.array([I64_MIN, I64_MAX, 0, 1, -1, I64_MIN + 1, I64_MAX - 1, 2, 3], dtype=np.int64)
 
@@ -191,10 +188,7 @@ def test_triton_kernel_in_interpreter() -> None:
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

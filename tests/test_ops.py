@@ -25,6 +25,7 @@ from lma.ops import (
     slot_indices,
     slot_indices_torch,
 )
+from tests.triton_interpreter import run_interpreted
 
 REPO = Path(__file__).resolve().parents[1]
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -271,12 +272,7 @@ def test_triton_kernels_in_interpreter() -> None:
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    assert run_interpreted(code).strip().endswith("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
