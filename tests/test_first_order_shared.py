@@ -47,6 +47,16 @@ def _old_form(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tables, "shares_vocabulary", lambda spec, other: False)
 
 
+def _assert_loads_shared_with_same_logits(old_model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint at ``path`` loads with one shared map and scores like ``old_model``."""
+    d, t = _rows()
+    with torch.no_grad():
+        want = old_model(torch.from_numpy(d), torch.from_numpy(t))
+        new = load_checkpoint(path).model
+        assert new.shared_rows
+        assert torch.equal(new(torch.from_numpy(d), torch.from_numpy(t)), want)
+
+
 def test_model_holds_and_stores_the_map_once(trained: Path) -> None:
     model = load_checkpoint(trained).model
     assert model.shared_rows and model.first_order.rows_from is model.embedding
@@ -69,12 +79,7 @@ def test_old_checkpoint_loads_with_identical_outputs(trained: Path, tmp_path: Pa
         assert "first_order.key_table.table" in sd
         assert torch.equal(sd["first_order.key_table.table"], sd["embedding.key_table.table"])
         save_checkpoint(tmp_path / "old", old.model, old.feature_map, old.metrics)
-    d, t = _rows()
-    with torch.no_grad():
-        want = old.model(torch.from_numpy(d), torch.from_numpy(t))
-        new = load_checkpoint(tmp_path / "old").model
-        assert new.shared_rows
-        assert torch.equal(new(torch.from_numpy(d), torch.from_numpy(t)), want)
+    _assert_loads_shared_with_same_logits(old.model, tmp_path / "old")
 
 
 def test_old_checkpoint_with_a_different_copy_is_refused(trained: Path, tmp_path: Path,
@@ -137,12 +142,7 @@ def test_checkpoint_from_before_key_tables_loads(trained: Path, tmp_path: Path,
     sd["first_order.vocab"] = vocab.clone()
     shutil.copytree(trained, tmp_path / "pre", ignore=shutil.ignore_patterns("checkpoint.pt"))
     torch.save({**payload, "state_dict": sd}, tmp_path / "pre" / "checkpoint.pt")
-    d, t = _rows()
-    with torch.no_grad():
-        want = old.model(torch.from_numpy(d), torch.from_numpy(t))
-        model = load_checkpoint(tmp_path / "pre").model
-        assert model.shared_rows
-        assert torch.equal(model(torch.from_numpy(d), torch.from_numpy(t)), want)
+    _assert_loads_shared_with_same_logits(old.model, tmp_path / "pre")
     sd["first_order.vocab"] = vocab[:-1].clone()
     torch.save({**payload, "state_dict": sd}, tmp_path / "pre" / "checkpoint.pt")
     with pytest.raises(ValueError, match="first_order: the stored vocabulary has"):
