@@ -13,6 +13,7 @@ from torch import nn
 
 from lma.embeddings.base import Embedding
 from lma.features import FeatureMap
+from lma.ops.interaction import dot_interaction
 from lma.tokens import PAD_TOKEN
 
 
@@ -113,11 +114,10 @@ class DLRM(nn.Module):
         self.n_pairs = n_vec * (n_vec - 1) // 2
         # Derived (non-persistent) buffers are made on the CPU explicitly, so that a model built
         # under torch.device("meta") to receive loaded weights still computes them.
-        # The upper triangle of the (n, n) dot products, as flat positions i * n + j, read by
-        # one gather along the flattened rows: the same values as indexing with (i, j) pairs,
-        # ~9x faster in torch at 1000 rows (aten::index is slow there) and as fast in
-        # onnxruntime (GatherElements; index_select would export to a Gather on axis 1, which
-        # onnxruntime copies one float at a time, ~4x slower than the GatherND it replaced).
+        # The upper triangle of the (n, n) dot products, as flat positions i * n + j: the pairs
+        # lma::dot_interaction computes (on the CPU only those; its composed and ONNX forms
+        # gather them from the flattened matrix with one GatherElements, as fast in onnxruntime
+        # as anything tried: a Gather on axis 1 copies one float at a time there).
         iu = torch.triu_indices(n_vec, n_vec, offset=1, device="cpu")
         self.register_buffer("pair_index", iu[0] * n_vec + iu[1], persistent=False)
         if config.interaction not in ("dot", "dot-cat", "dot-wide"):
@@ -194,20 +194,14 @@ class DLRM(nn.Module):
         rows = self.embedding.rows(tokens) if self.shared_rows else None
         vecs = (self.field_vectors(tokens) if rows is None
                 else self._pool(tokens, self.embedding.gather(rows)))  # (B, F, d)
-        if self.has_dense:
-            x = self.bottom(dense)  # (B, d)
-            vecs = torch.cat([x[:, None, :], vecs], dim=1)  # (B, F + 1, d)
-        inter = torch.bmm(vecs, vecs.transpose(1, 2))  # (B, n, n)
-        flat = inter.flatten(1)  # (B, n * n)
-        pairs = flat.gather(1, self.pair_index.expand(flat.shape[0], -1))  # (B, n_pairs)
-        parts = [x, pairs] if self.has_dense else [pairs]
+        x = self.bottom(dense) if self.has_dense else None  # (B, d)
+        # [x, the upper triangle of the dot products of [x, field vectors]] (B, d + n_pairs)
+        top_in = dot_interaction(vecs, self.pair_index, x)
         if self.cat_fields:
-            parts.append(vecs[:, int(self.has_dense):].flatten(1))  # (B, F * d)
-        top_in = torch.cat(parts, dim=1) if len(parts) > 1 else pairs
+            top_in = torch.cat([top_in, vecs.flatten(1)], dim=1)  # + (B, F * d)
         logit = self.top(top_in).squeeze(1)
         if self.wide is not None:
-            fields = vecs[:, int(self.has_dense):].flatten(1)  # (B, F * d)
-            logit = logit + self.wide(torch.cat([dense, fields], dim=1)).squeeze(1)
+            logit = logit + self.wide(torch.cat([dense, vecs.flatten(1)], dim=1)).squeeze(1)
         if self.first_order is not None:
             logit = logit + self.first_order_logit(dense, tokens, rows)
         return logit

@@ -34,7 +34,8 @@ An LMA model is exported in its hot serving form (``lma_serving="hot"``, ``lma e
 signed tokens' rows are computed once, here, through the model's own gather, and stored as
 ``embedding.hot``
 with a token -> row key table (``embedding.hot_lookup``); serving copies those rows and hashes
-only the other tokens (one ``lma::hot_gather``, ONNX ``ai.lma::HotGather``). The export checks
+only the other tokens (one ``lma::hot_embed``; ONNX ``ai.lma::KeyLookup`` then
+``ai.lma::HotGather``). The export checks
 that the hot form's logits on the sample equal the hash form's bit for bit. The signatures are
 then folded into the rows, so such a bundle has no ``embedding_state.npz``; its embedding config
 records ``serve: hot`` (and the manifest ``embedding.serving``), which rebuilds the eager model

@@ -690,6 +690,21 @@ def _translate_hot_gather(memory, hot, index, keys, coef_a, coef_b, nibble_w, di
                            **node_attributes(dim, z, mode, aligned, t))
 
 
+def _translate_hot_embed(memory, hot, table, tokens, coef_a, coef_b, nibble_w, dim, z, mode,  # noqa: ANN001, ANN202
+                         aligned):
+    """Translation of ``lma::hot_embed``: the ``ai.lma::KeyLookup`` node (token -> hot row, -1
+    where absent) feeding the ``ai.lma::HotGather`` node, as the unfused ops would export."""
+    from onnxscript import opset20 as op
+    from onnxscript import values
+
+    opset = values.Opset(DOMAIN, OP_VERSION)
+    none = op.Constant(value=numpy_helper.from_array(np.array(-1, np.int64)))
+    index = opset.KeyLookup(tokens, none, table, **key_lookup_attributes())
+    nibble_w, t = _node_weights(nibble_w, dim, z, mode)
+    return opset.HotGather(memory, hot, index, tokens, coef_a, coef_b, nibble_w,
+                           **node_attributes(dim, z, mode, aligned, t))
+
+
 def _translate_searchsorted(
     sorted_sequence, self, out_int32=False, right=False, side=None, sorter=None
 ):  # noqa: ANN001, ANN202
@@ -739,15 +754,37 @@ def _translate_key_lookup(keys, default, table):  # noqa: ANN001, ANN202
     return opset.KeyLookup(keys, default, table, **key_lookup_attributes())
 
 
+def _translate_dot_interaction(vecs, pairs, prefix=None):  # noqa: ANN001, ANN202
+    """Translation of ``lma::dot_interaction`` with standard ops (its composed form, which
+    every execution provider runs): [prefix, vecs] -> MatMul with its transpose -> the flat
+    positions ``pairs`` by one GatherElements -> behind the prefix."""
+    from onnxscript import opset20 as op
+
+    def const(a: Any) -> Any:
+        return op.Constant(value=numpy_helper.from_array(np.asarray(a, dtype=np.int64)))
+
+    v = vecs if prefix is None else op.Concat(op.Unsqueeze(prefix, const([1])), vecs, axis=1)
+    gram = op.MatMul(v, op.Transpose(v, perm=[0, 2, 1]))  # (B, n, n)
+    flat = op.Reshape(gram, const([0, -1]))  # (B, n * n)
+    rows = op.Shape(flat, start=0, end=1)
+    index = op.Expand(op.Unsqueeze(pairs, const([0])),
+                      op.Concat(rows, op.Shape(pairs), axis=0))  # (B, P)
+    dots = op.GatherElements(flat, index, axis=1)
+    return dots if prefix is None else op.Concat(prefix, dots, axis=1)
+
+
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``."""
     import lma.ops  # noqa: F401  (registers torch.ops.lma.*)
+    import lma.ops.interaction  # noqa: F401
 
     register_schema()
     return {
         torch.ops.lma.hashed_gather.default: _translate_hashed_gather,
         torch.ops.lma.hot_gather.default: _translate_hot_gather,
+        torch.ops.lma.hot_embed.default: _translate_hot_embed,
         torch.ops.lma.key_lookup.default: _translate_key_lookup,
+        torch.ops.lma.dot_interaction.default: _translate_dot_interaction,
         torch.ops.aten.searchsorted.Tensor: _translate_searchsorted,
     }
 

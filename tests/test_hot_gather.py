@@ -357,7 +357,7 @@ def test_hot_form_rebuilds_from_weights_and_exports(native: None, lma_checkpoint
         ep = torch.export.export(hot, (dense[:8], tokens[:8]),
                                  dynamic_shapes=({0: batch}, {0: batch}))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert "lma.hot_gather.default" in targets and "lma.hashed_gather.default" not in targets
+    assert "lma.hot_embed.default" in targets and "lma.hashed_gather.default" not in targets
     torch.export.save(ep, tmp_path / "hot.pt2")
     with torch.no_grad():
         assert torch.equal(torch.export.load(tmp_path / "hot.pt2").module()(dense, tokens), want)

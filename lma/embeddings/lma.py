@@ -19,8 +19,9 @@ exported with ``lma export --lma-serving hash``) resolves token -> signature wit
 hashes and gathers ``d / Z`` blocks per token. ``serve="hot"`` (what :meth:`LMAEmbedding.to_serving`
 makes at export, the ``lma export`` default) holds the signed tokens' rows themselves (``hot``,
 (H, d) in the memory's dtype, computed through the same gather, so bit for bit the hash form's
-rows) and a key table token -> hot row; ``lma::hot_gather`` copies a hot token's row and hashes
-only the other tokens, by their own hash, exactly as the hash form does. The hot form needs no
+rows) and a key table token -> hot row; ``lma::hot_embed`` (that lookup and ``lma::hot_gather``
+in one pass) copies a hot token's row and hashes only the other tokens, by their own hash,
+exactly as the hash form does. The hot form needs no
 signatures (they are folded into its rows) and is inference only.
 """
 
@@ -36,7 +37,7 @@ from lma.embeddings.base import EmbeddingSpec, as_compute_dtype, building_for_lo
 from lma.embeddings.robez import SharedMemoryEmbedding
 from lma.embeddings.tables import lookup_option
 from lma.features import FeatureMap
-from lma.ops import hashed_gather, hot_gather
+from lma.ops import hashed_gather, hot_embed
 from lma.ops.key_lookup import KeyLookup
 from lma.signatures import (
     DEFAULT_MIN_COUNT,
@@ -177,11 +178,12 @@ class LMAEmbedding(SharedMemoryEmbedding):
             raise RuntimeError("LMA hot serving form without its hot rows: load the weights of "
                                "a hot-form bundle, or make it with to_serving('hot')")
         if self.training and torch.is_grad_enabled() and self.memory.requires_grad:
-            raise RuntimeError("the LMA hot serving form is inference only (lma::hot_gather has "
+            raise RuntimeError("the LMA hot serving form is inference only (lma::hot_embed has "
                                "no gradient): train the hash form (serve='hash') and convert it "
                                "with to_serving('hot'); call eval() or use torch.no_grad()")
-        out = hot_gather(self.memory, self.hot, self.hot_index(tokens), tokens,
-                         self.gather_constants(), self.gather_config)
+        # token -> hot row (key table) and the rows in one op (lma::hot_embed)
+        out = hot_embed(self.memory, self.hot, self.hot_lookup.table, tokens,
+                        self.gather_constants(), self.gather_config)
         return as_compute_dtype(out)
 
     @torch.no_grad()

@@ -5,9 +5,11 @@ from lma.ops.hashed_gather import (
     GatherConstants,
     HashedGatherConfig,
     hashed_gather,
+    hot_embed,
     hot_gather,
     slot_indices_torch,
 )
+from lma.ops.interaction import dot_interaction, dot_interaction_reference
 from lma.ops.key_lookup import KeyLookup, key_lookup, key_lookup_reference
 from lma.ops.reference import (
     hashed_gather_backward_reference,
@@ -21,9 +23,12 @@ __all__ = [
     "HashedGatherConfig",
     "KeyLookup",
     "backend_for",
+    "dot_interaction",
+    "dot_interaction_reference",
     "hashed_gather",
     "hashed_gather_backward_reference",
     "hashed_gather_reference",
+    "hot_embed",
     "hot_gather",
     "hot_gather_reference",
     "implementation",

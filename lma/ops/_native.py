@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 EXT_NAME = "lma_hashed_gather_cpu"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "hashed_gather.cpp"]
+SOURCES = [CSRC / "hashed_gather.cpp", CSRC / "interaction.cpp"]
 DISABLE_ENV = "LMA_DISABLE_NATIVE_OPS"
 PREBUILT_ENV = "LMA_TORCH_EXT_PREBUILT"
 

@@ -10,6 +10,10 @@ Ops (their schemas are fixed: saved programs, ``model.pt2``, refer to them):
                     index >= 0, else exactly lma::hashed_gather of keys (the serving form of an
                     LMA embedding whose signed tokens' rows were computed at export; inference
                     only: its backward raises)
+    lma::hot_embed(memory, hot, table (n_buckets, 8) int64, tokens (...) int64, coef_a, coef_b,
+                   nibble_w, dim, z, mode, aligned) -> (..., dim): lma::hot_gather of the hot
+                   rows the key table gives each token (lma::key_lookup, -1 where absent), in
+                   one pass on the CPU (what an LMA embedding in the hot form runs)
 
 All have fake (meta) implementations, so they trace under ``torch.compile`` and ``torch.export``;
 the forward's autograd formula calls the backward op. Inside, the flat arguments become one
@@ -93,6 +97,18 @@ class Backend(NamedTuple):
     key_lookup: Callable[..., torch.Tensor]
     # (memory, hot, index, keys, consts, cfg) -> (..., dim); see hot_gather_op.
     hot_gather: Callable[..., torch.Tensor]
+    # (memory, hot, table, tokens, consts, cfg) -> (..., dim); see hot_embed_op. None: composed
+    # of key_lookup and hot_gather (compose_hot_embed).
+    hot_embed: Callable[..., torch.Tensor] | None = None
+
+    def embed(self, memory: torch.Tensor, hot: torch.Tensor, table: torch.Tensor,
+              tokens: torch.Tensor, c: GatherConstants, cfg: HashedGatherConfig) -> torch.Tensor:
+        """``lma::hot_embed`` with this backend: its fused kernel, or lookup then hot gather."""
+        if self.hot_embed is not None:
+            return self.hot_embed(memory, hot, table, tokens, c, cfg)
+        index = self.key_lookup(tokens, torch.full((), -1, dtype=torch.int64,
+                                                   device=tokens.device), table)
+        return self.hot_gather(memory, hot, index, tokens, c, cfg)
 
 
 def _cpp_backend(ext: ModuleType) -> Backend:
@@ -110,7 +126,11 @@ def _cpp_backend(ext: ModuleType) -> Backend:
         return ext.hot_gather(memory, hot_rows, index, keys, *c, cfg.dim, cfg.z,
                               cfg.mode == "lma", cfg.aligned)
 
-    return Backend("cpp", fwd, bwd, idx, ext.key_lookup, hot)
+    def embed(memory, hot_rows, table, tokens, c, cfg):  # noqa: ANN001, ANN202
+        return ext.hot_embed(memory, hot_rows, table, tokens, *c, cfg.dim, cfg.z,
+                             cfg.mode == "lma", cfg.aligned)
+
+    return Backend("cpp", fwd, bwd, idx, ext.key_lookup, hot, embed)
 
 
 def _torch_backend() -> Backend:
@@ -290,3 +310,38 @@ def _hot_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ..
 
 
 hot_gather_op.register_autograd(_hot_backward, setup_context=_hot_setup_context)
+
+
+@torch.library.custom_op("lma::hot_embed", mutates_args=())
+def hot_embed_op(
+    memory: torch.Tensor,
+    hot: torch.Tensor,
+    table: torch.Tensor,
+    tokens: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    nibble_w: torch.Tensor,
+    dim: int,
+    z: int,
+    mode: str,
+    aligned: bool,
+) -> torch.Tensor:
+    """``lma::hot_gather(memory, hot, lma::key_lookup(tokens, -1, table), tokens, ...)`` in one
+    pass where the backend has a fused kernel (C++); ``table`` is a key table v2 token -> hot
+    row."""
+    cfg = _config(memory.shape[0], dim, z, mode, aligned)
+    consts = GatherConstants(coef_a, coef_b, nibble_w)
+    _check(memory, tokens, consts, cfg)
+    _check_hot(memory, hot, tokens, tokens, dim)
+    if table.dim() != 2 or table.shape[1] != 8 or table.dtype != torch.int64:
+        raise ValueError(f"table must be a (n_buckets, 8) int64 key table, got {table.dtype} "
+                         f"{tuple(table.shape)}")
+    return implementation(memory.device).embed(memory, hot, table, tokens, consts, cfg)
+
+
+@hot_embed_op.register_fake
+def _hot_embed_fake(memory, hot, table, tokens, coef_a, coef_b, nibble_w, dim, z, mode, aligned):  # noqa: ANN001, ANN202
+    return memory.new_empty((*tokens.shape, dim))
+
+
+hot_embed_op.register_autograd(_hot_backward, setup_context=_hot_setup_context)

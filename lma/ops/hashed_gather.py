@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from lma.ops._op import hashed_gather_op, hot_gather_op
+from lma.ops._op import hashed_gather_op, hot_embed_op, hot_gather_op
 from lma.ops.reference import GatherConstants, HashedGatherConfig, slot_indices_torch
 
-__all__ = ["GatherConstants", "HashedGatherConfig", "hashed_gather", "hot_gather",
+__all__ = ["GatherConstants", "HashedGatherConfig", "hashed_gather", "hot_embed", "hot_gather",
            "slot_indices_torch"]
 
 
@@ -39,3 +39,13 @@ def hot_gather(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor, key
     a, b, w = consts
     cfg.check(GatherConstants(a, b, w))
     return hot_gather_op(memory, hot, index, keys, a, b, w, *cfg.op_args())
+
+
+def hot_embed(memory: torch.Tensor, hot: torch.Tensor, table: torch.Tensor, tokens: torch.Tensor,
+              consts: GatherConstants, cfg: HashedGatherConfig) -> torch.Tensor:
+    """``hot_gather`` of the hot rows the key table ``table`` (token -> hot row) gives each
+    token, -1 (cold: hashed) where it has none; the lookup and the gather in one pass on the
+    CPU. Inference only."""
+    a, b, w = consts
+    cfg.check(GatherConstants(a, b, w))
+    return hot_embed_op(memory, hot, table, tokens, a, b, w, *cfg.op_args())

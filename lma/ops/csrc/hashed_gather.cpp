@@ -258,19 +258,77 @@ at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::T
   return out;
 }
 
-// Hot-token serving form: memory (M,), hot (H, dim), index (...) int64 (-1 = cold), keys (...)
-// int64 -> (..., dim). Where index >= 0 the output row is hot[index] (a precomputed embedding),
-// else exactly forward()'s row for keys[i]. One pass over chunks of tokens: the chunk's hot rows
-// are prefetched and its cold keys collected, the cold keys' block starts computed (prefetching
-// their blocks), then the hot rows are copied and the cold blocks gathered.
-at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& index,
-                      const at::Tensor& keys, const at::Tensor& coef_a, const at::Tensor& coef_b,
-                      const at::Tensor& nibble_w, int64_t dim, int64_t z, bool lma, bool aligned) {
+namespace {
+
+// One chunk [c0, c1) of the hot serving form: where ip[i] >= 0 the output row is hot[ip[i]],
+// else the hashed gather of kp[i]. The chunk's hot rows are prefetched and its cold keys
+// collected, the cold keys' block starts computed (prefetching their blocks), then the hot rows
+// are copied and the cold blocks gathered. Scratch buffers hold kChunk entries.
+template <typename T>
+inline void hot_chunk(const Hasher& hs, const T* mp, const T* hp, const int64_t* ip,
+                      const int64_t* kp, T* op, int64_t c0, int64_t c1, int64_t dim, const char* pf,
+                      int64_t* cold_pos, int64_t* cold_key, int64_t* st) {
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+  int64_t n_cold = 0;
+  for (int64_t i = c0; i < c1; ++i) {
+    const int64_t h = ip[i - c0];
+    if (h >= 0) {
+      const char* row = reinterpret_cast<const char*>(hp + h * dim);
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
+    } else {
+      cold_pos[n_cold] = i;
+      cold_key[n_cold++] = kp[i];
+    }
+  }
+  hs.starts(cold_key, 0, n_cold, st, pf, sizeof(T));
+  for (int64_t i = c0; i < c1; ++i) {
+    const int64_t h = ip[i - c0];
+    if (h >= 0) std::memcpy(op + i * dim, hp + h * dim, row_bytes);
+  }
+  for (int64_t j = 0; j < n_cold; ++j) gather_blocks(op + cold_pos[j] * dim, mp, st + j * hs.nb, hs.nb, hs.z);
+}
+
+void check_hot(const at::Tensor& memory, const at::Tensor& hot, int64_t dim, int64_t z,
+               const at::Tensor& coef_a) {
   TORCH_CHECK(memory.dim() == 1 && memory.device().is_cpu(), "memory must be a 1-d CPU tensor");
   TORCH_CHECK(dim % z == 0 && coef_a.size(0) == dim / z, "need n_blocks = dim / Z");
   TORCH_CHECK(hot.dim() == 2 && hot.size(1) == dim && hot.device().is_cpu(),
               "hot must be a (H, dim) CPU tensor");
   TORCH_CHECK(hot.scalar_type() == memory.scalar_type(), "hot must have the memory's dtype");
+}
+
+// Key table v2 (see key_lookup below): the two candidate buckets of key u.
+struct BucketPair {
+  uint64_t nb;
+  FastMod mod_nb;
+  FastMod mod_nb1;
+  explicit BucketPair(uint64_t n) : nb(n), mod_nb(n), mod_nb1(n - 1) {}
+  inline void operator()(uint64_t u, uint64_t& b0, uint64_t& b1) const {
+    b0 = mod_nb(u & 0xFFFFFFFFull);
+    b1 = b0 + 1 + mod_nb1(u >> 32);
+    if (b1 >= nb) b1 -= nb;
+  }
+};
+
+// The value of key in the two 64-byte buckets (4 keys, then their 4 values) at l0, l1, else dflt.
+inline int64_t bucket_value(const int64_t* l0, const int64_t* l1, int64_t key, int64_t dflt) {
+  for (const int64_t* line : {l0, l1}) {
+    int hit = -1;
+    for (int s = 0; s < 4; ++s) hit = (line[s] == key && hit < 0) ? s : hit;
+    if (hit >= 0) return line[4 + hit];
+  }
+  return dflt;
+}
+
+}  // namespace
+
+// Hot-token serving form: memory (M,), hot (H, dim), index (...) int64 (-1 = cold), keys (...)
+// int64 -> (..., dim). Where index >= 0 the output row is hot[index] (a precomputed embedding),
+// else exactly forward()'s row for keys[i]; chunks as in hot_chunk.
+at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& index,
+                      const at::Tensor& keys, const at::Tensor& coef_a, const at::Tensor& coef_b,
+                      const at::Tensor& nibble_w, int64_t dim, int64_t z, bool lma, bool aligned) {
+  check_hot(memory, hot, dim, z, coef_a);
   TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64");
   TORCH_CHECK(index.sizes() == keys.sizes(), "index and keys must have the same shape");
   const at::Tensor mem = memory.contiguous();
@@ -279,7 +337,6 @@ at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at:
   const at::Tensor k = flat_keys(keys);
   const at::Tensor ix = flat_keys(index);
   const int64_t n = k.numel();
-  const int64_t nb = hs.nb;
   const int64_t n_hot = hr.size(0);
   std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
   shape.push_back(dim);
@@ -295,31 +352,68 @@ at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at:
     const scalar_t* hp = n_hot > 0 ? hr.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
-    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
-    at::parallel_for(0, n, grain_for(nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cold_pos(kChunk);
-      std::vector<int64_t> cold_key(kChunk);
-      std::vector<int64_t> st(kChunk * nb);
+    at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb);
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t c1 = std::min(end, c0 + kChunk);
-        int64_t n_cold = 0;
+        hot_chunk(hs, mp, hp, ip + c0, kp, op, c0, c1, dim, pf, cold_pos.data(),
+                  cold_key.data(), st.data());
+      }
+    });
+  });
+  return out;
+}
+
+// The hot serving form with its token -> hot row lookup in the same pass: memory (M,), hot
+// (H, dim), table (n_buckets, 8) int64 (key table v2: token -> hot row), tokens (...) int64 ->
+// (..., dim) = hot_gather(memory, hot, key_lookup(tokens, -1, table), tokens, ...). Per chunk
+// the tokens' buckets are computed and prefetched, then compared (hot rows found), then
+// hot_chunk; no index tensor is written and read back.
+at::Tensor hot_embed(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& table,
+                     const at::Tensor& tokens, const at::Tensor& coef_a, const at::Tensor& coef_b,
+                     const at::Tensor& nibble_w, int64_t dim, int64_t z, bool lma, bool aligned) {
+  check_hot(memory, hot, dim, z, coef_a);
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 8 && table.size(0) >= 2 &&
+                  table.scalar_type() == at::kLong && table.device().is_cpu(),
+              "table must be a (n_buckets >= 2, 8) int64 CPU tensor: 4 keys then 4 values per bucket");
+  const at::Tensor mem = memory.contiguous();
+  const at::Tensor hr = hot.contiguous();
+  const at::Tensor tl = table.contiguous();
+  const Hasher hs(coef_a, coef_b, nibble_w, mem.numel(), z, lma, aligned);
+  const BucketPair bucket(static_cast<uint64_t>(tl.size(0)));
+  const at::Tensor k = flat_keys(tokens);
+  const int64_t n = k.numel();
+  const int64_t n_hot = hr.size(0);
+  std::vector<int64_t> shape(tokens.sizes().begin(), tokens.sizes().end());
+  shape.push_back(dim);
+  at::Tensor out = at::empty(shape, mem.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const int64_t* tp = tl.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hot_embed", [&] {
+    const scalar_t* mp = mem.data_ptr<scalar_t>();
+    const scalar_t* hp = n_hot > 0 ? hr.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
+    at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb), ix(kChunk);
+      std::vector<uint64_t> bk(2 * kChunk);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t c1 = std::min(end, c0 + kChunk);
         for (int64_t i = c0; i < c1; ++i) {
-          const int64_t h = ip[i];
-          if (h >= 0) {
-            const char* row = reinterpret_cast<const char*>(hp + h * dim);
-            for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
-          } else {
-            cold_pos[n_cold] = i;
-            cold_key[n_cold++] = kp[i];
-          }
+          uint64_t* b = &bk[2 * (i - c0)];
+          bucket(static_cast<uint64_t>(kp[i]), b[0], b[1]);
+          __builtin_prefetch(tp + b[0] * 8);
+          __builtin_prefetch(tp + b[1] * 8);
         }
-        hs.starts(cold_key.data(), 0, n_cold, st.data(), pf, sizeof(scalar_t));
         for (int64_t i = c0; i < c1; ++i) {
-          const int64_t h = ip[i];
-          if (h >= 0) std::memcpy(op + i * dim, hp + h * dim, row_bytes);
+          const uint64_t* b = &bk[2 * (i - c0)];
+          const int64_t h = bucket_value(tp + b[0] * 8, tp + b[1] * 8, kp[i], -1);
+          TORCH_CHECK(h < n_hot, "the key table maps token ", kp[i], " to hot row ", h,
+                      ", out of range for ", n_hot, " hot rows");
+          ix[i - c0] = h;
         }
-        for (int64_t j = 0; j < n_cold; ++j)
-          gather_blocks(op + cold_pos[j] * dim, mp, st.data() + j * nb, nb, z);
+        hot_chunk(hs, mp, hp, ix.data(), kp, op, c0, c1, dim, pf, cold_pos.data(),
+                  cold_key.data(), st.data());
       }
     });
   });
@@ -423,9 +517,7 @@ at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const 
   const at::Tensor k = flat_keys(keys);
   const at::Tensor d = fallback.to(at::kLong).expand(keys.sizes()).reshape({-1}).contiguous();
   const at::Tensor tl = table.to(at::kLong).contiguous();
-  const uint64_t nb = static_cast<uint64_t>(tl.size(0));
-  const FastMod mod_nb(nb);
-  const FastMod mod_nb1(nb - 1);
+  const BucketPair bucket(static_cast<uint64_t>(tl.size(0)));
   const int64_t n = k.numel();
   at::Tensor out = at::empty({n}, k.options());
   const int64_t* kp = k.data_ptr<int64_t>();
@@ -438,33 +530,19 @@ at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const 
     for (int64_t c0 = begin; c0 < end; c0 += kLookupChunk) {
       const int64_t c1 = std::min(end, c0 + kLookupChunk);
       for (int64_t i = c0; i < c1; ++i) {
-        const uint64_t u = static_cast<uint64_t>(kp[i]);
-        const uint64_t b0 = mod_nb(u & 0xFFFFFFFFull);
-        uint64_t b1 = b0 + 1 + mod_nb1(u >> 32);
-        if (b1 >= nb) b1 -= nb;
-        bk[i - c0][0] = b0;
-        bk[i - c0][1] = b1;
-        __builtin_prefetch(tp + b0 * 8);
-        __builtin_prefetch(tp + b1 * 8);
+        bucket(static_cast<uint64_t>(kp[i]), bk[i - c0][0], bk[i - c0][1]);
+        __builtin_prefetch(tp + bk[i - c0][0] * 8);
+        __builtin_prefetch(tp + bk[i - c0][1] * 8);
       }
-      for (int64_t i = c0; i < c1; ++i) {
-        const int64_t key = kp[i];
-        int64_t res = dp[i];
-        for (int r = 0; r < 2; ++r) {
-          const int64_t* line = tp + static_cast<int64_t>(bk[i - c0][r]) * 8;
-          int hit = -1;
-          for (int s = 0; s < 4; ++s) hit = (line[s] == key && hit < 0) ? s : hit;
-          if (hit >= 0) {
-            res = line[4 + hit];
-            break;
-          }
-        }
-        op[i] = res;
-      }
+      for (int64_t i = c0; i < c1; ++i)
+        op[i] = bucket_value(tp + bk[i - c0][0] * 8, tp + bk[i - c0][1] * 8, kp[i], dp[i]);
     }
   });
   return out.reshape(keys.sizes());
 }
+
+// interaction.cpp
+at::Tensor dot_interaction(const at::Tensor& prefix, const at::Tensor& vecs, const at::Tensor& pairs);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "LMA hashed gather (hash spec v1) CPU kernels";
@@ -472,7 +550,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &forward, "hashed gather forward");
   mod.def("backward", &backward, "hashed gather backward (dense scatter-add)");
   mod.def("hot_gather", &hot_gather, "hot rows where index >= 0, else the hashed gather of keys");
+  mod.def("hot_embed", &hot_embed, "hot_gather with its token -> hot row key table lookup fused");
   mod.def("key_lookup", &key_lookup, "key table v2 lookup (keys -> values or default)");
+  mod.def("dot_interaction", &dot_interaction, "DLRM pairwise dot products behind a prefix");
   mod.attr("KEY_TABLE_VERSION") = 2;
   mod.attr("SPEC_VERSION") = 1;
 }
