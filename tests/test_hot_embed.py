@@ -137,3 +137,17 @@ def test_onnx_translation_matches(native: None, tmp_path) -> None:  # noqa: ANN0
     got = sess.run(None, {"tokens": tokens.numpy()})[0]
     assert np.array_equal(got.view(np.int32), _want(memory, hot, table, tokens, cfg).numpy()
                           .view(np.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode,z,aligned", CASES)
+def test_cuda_matches_cpu(mode: str, z: int, aligned: bool) -> None:
+    # On CUDA the op is composed: the Triton key lookup, then the hot gather (Triton cold rows).
+    cfg = HashedGatherConfig(dim=16, z=z, mode=mode, aligned=aligned, m=2053, seed=5)
+    c = cfg.param_tensors()
+    memory, hot, table, tokens = _case(300, (67, 26), torch.float32, cfg.m, seed=z)
+    want = _want(memory, hot, table, tokens, cfg)
+    dev = torch.device("cuda")
+    got = hot_embed(memory.to(dev), hot.to(dev), table.to(dev), tokens.to(dev),
+                    c.to(dev), cfg)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)

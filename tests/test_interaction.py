@@ -137,3 +137,13 @@ def test_exports_to_torch_program_and_onnx(native: None, tmp_path: Path) -> None
     assert got.shape == (50, 16 + 351)
     np.testing.assert_allclose(got, dot_interaction_reference(vecs, pairs, prefix).numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_is_the_composed_form() -> None:
+    g = torch.Generator().manual_seed(6)
+    vecs, prefix = torch.randn(64, 26, 16, generator=g), torch.randn(64, 16, generator=g)
+    pairs = _pairs(27)
+    got = dot_interaction(vecs.cuda(), pairs.cuda(), prefix.cuda()).cpu()
+    torch.testing.assert_close(got, dot_interaction_reference(vecs, pairs, prefix),
+                               rtol=1e-5, atol=1e-5)

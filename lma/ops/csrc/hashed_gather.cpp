@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -43,9 +44,11 @@ struct FastMod {
   inline uint64_t operator()(uint64_t h) const {
     if (n == 1) return 0;
     const uint64_t q = static_cast<uint64_t>((static_cast<unsigned __int128>(h) * inv) >> 64);
-    uint64_t r = h - q * n;
-    while (r >= n) r -= n;
-    return r;
+    const uint64_t r = h - q * n;
+    // One conditional subtraction, written so that it compiles to a conditional move: whether
+    // the estimate was one short is data-dependent (a branch here is mispredicted often and
+    // cost about half the time of a key table lookup).
+    return r >= n ? r - n : r;
   }
 };
 
@@ -311,13 +314,66 @@ struct BucketPair {
 };
 
 // The value of key in the two 64-byte buckets (4 keys, then their 4 values) at l0, l1, else dflt.
+// A key sits in at most one slot of its two buckets (build_key_table places each key once, and
+// no query can match the filler keys of empty slots), so OR-ing the values of the matching
+// slots gives the one value. Masks, not conditionals: compilers turn conditionals into
+// branches, and which slot matches is random.
 inline int64_t bucket_value(const int64_t* l0, const int64_t* l1, int64_t key, int64_t dflt) {
-  for (const int64_t* line : {l0, l1}) {
-    int hit = -1;
-    for (int s = 0; s < 4; ++s) hit = (line[s] == key && hit < 0) ? s : hit;
-    if (hit >= 0) return line[4 + hit];
+  uint64_t acc = 0, found = 0;
+  for (int s = 0; s < 4; ++s) {
+    const uint64_t m0 = -static_cast<uint64_t>(l0[s] == key);
+    const uint64_t m1 = -static_cast<uint64_t>(l1[s] == key);
+    acc |= (static_cast<uint64_t>(l0[4 + s]) & m0) | (static_cast<uint64_t>(l1[4 + s]) & m1);
+    found |= m0 | m1;
   }
-  return dflt;
+  return static_cast<int64_t>((acc & found) | (static_cast<uint64_t>(dflt) & ~found));
+}
+
+// The same with AVX2: a bucket's four keys are compared in one instruction.
+__attribute__((target("avx2"))) inline int64_t bucket_value_avx2(const int64_t* l0,
+                                                                   const int64_t* l1, int64_t key,
+                                                                   int64_t dflt) {
+  const __m256i k = _mm256_set1_epi64x(key);
+  const __m256i m0 = _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l0)), k);
+  const __m256i m1 = _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l1)), k);
+  const __m256i v = _mm256_or_si256(
+      _mm256_and_si256(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l0 + 4))),
+      _mm256_and_si256(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l1 + 4))));
+  const __m128i h = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const int64_t val = _mm_cvtsi128_si64(h) | _mm_extract_epi64(h, 1);
+  const int any = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(m0, m1)));
+  return any ? val : dflt;
+}
+
+// Key table lookups of keys[begin, end) into out[0, end - begin): per chunk of 64 keys the
+// buckets are computed and prefetched first, so their cache misses overlap, then compared.
+// The default is dflt[i] where dflt is given, else dconst.
+#define LMA_LOOKUP_RANGE(NAME, VALUE, ATTR)                                                     \
+  ATTR void NAME(const BucketPair& bucket, const int64_t* tp, const int64_t* kp, int64_t begin, \
+                 int64_t end, const int64_t* dflt, int64_t dconst, int64_t* out) {              \
+    constexpr int64_t kLookupChunk = 64;                                                        \
+    uint64_t bk[kLookupChunk][2];                                                               \
+    for (int64_t c0 = begin; c0 < end; c0 += kLookupChunk) {                                    \
+      const int64_t c1 = std::min(end, c0 + kLookupChunk);                                      \
+      for (int64_t i = c0; i < c1; ++i) {                                                       \
+        bucket(static_cast<uint64_t>(kp[i]), bk[i - c0][0], bk[i - c0][1]);                     \
+        __builtin_prefetch(tp + bk[i - c0][0] * 8);                                             \
+        __builtin_prefetch(tp + bk[i - c0][1] * 8);                                             \
+      }                                                                                         \
+      for (int64_t i = c0; i < c1; ++i)                                                         \
+        out[i - begin] = VALUE(tp + bk[i - c0][0] * 8, tp + bk[i - c0][1] * 8, kp[i],           \
+                               dflt != nullptr ? dflt[i] : dconst);                             \
+    }                                                                                           \
+  }
+LMA_LOOKUP_RANGE(lookup_range_generic, bucket_value, )
+LMA_LOOKUP_RANGE(lookup_range_avx2, bucket_value_avx2, __attribute__((target("avx2"))))
+#undef LMA_LOOKUP_RANGE
+
+inline void lookup_range(const BucketPair& bucket, const int64_t* tp, const int64_t* kp,
+                         int64_t begin, int64_t end, const int64_t* dflt, int64_t dconst,
+                         int64_t* out) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  (avx2 ? lookup_range_avx2 : lookup_range_generic)(bucket, tp, kp, begin, end, dflt, dconst, out);
 }
 
 }  // namespace
@@ -396,22 +452,12 @@ at::Tensor hot_embed(const at::Tensor& memory, const at::Tensor& hot, const at::
     const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
     at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb), ix(kChunk);
-      std::vector<uint64_t> bk(2 * kChunk);
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t c1 = std::min(end, c0 + kChunk);
-        for (int64_t i = c0; i < c1; ++i) {
-          uint64_t* b = &bk[2 * (i - c0)];
-          bucket(static_cast<uint64_t>(kp[i]), b[0], b[1]);
-          __builtin_prefetch(tp + b[0] * 8);
-          __builtin_prefetch(tp + b[1] * 8);
-        }
-        for (int64_t i = c0; i < c1; ++i) {
-          const uint64_t* b = &bk[2 * (i - c0)];
-          const int64_t h = bucket_value(tp + b[0] * 8, tp + b[1] * 8, kp[i], -1);
-          TORCH_CHECK(h < n_hot, "the key table maps token ", kp[i], " to hot row ", h,
-                      ", out of range for ", n_hot, " hot rows");
-          ix[i - c0] = h;
-        }
+        lookup_range(bucket, tp, kp, c0, c1, nullptr, -1, ix.data());
+        for (int64_t i = c0; i < c1; ++i)
+          TORCH_CHECK(ix[i - c0] < n_hot, "the key table maps token ", kp[i], " to hot row ",
+                      ix[i - c0], ", out of range for ", n_hot, " hot rows");
         hot_chunk(hs, mp, hp, ix.data(), kp, op, c0, c1, dim, pf, cold_pos.data(),
                   cold_key.data(), st.data());
       }
@@ -524,19 +570,8 @@ at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const 
   const int64_t* dp = d.data_ptr<int64_t>();
   const int64_t* tp = tl.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  constexpr int64_t kLookupChunk = 64;
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    uint64_t bk[kLookupChunk][2];
-    for (int64_t c0 = begin; c0 < end; c0 += kLookupChunk) {
-      const int64_t c1 = std::min(end, c0 + kLookupChunk);
-      for (int64_t i = c0; i < c1; ++i) {
-        bucket(static_cast<uint64_t>(kp[i]), bk[i - c0][0], bk[i - c0][1]);
-        __builtin_prefetch(tp + bk[i - c0][0] * 8);
-        __builtin_prefetch(tp + bk[i - c0][1] * 8);
-      }
-      for (int64_t i = c0; i < c1; ++i)
-        op[i] = bucket_value(tp + bk[i - c0][0] * 8, tp + bk[i - c0][1] * 8, kp[i], dp[i]);
-    }
+    lookup_range(bucket, tp, kp, begin, end, dp, 0, op + begin);
   });
   return out.reshape(keys.sizes());
 }
