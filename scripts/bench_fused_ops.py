@@ -6,6 +6,7 @@ alternating (this machine's speed drifts over minutes), one thread:
 - ``lma::hot_embed`` (the hot form's token -> hot row lookup and gather in one pass) vs
   ``lma::key_lookup`` then ``lma::hot_gather``, on the LMA 16x hot-form embedding of
   ``scripts/bench_model.py`` (its ``--out`` folder, prepared) and its 1000-row request draws;
+- the interaction's forward + backward at a training batch (2048 rows);
 - ``lma::key_lookup`` per key on a cache-resident table (1000 keys) and on the hot table.
 
     taskset -c 0 python scripts/bench_fused_ops.py --bench-out /tmp/bench_model [--calls 400]
@@ -70,6 +71,18 @@ def main() -> int:
                    "fused": lambda i: dot_interaction(vecs[i % 4], pairs, pre[i % 4])}, args.calls)
     rows.append(("dot interaction, 1000 rows x 27 x 16", r["composed"], r["fused"],
                  "bmm + gather + 2 cat -> lma::dot_interaction"))
+
+    # Training: forward and backward (the op's backward is the composed formula).
+    vt = [torch.randn(2048, 26, 16, generator=g, requires_grad=True) for _ in range(2)]
+    xt = [torch.randn(2048, 16, generator=g, requires_grad=True) for _ in range(2)]
+
+    def train_step(f: Callable[..., torch.Tensor], i: int) -> None:
+        f(vt[i % 2], pairs, xt[i % 2]).sum().backward()
+
+    r = alternate({"composed": lambda i: train_step(dot_interaction_reference, i),
+                   "fused": lambda i: train_step(dot_interaction, i)}, args.calls // 2)
+    rows.append(("dot interaction forward + backward, 2048 rows", r["composed"], r["fused"],
+                 "a training step's share"))
 
     out = Path(args.bench_out)
     model, fmap = bm._model(out, bm.variants(True)["lma16/hot"])
