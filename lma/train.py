@@ -120,6 +120,13 @@ class TrainConfig:
             raise ValueError(f"--epoch-rows must be >= 1, got {self.epoch_rows}")
         if self.sparse_lr is not None and self.sparse_lr <= 0:
             raise ValueError(f"--sparse-lr must be > 0, got {self.sparse_lr}")
+        serve = str(self.options.get("serve", "hash"))
+        if serve != "hash":
+            # The hot form is made at export from a trained hash form (its rows are the trained
+            # memory's); it has no gradient, so refuse it before any data is read.
+            raise ValueError(f"--option serve={serve}: training needs serve=hash (the default); "
+                             "the hot serving form is made at export (lma export --lma-serving "
+                             "hot or auto)")
 
 
 @dataclass

@@ -54,6 +54,16 @@ def test_bad_config_is_refused(tmp_path):
         train_model(_cfg(tmp_path, compression=4))
     with pytest.raises(ValueError, match="--embedding"):
         train_model(_cfg(tmp_path, embedding="nope"))
+    # The LMA hot serving form is made at export; training it is refused before any data is read.
+    with pytest.raises(ValueError, match="serve=hot: training needs serve=hash"):
+        train_model(_cfg(tmp_path, embedding="lma", compression=4, options={"serve": "hot"}))
+
+
+def test_cli_refuses_training_the_hot_form(capsys):
+    rc = cli_main(["-q", "train", "--data", "synth:2000:3", "--embedding", "lma",
+                   "--compression", "4", "--option", "serve=hot", "--epochs", "1"])
+    assert rc == 2
+    assert "lma export --lma-serving" in capsys.readouterr().err
 
 
 def test_cli_train_and_evaluate(tmp_path, capsys):
