@@ -184,6 +184,17 @@ def _config(m: int, dim: int, z: int, mode: str, aligned: bool) -> HashedGatherC
     return HashedGatherConfig.of_op(m, dim, z, mode, aligned)
 
 
+def _prepare(memory: torch.Tensor, keys: torch.Tensor, coef_a: torch.Tensor, coef_b: torch.Tensor,
+             nibble_w: torch.Tensor, dim: int, z: int, mode: str,
+             aligned: bool) -> tuple[HashedGatherConfig, GatherConstants]:
+    """The flat op arguments of a gather over ``memory`` as one config and one set of constants,
+    checked against the memory and the keys."""
+    cfg = _config(memory.shape[0], dim, z, mode, aligned)
+    consts = GatherConstants(coef_a, coef_b, nibble_w)
+    _check(memory, keys, consts, cfg)
+    return cfg, consts
+
+
 @torch.library.custom_op("lma::hashed_gather", mutates_args=())
 def hashed_gather_op(
     memory: torch.Tensor,
@@ -197,9 +208,7 @@ def hashed_gather_op(
     aligned: bool,
 ) -> torch.Tensor:
     """(M,) memory, (...) int64 keys -> (..., dim) gathered blocks (see module docstring)."""
-    cfg = _config(memory.shape[0], dim, z, mode, aligned)
-    consts = GatherConstants(coef_a, coef_b, nibble_w)
-    _check(memory, keys, consts, cfg)
+    cfg, consts = _prepare(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned)
     return implementation(memory.device).forward(memory, keys, consts, cfg)
 
 
@@ -273,24 +282,21 @@ def hot_gather_op(
 ) -> torch.Tensor:
     """(M,) memory, (H, dim) hot rows, (...) int64 index (-1 = cold) and keys -> (..., dim):
     ``hot[index]`` where index >= 0, else ``lma::hashed_gather(memory, keys, ...)``."""
-    cfg = _config(memory.shape[0], dim, z, mode, aligned)
-    consts = GatherConstants(coef_a, coef_b, nibble_w)
-    _check(memory, keys, consts, cfg)
-    _check_hot(memory, hot, index, keys, dim)
-    return implementation(memory.device).hot_gather(memory, hot, index, keys, consts, cfg)
-
-
-def _check_hot(memory: torch.Tensor, hot: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
-               dim: int) -> None:
-    if hot.dim() != 2 or hot.shape[1] != dim:
-        raise ValueError(f"hot must be (H, dim={dim}), got shape {tuple(hot.shape)}")
-    if hot.dtype != memory.dtype:
-        raise TypeError(f"hot must have the memory's dtype {memory.dtype}, got {hot.dtype}")
+    cfg, consts = _prepare(memory, keys, coef_a, coef_b, nibble_w, dim, z, mode, aligned)
+    _check_hot_rows(memory, hot, dim)
     if index.dtype != torch.int64:
         raise TypeError(f"index must be int64, got {index.dtype}")
     if index.shape != keys.shape:
         raise ValueError(f"index {tuple(index.shape)} and keys {tuple(keys.shape)} must have "
                          "the same shape")
+    return implementation(memory.device).hot_gather(memory, hot, index, keys, consts, cfg)
+
+
+def _check_hot_rows(memory: torch.Tensor, hot: torch.Tensor, dim: int) -> None:
+    if hot.dim() != 2 or hot.shape[1] != dim:
+        raise ValueError(f"hot must be (H, dim={dim}), got shape {tuple(hot.shape)}")
+    if hot.dtype != memory.dtype:
+        raise TypeError(f"hot must have the memory's dtype {memory.dtype}, got {hot.dtype}")
 
 
 @hot_gather_op.register_fake
@@ -329,10 +335,8 @@ def hot_embed_op(
     """``lma::hot_gather(memory, hot, lma::key_lookup(tokens, -1, table), tokens, ...)`` in one
     pass where the backend has a fused kernel (C++); ``table`` is a key table v2 token -> hot
     row."""
-    cfg = _config(memory.shape[0], dim, z, mode, aligned)
-    consts = GatherConstants(coef_a, coef_b, nibble_w)
-    _check(memory, tokens, consts, cfg)
-    _check_hot(memory, hot, tokens, tokens, dim)
+    cfg, consts = _prepare(memory, tokens, coef_a, coef_b, nibble_w, dim, z, mode, aligned)
+    _check_hot_rows(memory, hot, dim)
     if table.dim() != 2 or table.shape[1] != 8 or table.dtype != torch.int64:
         raise ValueError(f"table must be a (n_buckets, 8) int64 key table, got {table.dtype} "
                          f"{tuple(table.shape)}")

@@ -34,7 +34,8 @@ def dot_interaction_reference(vecs: torch.Tensor, pairs: torch.Tensor,
     return dots if prefix is None else torch.cat([prefix, dots], dim=1)
 
 
-def _native_ok(vecs: torch.Tensor, prefix: torch.Tensor | None) -> Any:
+def _kernel(vecs: torch.Tensor, prefix: torch.Tensor | None) -> Any:
+    """The C++ extension if it can take these inputs (CPU, float32), else None."""
     if vecs.device.type != "cpu" or vecs.dtype != torch.float32:
         return None
     if prefix is not None and (prefix.device.type != "cpu" or prefix.dtype != torch.float32):
@@ -59,7 +60,7 @@ def dot_interaction_op(vecs: torch.Tensor, pairs: torch.Tensor,
                        prefix: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring."""
     _check(vecs, pairs, prefix)
-    ext = _native_ok(vecs, prefix)
+    ext = _kernel(vecs, prefix)
     if ext is None:
         return dot_interaction_reference(vecs, pairs, prefix)
     empty = vecs.new_empty((vecs.shape[0], 0))

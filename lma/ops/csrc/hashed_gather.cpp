@@ -378,6 +378,42 @@ inline void lookup_range(const BucketPair& bucket, const int64_t* tp, const int6
 
 }  // namespace
 
+namespace {
+
+// What hot_gather and hot_embed share: the (..., dim) rows of keys, chunk by chunk (hot_chunk),
+// where chunk_index(c0, c1, flat keys, scratch) gives the chunk's hot rows (-1 = cold), in its
+// kChunk-entry scratch buffer or elsewhere.
+template <typename ChunkIndex>
+at::Tensor hot_rows(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& keys,
+                    const Hasher& hs, int64_t dim, int64_t z, ChunkIndex chunk_index) {
+  const at::Tensor mem = memory.contiguous();
+  const at::Tensor hr = hot.contiguous();
+  const at::Tensor k = flat_keys(keys);
+  const int64_t n = k.numel();
+  std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
+  shape.push_back(dim);
+  at::Tensor out = at::empty(shape, mem.options());
+  const int64_t* kp = k.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hot_rows", [&] {
+    const scalar_t* mp = mem.data_ptr<scalar_t>();
+    const scalar_t* hp = hr.size(0) > 0 ? hr.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
+    at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb), ix(kChunk);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t c1 = std::min(end, c0 + kChunk);
+        const int64_t* ip = chunk_index(c0, c1, kp, ix.data());
+        hot_chunk(hs, mp, hp, ip, kp, op, c0, c1, dim, pf, cold_pos.data(), cold_key.data(),
+                  st.data());
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
 // Hot-token serving form: memory (M,), hot (H, dim), index (...) int64 (-1 = cold), keys (...)
 // int64 -> (..., dim). Where index >= 0 the output row is hot[index] (a precomputed embedding),
 // else exactly forward()'s row for keys[i]; chunks as in hot_chunk.
@@ -387,37 +423,18 @@ at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at:
   check_hot(memory, hot, dim, z, coef_a);
   TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64");
   TORCH_CHECK(index.sizes() == keys.sizes(), "index and keys must have the same shape");
-  const at::Tensor mem = memory.contiguous();
-  const at::Tensor hr = hot.contiguous();
-  const Hasher hs(coef_a, coef_b, nibble_w, mem.numel(), z, lma, aligned);
-  const at::Tensor k = flat_keys(keys);
+  const Hasher hs(coef_a, coef_b, nibble_w, memory.numel(), z, lma, aligned);
   const at::Tensor ix = flat_keys(index);
-  const int64_t n = k.numel();
-  const int64_t n_hot = hr.size(0);
-  std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
-  shape.push_back(dim);
-  at::Tensor out = at::empty(shape, mem.options());
-  const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t* ip = ix.data_ptr<int64_t>();
+  const int64_t n_hot = hot.size(0);
   // Checked before any row is written: an index past the hot rows would read out of bounds.
-  for (int64_t i = 0; i < n; ++i)
+  for (int64_t i = 0; i < ix.numel(); ++i)
     TORCH_CHECK(ip[i] < n_hot, "hot index ", ip[i], " at position ", i, " is out of range for ",
                 n_hot, " hot rows");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hot_gather", [&] {
-    const scalar_t* mp = mem.data_ptr<scalar_t>();
-    const scalar_t* hp = n_hot > 0 ? hr.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
-    at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb);
-      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int64_t c1 = std::min(end, c0 + kChunk);
-        hot_chunk(hs, mp, hp, ip + c0, kp, op, c0, c1, dim, pf, cold_pos.data(),
-                  cold_key.data(), st.data());
-      }
-    });
-  });
-  return out;
+  return hot_rows(memory, hot, keys, hs, dim, z,
+                  [&](int64_t c0, int64_t, const int64_t*, int64_t*) -> const int64_t* {
+                    return ip + c0;
+                  });
 }
 
 // The hot serving form with its token -> hot row lookup in the same pass: memory (M,), hot
@@ -432,38 +449,20 @@ at::Tensor hot_embed(const at::Tensor& memory, const at::Tensor& hot, const at::
   TORCH_CHECK(table.dim() == 2 && table.size(1) == 8 && table.size(0) >= 2 &&
                   table.scalar_type() == at::kLong && table.device().is_cpu(),
               "table must be a (n_buckets >= 2, 8) int64 CPU tensor: 4 keys then 4 values per bucket");
-  const at::Tensor mem = memory.contiguous();
-  const at::Tensor hr = hot.contiguous();
+  const Hasher hs(coef_a, coef_b, nibble_w, memory.numel(), z, lma, aligned);
   const at::Tensor tl = table.contiguous();
-  const Hasher hs(coef_a, coef_b, nibble_w, mem.numel(), z, lma, aligned);
   const BucketPair bucket(static_cast<uint64_t>(tl.size(0)));
-  const at::Tensor k = flat_keys(tokens);
-  const int64_t n = k.numel();
-  const int64_t n_hot = hr.size(0);
-  std::vector<int64_t> shape(tokens.sizes().begin(), tokens.sizes().end());
-  shape.push_back(dim);
-  at::Tensor out = at::empty(shape, mem.options());
-  const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t* tp = tl.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hot_embed", [&] {
-    const scalar_t* mp = mem.data_ptr<scalar_t>();
-    const scalar_t* hp = n_hot > 0 ? hr.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
-    at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb), ix(kChunk);
-      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int64_t c1 = std::min(end, c0 + kChunk);
-        lookup_range(bucket, tp, kp, c0, c1, nullptr, -1, ix.data());
-        for (int64_t i = c0; i < c1; ++i)
-          TORCH_CHECK(ix[i - c0] < n_hot, "the key table maps token ", kp[i], " to hot row ",
-                      ix[i - c0], ", out of range for ", n_hot, " hot rows");
-        hot_chunk(hs, mp, hp, ix.data(), kp, op, c0, c1, dim, pf, cold_pos.data(),
-                  cold_key.data(), st.data());
-      }
-    });
-  });
-  return out;
+  const int64_t n_hot = hot.size(0);
+  return hot_rows(memory, hot, tokens, hs, dim, z,
+                  [&](int64_t c0, int64_t c1, const int64_t* kp, int64_t* ix) -> const int64_t* {
+                    lookup_range(bucket, tp, kp, c0, c1, nullptr, -1, ix);
+                    for (int64_t i = c0; i < c1; ++i)
+                      TORCH_CHECK(ix[i - c0] < n_hot, "the key table maps token ", kp[i],
+                                  " to hot row ", ix[i - c0], ", out of range for ", n_hot,
+                                  " hot rows");
+                    return ix;
+                  });
 }
 
 // grad (..., dim), keys (...) -> dense (M,) gradient of memory (scatter-add).
