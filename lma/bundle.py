@@ -335,7 +335,7 @@ def _check_manifest(mf: Path, manifest: dict[str, Any]) -> None:
                 raise BundleError(
                     f"{mf}: a {node.get('op_type', CUSTOM_OP_TYPE)} node has table_version "
                     f"{table!r}, this build reads key tables v{hashspec.KEY_TABLE_VERSION} (a "
-                    "different layout and bucket choice); re-export the model with this version"
+                    "different layout); re-export the model with this version"
                 )
             if node.get("spec_version") != hashspec.SPEC_VERSION:
                 raise BundleError(

@@ -165,136 +165,222 @@ def slot_indices(
 # ---------------------------------------------------------------------------------------------
 # Key tables: constant-time token -> value (full-table row, LMA signature, QR row)
 #
-# Key table v2: a bucketed two-choice (cuckoo) hash table whose buckets are one 64-byte cache
-# line each: 4 int64 keys followed by their 4 int64 values, so one probe reads a key and its value
-# together. Key k may live in bucket b0(k) or b1(k), so a lookup reads two cache lines:
-#     lo, hi = the low and high 32 bits of k's two's-complement bits (unsigned)
-#     b0     = lo mod n_buckets
-#     b1     = (b0 + 1 + hi mod (n_buckets - 1)) mod n_buckets      (never equal to b0)
-#     value  = buckets[b, 4 + s] for the bucket b in {b0, b1} and slot s < 4 with
-#              buckets[b, s] == k; else the caller's default.
-# The keys are token hashes (token hash v1 ends in a MurmurHash3 finaliser), whose bits are
-# already uniform, so the bucket choice needs no further mixing: three integer remainders per key
-# instead of v1's hash spec block hashes. Empty slots hold a filler key that maps to neither of
-# the buckets it sits in, so no query, whatever its value, can match an empty slot; keys are
-# unique (the first value of a duplicate key wins, as a left binary search would give). When
-# placement fails the table grows by a few buckets (which changes every remainder) and retries.
-# v1 (two separate arrays of keys and values, buckets of 8 keys, hash spec v1 bucket hashes) is
-# no longer built or read: bundles that carry v1 tables are refused by their table_version.
+# Key table v3: a perfect hash with one probe. Each key has exactly one slot, found with two
+# reads: its group's displacement, then the slot's (key, value) pair (16 bytes, in one cache
+# line). With u the key's two's-complement bits as an unsigned 64-bit integer and all arithmetic
+# unsigned 64-bit (only the product u * A wraps, mod 2^64):
+#     lo, hi = u mod 2^32, u div 2^32
+#     g      = lo mod G                                  (the key's group)
+#     s0     = ((u * A) mod 2^64) div 2^32 mod M         (A: the table's odd multiplier)
+#     s1     = 1 + hi mod (M - 1)                        (M prime: s1 visits every slot)
+#     slot   = (s0 + disp[g] * s1) mod M
+#     value  = the slot's value if the slot's key is k, else the caller's default.
+# The table is one (2 + M + ceil(G / 2), 2) int64 array that describes itself:
+#     row 0 = (M, G), row 1 = (A, n_keys), rows 2 .. 2 + M = the slots' (key, value) pairs,
+#     and, in the flat view, element 2 (2 + M) + g = disp[g] (two displacements per row).
+# Every displacement is below 2^20 and M below 2^32, so s0 + disp * s1 < 2^53 never wraps.
+# The build places the groups largest first; a group takes the smallest displacement that puts
+# all its keys in free, distinct slots (groups of one size try the same displacement together,
+# a slot wanted by several of them going to the first). Empty slots hold a filler key that is in
+# no slot of its own, so no query, whatever its value, can match an empty slot; keys are unique
+# (the first value of a duplicate key wins, as a left binary search would give). When placement
+# fails the table grows by a few slots and takes another multiplier. v2 (two-choice buckets of 4
+# keys and 4 values: two cache lines per key, and in onnxruntime a 64-byte row gather and a
+# 16-lane compare per candidate) and v1 are no longer built or read: bundles that carry them are
+# refused by their table_version, and checkpoints rebuild their tables from their vocabulary.
 # ---------------------------------------------------------------------------------------------
 
-BUCKET = 4  # keys per bucket; a bucket row is BUCKET keys then BUCKET values (64 bytes)
-ROW = 2 * BUCKET
-KEY_TABLE_VERSION = 2
-MIN_BUCKETS = 4  # fillers need a bucket pair disjoint from another pair
-DEFAULT_LOAD = 0.8
+KEY_TABLE_VERSION = 3
+ROW = 2  # a slot row: key, value
+META_ROWS = 2  # (M, G), (A, n_keys)
+MIN_SLOTS = 4  # fillers need a slot of their own outside the keys'
+DEFAULT_LOAD = 0.85  # keys per slot
+GROUP_SIZE = 4  # keys per displacement (on average)
+MAX_DISPLACEMENT = 1 << 20
 _LO32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
 class KeyTable:
-    """A built key table: ``buckets`` (n_buckets, 8) int64, each row 4 keys then their values."""
+    """A built key table: ``rows`` (2 + M + ceil(G / 2), 2) int64 (layout: "Key tables")."""
 
-    buckets: np.ndarray
+    rows: np.ndarray
     n_keys: int
 
     @property
-    def n_buckets(self) -> int:
-        return int(self.buckets.shape[0])
+    def n_slots(self) -> int:
+        return int(self.rows[0, 0])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.rows[0, 1])
+
+    @property
+    def multiplier(self) -> int:
+        """A as an unsigned 64-bit integer (stored in its two's-complement int64 form)."""
+        return int(self.rows[1, 0]) & _U64
 
     @property
     def keys(self) -> np.ndarray:
-        """(n_buckets, 4) view of the keys (fillers in empty slots)."""
-        return self.buckets[:, :BUCKET]
+        """(M,) view of the slots' keys (fillers in empty slots)."""
+        return self.rows[META_ROWS : META_ROWS + self.n_slots, 0]
 
     @property
     def values(self) -> np.ndarray:
-        """(n_buckets, 4) view of the values (0 in empty slots)."""
-        return self.buckets[:, BUCKET:]
+        """(M,) view of the slots' values (0 in empty slots)."""
+        return self.rows[META_ROWS : META_ROWS + self.n_slots, 1]
+
+    @property
+    def displacements(self) -> np.ndarray:
+        """(G,) view of the groups' displacements."""
+        start = ROW * (META_ROWS + self.n_slots)
+        return self.rows.reshape(-1)[start : start + self.n_groups]
 
     @property
     def nbytes(self) -> int:
-        return int(self.buckets.nbytes)
+        return int(self.rows.nbytes)
 
 
-def bucket_pair(keys: np.ndarray, n_buckets: int) -> np.ndarray:
-    """(N,) int64 keys -> (N, 2) int64 candidate buckets (b0, b1), b0 != b1."""
-    if n_buckets < 2:
-        raise ValueError(f"a key table needs >= 2 buckets, got {n_buckets}")
+def table_rows(n_slots: int, n_groups: int) -> int:
+    """Rows of a v3 table with M slots and G groups."""
+    return META_ROWS + n_slots + -(-n_groups // ROW)
+
+
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for n < 2^32 (bases 2, 7, 61)."""
+    if n < 2:
+        return False
+    for p in (2, 3, 5, 7, 11, 13, 61):
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in (2, 7, 61):
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _prime_at_least(n: int) -> int:
+    while not _is_prime(n):
+        n += 1
+    return n
+
+
+def _multiplier(seed: int) -> int:
+    """An odd 64-bit multiplier from a seed (the SplitMix64 output for it, low bit set)."""
+    z = (seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return (z ^ (z >> 31)) | 1
+
+
+def slot_hashes(keys: np.ndarray, n_slots: int, n_groups: int,
+                multiplier: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N,) int64 keys -> their group g, base s0 and step s1 (int64 arrays; see above)."""
+    if n_slots < 2 or n_slots >= 1 << 32 or n_groups < 1:
+        raise ValueError(f"a key table needs 2 <= slots < 2^32 and >= 1 group, got "
+                         f"{n_slots} slots, {n_groups} groups")
     u = np.asarray(keys, dtype=np.int64).reshape(-1).view(np.uint64)
-    lo = u & np.uint64(_LO32)
     hi = u >> np.uint64(32)
-    b0 = lo % np.uint64(n_buckets)
-    b1 = (b0 + np.uint64(1) + hi % np.uint64(n_buckets - 1)) % np.uint64(n_buckets)
-    return np.stack([b0, b1], axis=1).astype(np.int64)
+    g = ((u & np.uint64(_LO32)) % np.uint64(n_groups)).astype(np.int64)
+    y = u * np.uint64(multiplier)  # wraps mod 2^64 (numpy arrays wrap silently)
+    s0 = ((y >> np.uint64(32)) % np.uint64(n_slots)).astype(np.int64)
+    s1 = (np.uint64(1) + hi % np.uint64(n_slots - 1)).astype(np.int64)
+    return g, s0, s1
 
 
-def _bucket_pairs(keys: np.ndarray, n_buckets: int, chunk: int = 1 << 20) -> np.ndarray:
-    """:func:`bucket_pair` of many keys, a chunk at a time, so its temporaries (~50 bytes per
-    key) are those of one chunk, not of a whole vocabulary."""
-    out = np.empty((len(keys), 2), np.int64)
-    for a in range(0, len(keys), chunk):
-        out[a : a + chunk] = bucket_pair(keys[a : a + chunk], n_buckets)
-    return out
+def key_slots(table: KeyTable, keys: np.ndarray) -> np.ndarray:
+    """(N,) int64 keys -> (N,) int64 slots in [0, M): where each key is, or would be."""
+    g, s0, s1 = slot_hashes(keys, table.n_slots, table.n_groups, table.multiplier)
+    return (s0 + table.displacements[g] * s1) % table.n_slots
 
 
-def _place(b: np.ndarray, n_buckets: int, seed: int, max_rounds: int) -> np.ndarray | None:
-    """Choice (0/1) per key so that no bucket holds more than BUCKET keys, or None.
+def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
+           n_groups: int) -> np.ndarray | None:
+    """Displacement per group so that every key has a slot of its own, or None.
 
-    Parallel cuckoo placement: every key starts in b0; in each round every overfull bucket keeps
-    the BUCKET keys whose other bucket is fullest and moves the rest to their other bucket.
-    """
-    n = len(b)
-    choice = np.zeros(n, dtype=np.int8)
-    rng = np.random.default_rng(seed)
-    bid = b[:, 0].copy()
-    for _ in range(max_rounds):
-        counts = np.bincount(bid, minlength=n_buckets)
-        over = np.flatnonzero(counts[bid] > BUCKET)
-        if len(over) == 0:
-            return choice
-        ob = bid[over]
-        alt = b[over, 1 - choice[over]]
-        # Keep first: keys whose alternative is fullest (ties broken at random).
-        prio = -counts[alt].astype(np.float64) + rng.random(len(over))
-        order = np.lexsort((prio, ob))
-        sb = ob[order]
-        starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]])
-        rank = np.arange(len(sb)) - np.repeat(starts, np.diff(np.r_[starts, len(sb)]))
-        move = over[order[rank >= BUCKET]]
-        choice[move] ^= 1
-        bid[move] = b[move, choice[move]]
-    return None
+    Groups are placed largest first (the order that lets a perfect hash of this kind succeed at
+    high loads); all pending groups of one size try the same displacement in each round, and a
+    group is placed when its keys' slots are free and distinct and no earlier group of the round
+    wants any of them."""
+    counts = np.bincount(g, minlength=n_groups)
+    order = np.argsort(g, kind="stable")
+    starts = np.zeros(n_groups, np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    taken = np.zeros(n_slots, dtype=bool)
+    disp = np.zeros(n_groups, dtype=np.int64)
+    for size in range(int(counts.max(initial=0)), 0, -1):
+        grp = np.flatnonzero(counts == size)
+        if len(grp) == 0:
+            continue
+        members = order[starts[grp][:, None] + np.arange(size)]
+        a, b = s0[members], s1[members]  # (P, size)
+        del members
+        d = 0
+        while len(grp):
+            if d >= MAX_DISPLACEMENT:
+                return None
+            slots = (a + d * b) % n_slots
+            ok = ~taken[slots].any(axis=1)
+            if size > 1:
+                srt = np.sort(slots, axis=1)
+                ok &= (srt[:, 1:] != srt[:, :-1]).all(axis=1)
+            cand = np.flatnonzero(ok)
+            if len(cand):
+                flat = slots[cand].reshape(-1)
+                _, first = np.unique(flat, return_index=True)  # the first group wanting a slot
+                wins = np.zeros(len(flat), dtype=bool)
+                wins[first] = True
+                placed = cand[wins.reshape(-1, size).all(axis=1)]
+                taken[slots[placed]] = True
+                disp[grp[placed]] = d
+                keep = np.ones(len(grp), dtype=bool)
+                keep[placed] = False
+                grp, a, b = grp[keep], a[keep], b[keep]
+            d += 1
+    return disp
 
 
-def _filler(keys: np.ndarray, n_buckets: int, avoid: set[int],
-            start: int) -> tuple[int, tuple[int, int]]:
-    """A key not in ``keys`` whose two buckets avoid ``avoid`` (searching upward from start)."""
+def _filler(keys: np.ndarray, table: KeyTable, avoid: set[int], start: int) -> tuple[int, int]:
+    """A key not in ``keys`` (sorted, unique) whose own slot is not in ``avoid`` (searching
+    upward from ``start``), and that slot."""
     c = start
     while True:
         cand = np.arange(c, c + 64, dtype=np.int64)
-        if len(keys):  # keys sorted and unique
+        if len(keys):
             at = np.minimum(np.searchsorted(keys, cand), len(keys) - 1)
             cand = cand[keys[at] != cand]
-        bp = bucket_pair(cand, n_buckets)
-        for k, (p, q) in zip(cand.tolist(), bp.tolist(), strict=True):
-            if p not in avoid and q not in avoid:
-                return k, (p, q)
+        for k, p in zip(cand.tolist(), key_slots(table, cand).tolist(), strict=True):
+            if p not in avoid:
+                return k, p
         c += 64
 
 
 def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
-                    load: float = DEFAULT_LOAD, max_rounds: int = 200) -> KeyTable:
+                    load: float = DEFAULT_LOAD, group_size: int = GROUP_SIZE) -> KeyTable:
     """Key table mapping ``keys[i] -> values[i]`` (the first i of a repeated key).
 
-    ``load`` is keys per slot: buckets = max(MIN_BUCKETS, ceil(n / (4 load))). ``seed`` breaks
-    ties in the placement. If placement fails, the table grows by 2% of its buckets (at least
-    one) and placement is tried again.
+    ``load`` is keys per slot: M = the first prime >= max(5, ceil(n / load) + 1) slots (prime,
+    so that every step s1 visits every slot), and G = ceil(n / group_size) groups. ``seed``
+    picks the multiplier. If placement fails, the table grows by 2% of its slots and is placed
+    again with the next multiplier.
     """
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     values = np.asarray(values, dtype=np.int64).reshape(-1)
     if keys.shape != values.shape:
         raise ValueError(f"keys {keys.shape} and values {values.shape} differ in length")
+    if not 0 < load < 1 or group_size < 1:
+        raise ValueError(f"need 0 < load < 1 and group_size >= 1, got {load}, {group_size}")
     if len(keys) and not np.all(keys[1:] >= keys[:-1]):
         order = np.argsort(keys, kind="stable")
         keys, values = keys[order], values[order]
@@ -305,37 +391,41 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
         uniq, vals = keys[first], values[first]  # stable: the first value of a repeated key
     del first
     n = len(uniq)
-    n_buckets = max(MIN_BUCKETS, -(-n // max(1, int(BUCKET * load))) if n else MIN_BUCKETS)
-    n_buckets = max(n_buckets, -(-n // BUCKET) + 1)
+    n_slots = _prime_at_least(max(MIN_SLOTS + 1, int(np.ceil(n / load)) + 1))
+    n_groups = max(1, -(-n // group_size))
     attempt = 0
     while True:
-        b = _bucket_pairs(uniq, n_buckets)
-        choice = _place(b, n_buckets, seed + attempt, max_rounds)
-        if choice is not None:
+        mult = _multiplier(seed + attempt)
+        g, s0, s1 = slot_hashes(uniq, n_slots, n_groups, mult)
+        disp = _place(g, s0, s1, n_slots, n_groups)
+        if disp is not None:
             break
-        del b
+        del g, s0, s1
         attempt += 1
-        n_buckets += max(1, n_buckets // 50)
+        n_slots = _prime_at_least(n_slots + max(1, n_slots // 50))
     # Each intermediate is dropped once used: at a 43M-key vocabulary each is 350 MB, and this
     # build is what peaked full-table training (docs/RESULTS.md, "Full-table training peak").
-    bid = np.where(choice == 1, b[:, 1], b[:, 0])
-    del b, choice
-    order = np.argsort(bid, kind="stable")
-    sb = bid[order]
-    del bid
-    starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]]) if n else np.zeros(0, np.int64)
-    rank = np.arange(n)
-    rank -= np.repeat(starts, np.diff(np.r_[starts, n]))
-    del starts
-    f1, pair1 = _filler(uniq, n_buckets, set(), 0)
-    f2, _ = _filler(uniq, n_buckets, set(pair1), f1 + 1)
-    table = np.zeros((n_buckets, ROW), dtype=np.int64)
-    table[:, :BUCKET] = f1
-    for p in pair1:
-        table[p, :BUCKET] = f2
-    table[sb, rank] = uniq[order]
-    table[sb, BUCKET + rank] = vals[order]
-    return KeyTable(buckets=table, n_keys=n)
+    slot = s0
+    slot += disp[g] * s1
+    slot %= n_slots
+    del g, s1
+    rows = np.zeros((table_rows(n_slots, n_groups), ROW), dtype=np.int64)
+    rows[0] = n_slots, n_groups
+    rows[1] = np.array([mult], np.uint64).view(np.int64)[0], n
+    start = ROW * (META_ROWS + n_slots)
+    rows.reshape(-1)[start : start + n_groups] = disp
+    table = KeyTable(rows=rows, n_keys=n)
+    free = np.ones(n_slots, dtype=bool)
+    free[slot] = False
+    f1, p1 = _filler(uniq, table, set(), 0)
+    f2, _ = _filler(uniq, table, {p1}, f1 + 1)
+    body = rows[META_ROWS : META_ROWS + n_slots]
+    body[free, 0] = f1
+    if free[p1]:
+        body[p1, 0] = f2
+    body[slot, 0] = uniq
+    body[slot, 1] = vals
+    return table
 
 
 def key_table_lookup(table: KeyTable, queries: np.ndarray, default: np.ndarray | int) -> np.ndarray:
@@ -343,9 +433,7 @@ def key_table_lookup(table: KeyTable, queries: np.ndarray, default: np.ndarray |
     (broadcast against ``queries``)."""
     q = np.asarray(queries, dtype=np.int64)
     flat_q = q.reshape(-1)
-    b = bucket_pair(flat_q, table.n_buckets)  # (N, 2)
-    cand = table.buckets[b]  # (N, 2, 8): two cache lines per query, keys and values
-    eq = cand[:, :, :BUCKET] == flat_q[:, None, None]  # (N, 2, 4)
-    hit = eq.reshape(len(flat_q), -1).any(axis=1)
-    got = np.where(eq, cand[:, :, BUCKET:], 0).sum(axis=(1, 2))  # at most one slot matches
-    return np.where(hit.reshape(q.shape), got.reshape(q.shape), np.broadcast_to(default, q.shape))
+    slot = key_slots(table, flat_q)  # one (key, value) pair per query
+    hit = (table.keys[slot] == flat_q).reshape(q.shape)
+    got = table.values[slot].reshape(q.shape)
+    return np.where(hit, got, np.broadcast_to(default, q.shape))

@@ -452,8 +452,8 @@ def hot_standalone_model(
 # ---------------------------------------------------------------- key lookup (key tables)
 
 KEY_LOOKUP_OP_TYPE = "KeyLookup"
-# spec_version: the hash spec of the bundle (bundles check it on every ai.lma node; key table v2
-# buckets do not use its constants); table_version: the key table layout and bucket choice
+# spec_version: the hash spec of the bundle (bundles check it on every ai.lma node; key tables do
+# not use its constants); table_version: the key table layout and slot choice
 # (lma/hashspec.py); v1 functions took (keys, default, slots, values, A, B).
 KEY_LOOKUP_ATTRIBUTES = ("spec_version", "table_version")
 
@@ -463,84 +463,74 @@ def key_lookup_attributes() -> dict[str, int]:
 
 
 def _key_lookup_body() -> list[onnx.NodeProto]:
-    """Nodes of ``ai.lma::KeyLookup(keys, default, table) -> out`` (key table v2, hashspec "Key
-    tables"): the two 32-bit halves of each key from one uint64 division, the two candidate
-    buckets with three uint64 remainders, both buckets' keys and values (two 64-byte rows of the
-    (nb, 8) table) with one Gather, and the value beside the matching key with one
-    GatherElements at the position a float MatMul of the 0/1 matches finds (only key lanes carry
-    a weight, each its value lane + 1; at most one key matches, so the sum is that lane or 0).
-    Every op has a CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
+    """Nodes of ``ai.lma::KeyLookup(keys, default, table) -> out`` (key table v3, hashspec "Key
+    tables"): M, G and A from the table's first elements; per key the two 32-bit halves from one
+    uint64 division, its group, base and step with three uint64 remainders, its displacement
+    with a GatherElements of one int64 from the flat table, its slot, and the slot's key and
+    value (side by side) with two more; Equal and Where then pick the value or the default. Every
+    tensor is (N,) against scalars (onnxruntime's CPU kernels broadcast anything else element by
+    element), and every op has a CUDA kernel for its types (tests/test_onnx_cuda_kernels.py)."""
     n = helper.make_node
-    flt = TensorProto.FLOAT
     i64 = TensorProto.INT64
     u64 = TensorProto.UINT64
-    bucket, row = hashspec.BUCKET, hashspec.ROW
 
     def const(name: str, values: Any, dtype: Any) -> onnx.NodeProto:
         return n("Constant", [], [name], value=numpy_helper.from_array(np.asarray(values, dtype), name))
 
-    # lane weights: key lane s of candidate r -> its value lane (row r + bucket + s) + 1
-    lane_w = np.zeros((2 * row, 1), np.float32)
-    for r in range(2):
-        for s in range(bucket):
-            lane_w[r * row + s, 0] = r * row + bucket + s + 1
+    meta, row = hashspec.META_ROWS, hashspec.ROW
     return [
         const("cm1", [-1], np.int64),
-        const("ax_1", [1], np.int64),
         const("c1u", 1, np.uint64),
         const("c2p32u", 1 << 32, np.uint64),
-        n("Shape", ["table"], ["t_shape"]),
-        n("Split", ["t_shape"], ["nb1", "w1"], axis=0, num_outputs=2),
-        n("Cast", ["nb1"], ["nb_u"], to=u64),  # (1,): broadcasts against (N,)
-        n("Sub", ["nb_u", "c1u"], ["nb_m1"]),
-        # per key: halves and buckets, in uint64
+        const("meta_off", meta, np.uint64),
+        const("row_u", row, np.uint64),
+        const("i0", 0, np.int64),
+        const("i1", 1, np.int64),
+        const("i2", 2, np.int64),
+        # the table's own header: M, G, A (flat elements 0, 1, 2), as uint64 scalars
+        n("Reshape", ["table", "cm1"], ["tf"]),
+        n("Gather", ["tf", "i0"], ["m_i"], axis=0),
+        n("Gather", ["tf", "i1"], ["g_i"], axis=0),
+        n("Gather", ["tf", "i2"], ["a_i"], axis=0),
+        n("Cast", ["m_i"], ["m_u"], to=u64),
+        n("Cast", ["g_i"], ["g_u"], to=u64),
+        n("Cast", ["a_i"], ["a_u"], to=u64),  # the same bits: A is stored in its int64 form
+        n("Sub", ["m_u", "c1u"], ["m1_u"]),
+        n("Add", ["m_u", "meta_off"], ["m_meta"]),
+        n("Mul", ["m_meta", "row_u"], ["disp_off"]),  # flat index of disp[0]
+        # per key: halves, group, base, step (uint64)
         n("Reshape", ["keys", "cm1"], ["kf"]),
         n("Cast", ["kf"], ["ku"], to=u64),
         n("Div", ["ku", "c2p32u"], ["k_hi"]),
         n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
         n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
-        n("Mod", ["k_lo", "nb_u"], ["b0"]),
-        n("Mod", ["k_hi", "nb_m1"], ["r1"]),
-        n("Add", ["b0", "r1"], ["b0r"]),
-        n("Add", ["b0r", "c1u"], ["b1_raw"]),
-        n("Mod", ["b1_raw", "nb_u"], ["b1"]),
-        n("Unsqueeze", ["b0", "ax_1"], ["b0_2"]),
-        n("Unsqueeze", ["b1", "ax_1"], ["b1_2"]),
-        n("Concat", ["b0_2", "b1_2"], ["buckets_u"], axis=1),  # (N, 2)
-        n("Cast", ["buckets_u"], ["buckets"], to=i64),
-        n("Gather", ["table", "buckets"], ["cand3"], axis=0),  # (N, 2, 8): two cache lines
-        const("shape_m1_16", [-1, 2 * row], np.int64),
-        n("Reshape", ["cand3", "shape_m1_16"], ["cand"]),  # (N, 16)
-        n("Unsqueeze", ["kf", "ax_1"], ["kf2"]),
-        n("Equal", ["cand", "kf2"], ["eq"]),  # value lanes may match too: they weigh 0
-        n("Cast", ["eq"], ["eq_f"], to=flt),
-        const("lane_w", lane_w, np.float32),
-        # 0 = absent, else value lane + 1. The weights are (16, 1): onnxruntime's CPU MatMul
-        # with a 1-d second input is ~80x slower. The result is then kept 1-d: its CPU kernels
-        # broadcast an (N, 1) tensor against a scalar element by element, ~20x slower than (N,).
-        n("MatMul", ["eq_f", "lane_w"], ["pos_2"]),
-        n("Reshape", ["pos_2", "cm1"], ["pos_f"]),
-        const("c0f", 0.0, np.float32),
-        const("c1f", 1.0, np.float32),
-        n("Greater", ["pos_f", "c0f"], ["hit"]),
-        n("Sub", ["pos_f", "c1f"], ["pos0"]),
-        n("Relu", ["pos0"], ["sel_f"]),  # absent keys read lane 0 (discarded below)
-        n("Cast", ["sel_f"], ["sel"], to=i64),
-        # the value by its flat position in the (N * 16,) candidates (a 1-d GatherElements is
-        # the fast one in onnxruntime's CPU kernels; axis 1 of (N, 16) goes row by row)
-        n("Shape", ["kf"], ["n_1"]),
-        n("Squeeze", ["n_1"], ["n_c"]),
-        const("c16", 2 * row, np.int64),
-        const("c0", 0, np.int64),
-        n("Mul", ["n_c", "c16"], ["n16"]),
-        n("Range", ["c0", "n16", "c16"], ["row_off"]),  # (N,): 0, 16, 32, ...
-        n("Add", ["row_off", "sel"], ["flat"]),
-        n("Reshape", ["cand", "cm1"], ["cand_flat"]),
-        n("GatherElements", ["cand_flat", "flat"], ["got"], axis=0),  # (N,)
+        n("Mod", ["k_lo", "g_u"], ["grp"]),
+        n("Mul", ["ku", "a_u"], ["ka"]),  # wraps mod 2^64
+        n("Div", ["ka", "c2p32u"], ["ka_hi"]),
+        n("Mod", ["ka_hi", "m_u"], ["s0"]),
+        n("Mod", ["k_hi", "m1_u"], ["s1_0"]),
+        n("Add", ["s1_0", "c1u"], ["s1"]),
+        # the group's displacement, then the slot
+        n("Add", ["grp", "disp_off"], ["disp_at_u"]),
+        n("Cast", ["disp_at_u"], ["disp_at"], to=i64),
+        # onnxruntime's CPU GatherElements on a 1-d tensor is ~4x faster per index than its
+        # Gather (which divides twice per index), on this table and at 33.7M keys alike
+        n("GatherElements", ["tf", "disp_at"], ["disp"], axis=0),
+        n("Cast", ["disp"], ["disp_u"], to=u64),
+        n("Mul", ["disp_u", "s1"], ["step"]),
+        n("Add", ["s0", "step"], ["pos"]),
+        n("Mod", ["pos", "m_u"], ["slot"]),
+        n("Add", ["slot", "meta_off"], ["slot_row_u"]),
+        n("Mul", ["slot_row_u", "row_u"], ["key_at_u"]),  # flat index of the slot's key
+        n("Cast", ["key_at_u"], ["key_at"], to=i64),
+        n("Add", ["key_at", "i1"], ["val_at"]),  # and of its value, beside it
+        n("GatherElements", ["tf", "key_at"], ["pk"], axis=0),
+        n("GatherElements", ["tf", "val_at"], ["pv"], axis=0),
         n("Shape", ["keys"], ["k_shape"]),
-        n("Reshape", ["got", "k_shape"], ["got_k"]),
-        n("Reshape", ["hit", "k_shape"], ["hit_k"]),
-        n("Where", ["hit_k", "got_k", "default"], ["out"]),
+        n("Reshape", ["pk", "k_shape"], ["pk_k"]),
+        n("Reshape", ["pv", "k_shape"], ["pv_k"]),
+        n("Equal", ["pk_k", "keys"], ["hit"]),
+        n("Where", ["hit", "pv_k", "default"], ["out"]),
     ]
 
 
@@ -561,7 +551,7 @@ def key_lookup_function() -> onnx.FunctionProto:
 def key_lookup_model(table: Any, default_shape: Sequence[int] | None = None) -> onnx.ModelProto:
     """A model with one KeyLookup node over ``table`` (a ``hashspec.KeyTable``): inputs keys
     (batch, slots) int64 and default (broadcastable) int64, output (batch, slots) int64."""
-    inits = [numpy_helper.from_array(table.buckets, "table")]
+    inits = [numpy_helper.from_array(table.rows, "table")]
     inputs = [
         helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots_dim"]),
         helper.make_tensor_value_info("default", TensorProto.INT64,
@@ -645,7 +635,7 @@ def register_schema() -> None:
         inputs=[fp("keys", "tensor(int64)"), fp("default", "tensor(int64)"),
                 fp("table", "tensor(int64)")],
         outputs=[fp("out", "tensor(int64)")],
-        attributes=[attr("spec_version", at.INT, "hash spec version of the bucket hashes"),
+        attributes=[attr("spec_version", at.INT, "hash spec version of the bundle"),
                     attr("table_version", at.INT, "key table layout version")],
     ))
     _schema_registered = True

@@ -127,7 +127,7 @@ def _worker_keylookup(module_path: str, table_path: str) -> dict[str, float]:
 
     mod = _load(module_path)
     data = np.load(table_path)
-    table = hashspec.KeyTable(buckets=data["buckets"], n_keys=int(data["n_keys"]))
+    table = hashspec.KeyTable(rows=data["rows"], n_keys=int(data["n_keys"]))
     keys = data["keys"]
     sess = _session(mod.key_lookup_model(table, default_shape=[1]))
     rng = np.random.default_rng(1)
@@ -216,7 +216,7 @@ def bench_keylookup(args: argparse.Namespace) -> str:
         keys = _random_keys(np.random.default_rng(n), (n,))
         t = hashspec.build_key_table(keys, np.arange(n, dtype=np.int64))
         tables[n] = tmp / f"table_{n}.npz"
-        np.savez(tables[n], buckets=t.buckets, n_keys=t.n_keys, keys=keys)
+        np.savez(tables[n], rows=t.rows, n_keys=t.n_keys, keys=keys)
         del t, keys
     best: dict[tuple[Any, ...], float] = {}
     for _ in range(args.rounds):

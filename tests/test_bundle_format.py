@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from lma import tensorfile
+from lma import hashspec, tensorfile
 from lma.bundle import BundleError, load_bundle
 from lma.checkpoint import load_checkpoint, rebuild_model
 from lma.data import open_source
@@ -95,12 +95,13 @@ def test_bundle_with_an_old_key_table_is_refused(v2: dict[str, Path], tmp_path: 
     m = json.loads((d / "manifest.json").read_text())
     nodes = m["onnx"]["custom_op"]["nodes"]
     assert {n["op_type"] for n in nodes} == {"KeyLookup"}  # the tables and the first-order term
-    assert {n["table_version"] for n in nodes} == {2}
-    nodes[0]["table_version"] = 1  # what bundles written before key table v2 record
-    (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=r"KeyLookup node has table_version 1.*reads key tables "
-                                          r"v2.*re-export"):
-        load_bundle(d)
+    assert {n["table_version"] for n in nodes} == {hashspec.KEY_TABLE_VERSION} == {3}
+    for old in (1, 2):  # what bundles written before key tables v2 and v3 record
+        nodes[0]["table_version"] = old
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=rf"KeyLookup node has table_version {old}.*reads "
+                                              r"key tables v3.*re-export"):
+            load_bundle(d)
 
 
 def test_format_2_holds_each_byte_once(v2: dict[str, Path], checkpoints: dict[str, Path]) -> None:

@@ -114,7 +114,9 @@ def test_table_pointing_past_the_hot_rows_is_refused(native: None) -> None:
     with pytest.raises(RuntimeError, match="out of range"):
         hot_embed(memory, hot[:3], table, tokens, c, cfg)
     with pytest.raises(ValueError, match="key table"):
-        hot_embed(memory, hot, table[:, :4].contiguous(), tokens, c, cfg)
+        hot_embed(memory, hot, table[:, :1].contiguous(), tokens, c, cfg)
+    with pytest.raises(RuntimeError, match="does not fit its own header"):  # truncated table
+        hot_embed(memory, hot, table[:-1].contiguous(), tokens, c, cfg)
 
 
 def test_onnx_translation_matches(native: None, tmp_path) -> None:  # noqa: ANN001

@@ -12,7 +12,7 @@ import torch
 
 from lma import hashspec as hs
 from lma.ops import _native, key_lookup, key_lookup_reference
-from lma.ops.key_lookup import KeyLookup, bucket_pair_torch
+from lma.ops.key_lookup import KeyLookup, slot_hashes_torch
 from model_export import cuda_kernels, onnx_op
 from tests.triton_interpreter import run_interpreted
 
@@ -53,56 +53,93 @@ def _case(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 CASES = ["empty", "one", "extreme", "duplicates", "random"]
 
 
+def _fillers(table: hs.KeyTable, keys: np.ndarray) -> np.ndarray:
+    """The filler keys of a table's empty slots (keys stored that were not given)."""
+    return np.setdiff1d(np.unique(table.keys), keys)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_numpy_table_equals_binary_search(name: str) -> None:
     keys, values, q = _case(name)
     table = hs.build_key_table(keys, values)
     default = np.arange(q.shape[1], dtype=np.int64) - 7
     assert np.array_equal(hs.key_table_lookup(table, q, default), _search(keys, values, q, default))
-    assert table.n_buckets >= hs.MIN_BUCKETS and table.buckets.shape == (table.n_buckets, hs.ROW)
-    b = hs.bucket_pair(q.reshape(-1), table.n_buckets)
-    assert (b[:, 0] != b[:, 1]).all() and b.min() >= 0 and b.max() < table.n_buckets
+    m, g = table.n_slots, table.n_groups
+    assert m >= hs.MIN_SLOTS and hs._is_prime(m) and g >= 1
+    assert table.rows.shape == (hs.table_rows(m, g), hs.ROW)
+    assert table.rows[1, 1] == table.n_keys == len(np.unique(keys))
+    slots = hs.key_slots(table, q.reshape(-1))
+    assert slots.min() >= 0 and slots.max() < m
+    # a query equal to a filler key (what empty slots hold) is absent too
+    fill = _fillers(table, keys)
+    assert 1 <= len(fill) <= 2
+    assert (hs.key_table_lookup(table, fill, -3) == -3).all()
 
 
-def test_table_is_compact_and_interleaved() -> None:
+def test_table_is_compact_and_each_key_in_its_slot() -> None:
     keys, values, _ = _case("random")
     table = hs.build_key_table(keys, values, seed=5)
     assert table.n_keys == len(np.unique(keys))
-    assert table.n_keys / table.keys.size >= 0.6  # load factor
-    assert table.nbytes == table.n_buckets * 64  # one cache line per bucket, keys and values
-    # every key sits in one of its two buckets, its value in the lane beside it
-    b = hs.bucket_pair(keys, table.n_buckets)
-    for k, v, (b0, b1) in zip(keys.tolist(), values.tolist(), b.tolist(), strict=True):
-        for bb in (b0, b1):
-            lanes = np.flatnonzero(table.keys[bb] == k)
-            if len(lanes):
-                assert table.values[bb, lanes[0]] == v
-                break
-        else:
-            raise AssertionError(f"key {k} in neither bucket")
+    assert table.n_keys / table.n_slots >= 0.8  # load factor
+    assert table.nbytes == 16 * table.rows.shape[0]  # a slot row: key and value side by side
+    assert table.nbytes <= 22 * table.n_keys  # slots and displacements, ~21 bytes per key
+    d = table.displacements
+    assert d.min() >= 0 and d.max() < hs.MAX_DISPLACEMENT
+    slot = hs.key_slots(table, keys)
+    assert len(np.unique(slot)) == len(keys)  # one slot per key, no two keys share one
+    assert np.array_equal(table.keys[slot], keys) and np.array_equal(table.values[slot], values)
+    # every other slot holds a filler key whose own slot is elsewhere
+    empty = np.setdiff1d(np.arange(table.n_slots), slot)
+    for f in np.unique(table.keys[empty]).tolist():
+        assert f not in set(keys.tolist())
+        own = int(hs.key_slots(table, np.array([f]))[0])
+        assert table.keys[own] != f
 
 
-def test_bucket_pair_of_extreme_keys() -> None:
-    # low / high 32 bits of the two's-complement bits, unsigned
-    for nb in (4, 5, 1 << 20, (1 << 31) + 11):
-        b = hs.bucket_pair(EXTREME, nb)
-        lo = EXTREME.view(np.uint64) & np.uint64(0xFFFFFFFF)
-        hi = EXTREME.view(np.uint64) >> np.uint64(32)
-        want0 = [int(x) % nb for x in lo]
-        want1 = [(w + 1 + int(h) % (nb - 1)) % nb for w, h in zip(want0, hi, strict=True)]
-        assert b[:, 0].tolist() == want0 and b[:, 1].tolist() == want1
-        tb = bucket_pair_torch(torch.from_numpy(EXTREME), nb)
-        assert np.array_equal(tb.numpy(), b)
+def _slot_hashes_by_hand(k: int, m: int, g: int, a: int) -> tuple[int, int, int]:
+    u = k & ((1 << 64) - 1)
+    return (u & 0xFFFFFFFF) % g, ((u * a) % (1 << 64) >> 32) % m, 1 + (u >> 32) % (m - 1)
 
 
-def test_build_grows_the_table_when_placement_fails() -> None:
-    # 13 keys get 5 buckets; multiples of 5 below 2^32 all map to the pair (0, 1), which holds 8
-    keys = 5 * np.arange(13, dtype=np.int64)
-    assert (hs.bucket_pair(keys, 5) == [0, 1]).all()
-    table = hs.build_key_table(keys, np.arange(13) + 100)
-    assert table.n_buckets > 5
-    q = np.concatenate([keys, keys + 1])
-    assert np.array_equal(hs.key_table_lookup(table, q, -1), np.r_[np.arange(13) + 100, [-1] * 13])
+def test_slot_hashes_of_extreme_keys() -> None:
+    """numpy and torch against Python integers: the wrapping product, both halves unsigned."""
+    for m, g, a in ((5, 1, 1), (13, 3, hs._multiplier(0)), ((1 << 32) - 5, (1 << 31) + 11,
+                                                            hs._multiplier(7)), (7, 2, (1 << 64) - 1)):
+        want = [_slot_hashes_by_hand(int(k), m, g, a) for k in EXTREME]
+        got = hs.slot_hashes(EXTREME, m, g, a)
+        assert [tuple(int(x[i]) for x in got) for i in range(len(EXTREME))] == want
+        a64 = a - (1 << 64) if a >= 1 << 63 else a  # A in its int64 form
+        tg = slot_hashes_torch(torch.from_numpy(EXTREME), m, g, a64)
+        assert all(np.array_equal(t.numpy(), x) for t, x in zip(tg, got, strict=True))
+    with pytest.raises(ValueError, match="slots"):
+        hs.slot_hashes(EXTREME, 1 << 32, 1, 1)
+
+
+def test_build_grows_the_table_when_placement_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed placement grows the table to the next prime past 2% more slots and takes the
+    next multiplier; the lookups stay exact."""
+    keys, values, q = _case("random", seed=6)
+    plain = hs.build_key_table(keys, values)
+    place, calls = hs._place, []
+
+    def failing_once(*args: object) -> np.ndarray | None:
+        calls.append(args[3])
+        return None if len(calls) == 1 else place(*args)
+
+    monkeypatch.setattr(hs, "_place", failing_once)
+    table = hs.build_key_table(keys, values)
+    assert calls[0] == plain.n_slots and table.n_slots == calls[1] > plain.n_slots * 1.02
+    assert hs._is_prime(table.n_slots) and table.multiplier == hs._multiplier(1) != plain.multiplier
+    want = _search(keys, values, q, np.int64(-1))
+    assert np.array_equal(hs.key_table_lookup(table, q, -1), want)
+
+
+def test_displacement_limit_fails_placement(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys, values, _ = _case("random", seed=7)
+    g, s0, s1 = hs.slot_hashes(keys, 3539, 750, hs._multiplier(0))
+    assert hs._place(g, s0, s1, 3539, 750) is not None
+    monkeypatch.setattr(hs, "MAX_DISPLACEMENT", 1)  # every group must take its first slots
+    assert hs._place(g, s0, s1, 3539, 750) is None
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -114,8 +151,10 @@ def test_torch_reference_and_cpp_equal_numpy(name: str) -> None:
     want = hs.key_table_lookup(table, q, default.numpy())
     assert np.array_equal(want, _search(keys, values, q, default.numpy()))
     tq = torch.from_numpy(q)
-    b = bucket_pair_torch(tq.reshape(-1), table.n_buckets)
-    assert np.array_equal(b.numpy(), hs.bucket_pair(q.reshape(-1), table.n_buckets))
+    a64 = int(table.rows[1, 0])
+    th = slot_hashes_torch(tq.reshape(-1), table.n_slots, table.n_groups, a64)
+    nh = hs.slot_hashes(q.reshape(-1), table.n_slots, table.n_groups, table.multiplier)
+    assert all(np.array_equal(t.numpy(), x) for t, x in zip(th, nh, strict=True))
     ref = key_lookup_reference(tq, default, mod.table)
     assert np.array_equal(ref.numpy(), want)
     if _native.native_module() is not None:
@@ -202,20 +241,26 @@ def test_cuda_equals_numpy(name: str) -> None:
     assert np.array_equal(got.cpu().numpy(), hs.key_table_lookup(table, q, default.numpy()))
 
 
-def test_onnx_function_batches_by_bucket_and_default_shapes() -> None:
-    """Batches whose keys all live in their first bucket, all in their second, are all absent,
-    mixed, extreme or a single key, small and large, with defaults of every broadcastable shape:
-    the ONNX function equals the numpy lookup."""
+def test_onnx_function_batches_by_kind_and_default_shapes() -> None:
+    """Batches whose keys all took their group's first slots, all were displaced, are all absent
+    (landing on empty slots or on other keys' slots), are the filler keys, mixed, extreme or a
+    single key, small and large, with defaults of every broadcastable shape: the ONNX function
+    equals the numpy lookup."""
     keys, values, _ = _case("random", seed=4)
     table = hs.build_key_table(keys, values)
-    b = hs.bucket_pair(keys, table.n_buckets)
-    in_b0 = (table.keys[b[:, 0]] == keys[:, None]).any(axis=1)
-    assert 0 < in_b0.mean() < 1
-    absent = np.random.default_rng(5).integers(I64_MIN, I64_MAX, 64, dtype=np.int64, endpoint=True)
+    g, _, _ = hs.slot_hashes(keys, table.n_slots, table.n_groups, table.multiplier)
+    first = table.displacements[g] == 0
+    assert 0 < first.mean() < 1
+    absent = np.random.default_rng(5).integers(I64_MIN, I64_MAX, 4096, dtype=np.int64, endpoint=True)
+    absent = np.setdiff1d(absent, keys)
+    filled = np.isin(table.keys[hs.key_slots(table, absent)], keys)
+    assert 0 < filled.mean() < 1
     batches = {
-        "all in b0": keys[in_b0][:64], "all in b1": keys[~in_b0][:64], "all absent": absent,
-        "b1 and absent": np.concatenate([keys[~in_b0][:32], absent[:32]]),
-        "extreme": np.resize(EXTREME, 64), "one": keys[~in_b0][:1],
+        "first slots": keys[first][:64], "displaced": keys[~first][:64],
+        "absent, on empty slots": absent[~filled][:64], "absent, on keys": absent[filled][:64],
+        "fillers": _fillers(table, keys), "displaced and absent":
+            np.concatenate([keys[~first][:32], absent[:32]]),
+        "extreme": np.resize(EXTREME, 64), "one": keys[~first][:1],
     }
     model = onnx_op.key_lookup_model(table, default_shape=["d0", "d1"])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -228,3 +273,18 @@ def test_onnx_function_batches_by_bucket_and_default_shapes() -> None:
                 (got,) = sess.run(None, {"keys": q, "default": default})
                 want = hs.key_table_lookup(table, q, default)
                 assert np.array_equal(got, want), (what, q.size)
+
+
+def test_cpp_refuses_a_table_that_does_not_fit_its_header() -> None:
+    """The C++ lookup reads M and G from the table itself, so a table whose row count disagrees
+    with them (truncated, or a v2 (n_buckets, 8) table) is refused before any slot is read."""
+    ext = _native.native_module()
+    if ext is None:
+        pytest.skip(f"no C++ extension here: {_native.native_error()}")
+    keys, values, q = _case("random", seed=8)
+    t = torch.from_numpy(hs.build_key_table(keys, values).rows)
+    tq, d = torch.from_numpy(q), torch.tensor(-1)
+    for bad, match in ((t[:-1], "does not fit its own header"), (t[:48].reshape(-1, 8), "v3"),
+                       (t.clone().index_fill_(0, torch.tensor([0]), 1), "does not fit")):
+        with pytest.raises(RuntimeError, match=match):
+            ext.key_lookup(tq, d, bad.contiguous())

@@ -10,7 +10,7 @@ Ops (their schemas are fixed: saved programs, ``model.pt2``, refer to them):
                     index >= 0, else exactly lma::hashed_gather of keys (the serving form of an
                     LMA embedding whose signed tokens' rows were computed at export; inference
                     only: its backward raises)
-    lma::hot_embed(memory, hot, table (n_buckets, 8) int64, tokens (...) int64, coef_a, coef_b,
+    lma::hot_embed(memory, hot, table (rows, 2) int64, tokens (...) int64, coef_a, coef_b,
                    nibble_w, dim, z, mode, aligned) -> (..., dim): lma::hot_gather of the hot
                    rows the key table gives each token (lma::key_lookup, -1 where absent), in
                    one pass on the CPU (what an LMA embedding in the hot form runs)
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lma import hashspec
 from lma.ops import _native
 from lma.ops.reference import (
     GatherConstants,
@@ -333,13 +334,13 @@ def hot_embed_op(
     aligned: bool,
 ) -> torch.Tensor:
     """``lma::hot_gather(memory, hot, lma::key_lookup(tokens, -1, table), tokens, ...)`` in one
-    pass where the backend has a fused kernel (C++); ``table`` is a key table v2 token -> hot
+    pass where the backend has a fused kernel (C++); ``table`` is a key table v3 token -> hot
     row."""
     cfg, consts = _prepare(memory, tokens, coef_a, coef_b, nibble_w, dim, z, mode, aligned)
     _check_hot_rows(memory, hot, dim)
-    if table.dim() != 2 or table.shape[1] != 8 or table.dtype != torch.int64:
-        raise ValueError(f"table must be a (n_buckets, 8) int64 key table, got {table.dtype} "
-                         f"{tuple(table.shape)}")
+    if table.dim() != 2 or table.shape[1] != hashspec.ROW or table.dtype != torch.int64:
+        raise ValueError(f"table must be a (rows, {hashspec.ROW}) int64 key table (v3), got "
+                         f"{table.dtype} {tuple(table.shape)}")
     return implementation(memory.device).embed(memory, hot, table, tokens, consts, cfg)
 
 

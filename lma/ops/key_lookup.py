@@ -1,11 +1,13 @@
-"""Constant-time key resolution: the ``lma::key_lookup`` op over a key table (key table v2,
+"""Constant-time key resolution: the ``lma::key_lookup`` op over a key table (key table v3,
 "Key tables" in ``lma/hashspec.py``): token -> full-table row, LMA signature or QR row.
 
     lma::key_lookup(keys (...) int64, default (broadcastable to keys) int64,
-                    table (n_buckets, 8) int64: per bucket 4 keys then their 4 values)
+                    table (2 + M + ceil(G / 2), 2) int64: (M, G), (A, n_keys), M (key, value)
+                    slots, then the G group displacements)
         -> (...) int64: the value of each key in the table, else its default
 
-Two cache lines per query (each holds keys and values) instead of a 17-25-step binary search.
+Two reads per query (the key's group displacement, then its one slot's key and value) instead
+of a 17-25-step binary search.
 Implementations, chosen by device like ``lma::hashed_gather``: the C++ extension on CPU, a Triton
 kernel on CUDA, the pure-torch reference otherwise; the ONNX exporter writes one
 ``ai.lma::KeyLookup`` node whose model-local function uses standard ops with CUDA kernels
@@ -13,8 +15,9 @@ kernel on CUDA, the pure-torch reference otherwise; the ONNX exporter writes one
 default: checkpoints and bundles store the built table (``<module>.key_table.table`` and
 ``.header``) and a model loaded from them takes it as is, memory-mapped, instead of building it
 again (tens of seconds and several times the table's memory at the Criteo-Kaggle vocabulary).
-The ``header`` buffer records the table layout version, the bucket count and the key count, so
-a table of another layout (v1: ``slots``, ``values``, ``coef_a``, ``coef_b``) is never used.
+The ``header`` buffer records the table layout version, the slot count and the key count, so
+a table of another layout (v2: a (n_buckets, 8) table; v1: ``slots``, ``values``, ``coef_a``,
+``coef_b``) is never used.
 """
 
 from __future__ import annotations
@@ -36,28 +39,34 @@ logger = logging.getLogger(__name__)
 _LO32 = (1 << 32) - 1
 
 
-def bucket_pair_torch(keys: torch.Tensor, n_buckets: int) -> torch.Tensor:
-    """(N,) int64 keys -> (N, 2) candidate buckets, exactly as ``hashspec.bucket_pair``."""
+def slot_hashes_torch(keys: torch.Tensor, n_slots: torch.Tensor | int, n_groups: torch.Tensor | int,
+                      multiplier: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """(N,) int64 keys -> group, base and step, exactly as ``hashspec.slot_hashes``: int64
+    arithmetic whose wrapping product has the bits of the unsigned one; ``multiplier`` is A in
+    its int64 form."""
     lo = keys & _LO32  # the low 32 bits, as a non-negative int64
     hi = (keys >> 32) & _LO32  # the high 32 bits unsigned (arithmetic shift, then mask)
-    b0 = torch.remainder(lo, n_buckets)
-    b1 = torch.remainder(b0 + 1 + torch.remainder(hi, n_buckets - 1), n_buckets)
-    return torch.stack([b0, b1], dim=1)
+    g = torch.remainder(lo, n_groups)
+    y = keys * multiplier  # wraps mod 2^64
+    s0 = torch.remainder((y >> 32) & _LO32, n_slots)
+    s1 = 1 + torch.remainder(hi, n_slots - 1)
+    return g, s0, s1
 
 
 def key_lookup_reference(keys: torch.Tensor, default: torch.Tensor,
                          table: torch.Tensor) -> torch.Tensor:
-    """Pure-torch key lookup (any device); the ground truth the other implementations match."""
+    """Pure-torch key lookup (any device); the ground truth the other implementations match.
+    The table's own first rows give M, G and A (as tensors: no host round trip on a GPU)."""
     flat = keys.reshape(-1)
-    n = flat.shape[0]
-    b = bucket_pair_torch(flat, table.shape[0])  # (N, 2)
-    cand = table[b]  # (N, 2, 8): two cache lines per key
-    eq = (cand[:, :, : hashspec.BUCKET] == flat[:, None, None]).reshape(n, 2 * hashspec.BUCKET)
-    hit = eq.any(dim=1)
-    pos = eq.to(torch.uint8).argmax(dim=1)  # first matching slot (at most one matches)
-    vals = cand[:, :, hashspec.BUCKET:].reshape(n, 2 * hashspec.BUCKET)
-    got = vals.gather(1, pos[:, None]).squeeze(1).reshape(keys.shape)
-    return torch.where(hit.reshape(keys.shape), got, default.to(got.dtype).expand(keys.shape))
+    m, n_groups, mult = table[0, 0], table[0, 1], table[1, 0]
+    g, s0, s1 = slot_hashes_torch(flat, m, n_groups, mult)
+    disp = table.reshape(-1)[hashspec.ROW * (hashspec.META_ROWS + m) + g]
+    slot = torch.remainder(s0 + disp * s1, m)
+    pair = table[hashspec.META_ROWS + slot]  # (N, 2): one (key, value) per key
+    hit = (pair[:, 0] == flat).reshape(keys.shape)
+    got = pair[:, 1].reshape(keys.shape)
+    return torch.where(hit, got, default.to(got.dtype).expand(keys.shape))
 
 
 @torch.library.custom_op("lma::key_lookup", mutates_args=())
@@ -84,14 +93,15 @@ class KeyTableUnavailable(ValueError):
     feature map instead)."""
 
 
-# The buffers of a stored key table, in state-dict order; v1 tables stored these instead.
+# The buffers of a stored key table, in state-dict order (v2 tables had the same names and a
+# (n_buckets, 8) table); v1 tables stored these instead.
 TABLE_BUFFERS = ("table", "header")
 V1_TABLE_BUFFERS = ("slots", "values", "coef_a", "coef_b")
 
 
 def _table_tensors(table: hashspec.KeyTable) -> dict[str, torch.Tensor]:
-    header = np.array([hashspec.KEY_TABLE_VERSION, table.n_buckets, table.n_keys], dtype=np.int64)
-    arrays = {"table": table.buckets, "header": header}
+    header = np.array([hashspec.KEY_TABLE_VERSION, table.n_slots, table.n_keys], dtype=np.int64)
+    arrays = {"table": table.rows, "header": header}
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in arrays.items()}
 
 
@@ -119,12 +129,15 @@ def stored_table_problem(state_dict: dict[str, Any], prefix: str) -> str | None:
     header = got["header"]
     if header.shape != (3,):
         return f"the stored key table's header has shape {tuple(header.shape)}, not (3,)"
-    _, nb, n_keys = (int(x) for x in header.tolist())
+    _, n_slots, n_keys = (int(x) for x in header.tolist())
     table = got["table"]
-    if (table.dim() != 2 or table.shape[1] != hashspec.ROW or table.shape[0] != nb or nb < 2
-            or not 0 <= n_keys <= nb * hashspec.BUCKET):
+    shape_ok = table.dim() == 2 and table.shape[1] == hashspec.ROW and table.shape[0] >= 3
+    m, n_groups = (int(x) for x in table[0].tolist()) if shape_ok else (-1, -1)
+    if (not shape_ok or m != n_slots or not 2 <= m < 1 << 32 or n_groups < 1
+            or table.shape[0] != hashspec.table_rows(m, n_groups) or not 0 <= n_keys < m
+            or int(table[1, 1]) != n_keys):
         return (f"the stored key table's shapes do not fit together (table "
-                f"{tuple(table.shape)}, header: {nb} buckets, {n_keys} keys)")
+                f"{tuple(table.shape)}, header: {n_slots} slots, {n_keys} keys)")
     return None
 
 
@@ -195,7 +208,7 @@ class KeyLookup(nn.Module):
                               local_metadata: dict[str, Any], strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        # A stored table has its own shape (the bucket count depends on the build), so the
+        # A stored table has its own shape (the slot count depends on the build), so the
         # buffers are replaced rather than copied into; assign=False still copies the data.
         if not all(n in self._non_persistent_buffers_set for n in TABLE_BUFFERS):
             missing = [prefix + n for n in TABLE_BUFFERS if prefix + n not in state_dict]
@@ -220,5 +233,5 @@ class KeyLookup(nn.Module):
                                    if k.startswith(prefix) and k[len(prefix):] not in known)
 
     def extra_repr(self) -> str:
-        return (f"keys={self.n_keys}, buckets={self.table.shape[0]}, "
+        return (f"keys={self.n_keys}, rows={self.table.shape[0]}, "
                 f"table_version={hashspec.KEY_TABLE_VERSION}")

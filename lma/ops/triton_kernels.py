@@ -215,35 +215,34 @@ def backward(grad: torch.Tensor, keys: torch.Tensor, consts: Any, cfg: Any) -> t
 
 
 @triton.jit
-def _key_lookup_kernel(keys_ptr, def_ptr, table_ptr, out_ptr, N, NB, BN: tl.constexpr):
-    """Key table v2 lookup (hashspec "Key tables"): BN keys per program; two 64-byte buckets of
-    4 keys then 4 values each, from the key's own bits."""
+def _key_lookup_kernel(keys_ptr, def_ptr, table_ptr, out_ptr, N, BN: tl.constexpr):
+    """Key table v3 lookup (hashspec "Key tables"): BN keys per program; M, G and A from the
+    table's first rows, then per key its group's displacement and its one (key, value) slot."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BN + tl.arange(0, BN).to(tl.int64)
     mask = offs < N
+    m = tl.load(table_ptr)
+    n_groups = tl.load(table_ptr + 1)
+    mult = tl.load(table_ptr + 2)
     k = tl.load(keys_ptr + offs, mask=mask, other=0)
     lo = k & 4294967295  # non-negative int64: the low 32 bits
     hi = (k >> 32) & 4294967295  # the high 32 bits, unsigned (arithmetic shift, then mask)
-    nb = NB.to(tl.int64)
-    # Both operands are non-negative, so % (which truncates, like C) is the spec's remainder.
-    b0 = lo % nb
-    b1 = (b0 + 1 + hi % (nb - 1)) % nb
-    offs_s = tl.arange(0, 4).to(tl.int64)
-    c0 = tl.load(table_ptr + b0[:, None] * 8 + offs_s[None, :], mask=mask[:, None], other=0)
-    c1 = tl.load(table_ptr + b1[:, None] * 8 + offs_s[None, :], mask=mask[:, None], other=0)
-    p0 = tl.min(tl.where(c0 == k[:, None], offs_s[None, :], 8), axis=1)
-    p1 = tl.min(tl.where(c1 == k[:, None], offs_s[None, :], 8), axis=1)
-    hit0 = p0 < 4
-    hit1 = p1 < 4
-    flat = tl.where(hit0, b0 * 8 + 4 + p0, b1 * 8 + 4 + p1)  # the value beside the matching key
-    hit = (hit0 | hit1) & mask
-    v = tl.load(table_ptr + flat, mask=hit, other=0)
+    # Every operand of % is non-negative, so % (which truncates, like C) is the spec's remainder;
+    # the int64 product wraps with the bits of the unsigned one.
+    g = lo % n_groups
+    s0 = (((k * mult) >> 32) & 4294967295) % m
+    s1 = 1 + hi % (m - 1)
+    disp = tl.load(table_ptr + 2 * (2 + m) + g, mask=mask, other=0)
+    slot = (s0 + disp * s1) % m
+    key = tl.load(table_ptr + 4 + 2 * slot, mask=mask, other=0)
+    hit = (key == k) & mask
+    v = tl.load(table_ptr + 5 + 2 * slot, mask=hit, other=0)
     d = tl.load(def_ptr + offs, mask=mask, other=0)
     tl.store(out_ptr + offs, tl.where(hit, v, d), mask=mask)
 
 
 def key_lookup(keys: torch.Tensor, default: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(...) int64 keys -> (...) int64 values or defaults; ``table`` (n_buckets, 8) int64."""
+    """(...) int64 keys -> (...) int64 values or defaults; ``table`` a key table v3 (rows, 2)."""
     dev = keys.device
     flat = keys.reshape(-1).contiguous()
     d = default.to(dev, torch.int64).expand(keys.shape).reshape(-1).contiguous()
@@ -252,6 +251,6 @@ def key_lookup(keys: torch.Tensor, default: torch.Tensor, table: torch.Tensor) -
     if n:
         bn = 128
         _key_lookup_kernel[(triton.cdiv(n, bn),)](
-            flat, d, table.to(dev, torch.int64).contiguous(), out, n, table.shape[0], BN=bn,
+            flat, d, table.to(dev, torch.int64).contiguous(), out, n, BN=bn,
         )
     return out.reshape(keys.shape)

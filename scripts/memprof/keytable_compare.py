@@ -66,7 +66,7 @@ def main() -> int:
             tracemalloc.stop()
             res.append((table, peak, sec))
         a, b = res[0][0], res[1][0]
-        same = a.n_keys == b.n_keys and np.array_equal(a.buckets, b.buckets)
+        same = a.n_keys == b.n_keys and np.array_equal(a.rows, b.rows)
         ok &= same
         n = max(len(keys), 1)
         print(f"{name:14s} identical={same} n={len(keys)} peak old {res[0][1] / n:.0f} B/key "

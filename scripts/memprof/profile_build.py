@@ -41,7 +41,7 @@ def main() -> None:
                         lambda: np.ascontiguousarray(vocab[order]))
     kt = steps.run("build_key_table(sorted vocab, arange(n))",
                    lambda: build_key_table(ordered, np.arange(n)))
-    print("key table MB", kt.buckets.nbytes / 2**20)
+    print("key table MB", kt.rows.nbytes / 2**20)
     emb = steps.run("nn.Embedding(rows, 16, sparse=True)",
                     lambda: torch.nn.Embedding(n + len(fmap.tokens), 16, sparse=True))
     steps.run("_init_rows (uniform_)",

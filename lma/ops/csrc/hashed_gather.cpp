@@ -300,80 +300,71 @@ void check_hot(const at::Tensor& memory, const at::Tensor& hot, int64_t dim, int
   TORCH_CHECK(hot.scalar_type() == memory.scalar_type(), "hot must have the memory's dtype");
 }
 
-// Key table v2 (see key_lookup below): the two candidate buckets of key u.
-struct BucketPair {
-  uint64_t nb;
-  FastMod mod_nb;
-  FastMod mod_nb1;
-  explicit BucketPair(uint64_t n) : nb(n), mod_nb(n), mod_nb1(n - 1) {}
-  inline void operator()(uint64_t u, uint64_t& b0, uint64_t& b1) const {
-    b0 = mod_nb(u & 0xFFFFFFFFull);
-    b1 = b0 + 1 + mod_nb1(u >> 32);
-    if (b1 >= nb) b1 -= nb;
+// Key table v3 (lma/hashspec.py, "Key tables"): a table describes itself in its first two rows,
+// (M, G) and (A, n_keys); then come M (key, value) slots and G displacements. Slot of key u:
+// (s0 + disp[g] * s1) mod M with g = lo mod G, s0 = ((u * A) mod 2^64) div 2^32 mod M and
+// s1 = 1 + hi mod (M - 1); s0 + disp * s1 < 2^53, inside FastMod's range.
+struct SlotHash {
+  const int64_t* slots;  // (M, 2): key, value
+  const int64_t* disp;   // (G,)
+  uint64_t mult;
+  FastMod mod_g;
+  FastMod mod_m;
+  FastMod mod_m1;
+  explicit SlotHash(const int64_t* tp)
+      : slots(tp + 4),
+        disp(tp + 4 + 2 * tp[0]),
+        mult(static_cast<uint64_t>(tp[2])),
+        mod_g(static_cast<uint64_t>(tp[1])),
+        mod_m(static_cast<uint64_t>(tp[0])),
+        mod_m1(static_cast<uint64_t>(tp[0]) - 1) {}
+  inline uint64_t group(uint64_t u) const { return mod_g(u & 0xFFFFFFFFull); }
+  inline uint64_t slot(uint64_t u, int64_t d) const {
+    const uint64_t s0 = mod_m((u * mult) >> 32);
+    const uint64_t s1 = 1 + mod_m1(u >> 32);
+    return mod_m(s0 + static_cast<uint64_t>(d) * s1);
   }
 };
 
-// The value of key in the two 64-byte buckets (4 keys, then their 4 values) at l0, l1, else dflt.
-// A key sits in at most one slot of its two buckets (build_key_table places each key once, and
-// no query can match the filler keys of empty slots), so OR-ing the values of the matching
-// slots gives the one value. Masks, not conditionals: compilers turn conditionals into
-// branches, and which slot matches is random.
-inline int64_t bucket_value(const int64_t* l0, const int64_t* l1, int64_t key, int64_t dflt) {
-  uint64_t acc = 0, found = 0;
-  for (int s = 0; s < 4; ++s) {
-    const uint64_t m0 = -static_cast<uint64_t>(l0[s] == key);
-    const uint64_t m1 = -static_cast<uint64_t>(l1[s] == key);
-    acc |= (static_cast<uint64_t>(l0[4 + s]) & m0) | (static_cast<uint64_t>(l1[4 + s]) & m1);
-    found |= m0 | m1;
-  }
-  return static_cast<int64_t>((acc & found) | (static_cast<uint64_t>(dflt) & ~found));
+// A v3 table's shape, checked against its own first rows before any slot is read.
+void check_key_table(const at::Tensor& table) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 2 && table.size(0) >= 3 &&
+                  table.scalar_type() == at::kLong && table.device().is_cpu(),
+              "table must be a (rows >= 3, 2) int64 CPU tensor (key table v3)");
+  const at::Tensor head = table.narrow(0, 0, 1).contiguous();
+  const int64_t m = head.data_ptr<int64_t>()[0];
+  const int64_t g = head.data_ptr<int64_t>()[1];
+  TORCH_CHECK(m >= 2 && m < (int64_t{1} << 32) && g >= 1 && table.size(0) == 2 + m + (g + 1) / 2,
+              "key table v3 of ", table.size(0), " rows does not fit its own header (", m,
+              " slots, ", g, " groups)");
 }
 
-// The same with AVX2: a bucket's four keys are compared in one instruction.
-__attribute__((target("avx2"))) inline int64_t bucket_value_avx2(const int64_t* l0,
-                                                                   const int64_t* l1, int64_t key,
-                                                                   int64_t dflt) {
-  const __m256i k = _mm256_set1_epi64x(key);
-  const __m256i m0 = _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l0)), k);
-  const __m256i m1 = _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l1)), k);
-  const __m256i v = _mm256_or_si256(
-      _mm256_and_si256(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l0 + 4))),
-      _mm256_and_si256(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l1 + 4))));
-  const __m128i h = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  const int64_t val = _mm_cvtsi128_si64(h) | _mm_extract_epi64(h, 1);
-  const int any = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(m0, m1)));
-  return any ? val : dflt;
-}
-
-// Key table lookups of keys[begin, end) into out[0, end - begin): per chunk of 64 keys the
-// buckets are computed and prefetched first, so their cache misses overlap, then compared.
-// The default is dflt[i] where dflt is given, else dconst.
-#define LMA_LOOKUP_RANGE(NAME, VALUE, ATTR)                                                     \
-  ATTR void NAME(const BucketPair& bucket, const int64_t* tp, const int64_t* kp, int64_t begin, \
-                 int64_t end, const int64_t* dflt, int64_t dconst, int64_t* out) {              \
-    constexpr int64_t kLookupChunk = 64;                                                        \
-    uint64_t bk[kLookupChunk][2];                                                               \
-    for (int64_t c0 = begin; c0 < end; c0 += kLookupChunk) {                                    \
-      const int64_t c1 = std::min(end, c0 + kLookupChunk);                                      \
-      for (int64_t i = c0; i < c1; ++i) {                                                       \
-        bucket(static_cast<uint64_t>(kp[i]), bk[i - c0][0], bk[i - c0][1]);                     \
-        __builtin_prefetch(tp + bk[i - c0][0] * 8);                                             \
-        __builtin_prefetch(tp + bk[i - c0][1] * 8);                                             \
-      }                                                                                         \
-      for (int64_t i = c0; i < c1; ++i)                                                         \
-        out[i - begin] = VALUE(tp + bk[i - c0][0] * 8, tp + bk[i - c0][1] * 8, kp[i],           \
-                               dflt != nullptr ? dflt[i] : dconst);                             \
-    }                                                                                           \
+// Key table lookups of keys[begin, end) into out[0, end - begin), per chunk of 64 keys in three
+// passes so that the cache misses of a pass overlap: groups (displacements prefetched), slots
+// (slot rows prefetched), then the compare. The default is dflt[i] where dflt is given, else
+// dconst. Masks, not conditionals: whether a key is present is data, and a mispredicted branch
+// costs about what the lookup does.
+inline void lookup_range(const SlotHash& sh, const int64_t* kp, int64_t begin, int64_t end,
+                         const int64_t* dflt, int64_t dconst, int64_t* out) {
+  constexpr int64_t kLookupChunk = 64;
+  uint64_t at[kLookupChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kLookupChunk) {
+    const int64_t c1 = std::min(end, c0 + kLookupChunk);
+    for (int64_t i = c0; i < c1; ++i) {
+      at[i - c0] = sh.group(static_cast<uint64_t>(kp[i]));
+      __builtin_prefetch(sh.disp + at[i - c0]);
+    }
+    for (int64_t i = c0; i < c1; ++i) {
+      at[i - c0] = sh.slot(static_cast<uint64_t>(kp[i]), sh.disp[at[i - c0]]);
+      __builtin_prefetch(sh.slots + 2 * at[i - c0]);
+    }
+    for (int64_t i = c0; i < c1; ++i) {
+      const int64_t* pair = sh.slots + 2 * at[i - c0];
+      const uint64_t hit = -static_cast<uint64_t>(pair[0] == kp[i]);
+      const uint64_t d = static_cast<uint64_t>(dflt != nullptr ? dflt[i] : dconst);
+      out[i - begin] = static_cast<int64_t>((static_cast<uint64_t>(pair[1]) & hit) | (d & ~hit));
+    }
   }
-LMA_LOOKUP_RANGE(lookup_range_generic, bucket_value, )
-LMA_LOOKUP_RANGE(lookup_range_avx2, bucket_value_avx2, __attribute__((target("avx2"))))
-#undef LMA_LOOKUP_RANGE
-
-inline void lookup_range(const BucketPair& bucket, const int64_t* tp, const int64_t* kp,
-                         int64_t begin, int64_t end, const int64_t* dflt, int64_t dconst,
-                         int64_t* out) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  (avx2 ? lookup_range_avx2 : lookup_range_generic)(bucket, tp, kp, begin, end, dflt, dconst, out);
 }
 
 }  // namespace
@@ -438,25 +429,22 @@ at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at:
 }
 
 // The hot serving form with its token -> hot row lookup in the same pass: memory (M,), hot
-// (H, dim), table (n_buckets, 8) int64 (key table v2: token -> hot row), tokens (...) int64 ->
-// (..., dim) = hot_gather(memory, hot, key_lookup(tokens, -1, table), tokens, ...). Per chunk
-// the tokens' buckets are computed and prefetched, then compared (hot rows found), then
-// hot_chunk; no index tensor is written and read back.
+// (H, dim), table (key table v3: token -> hot row), tokens (...) int64 -> (..., dim) =
+// hot_gather(memory, hot, key_lookup(tokens, -1, table), tokens, ...). Per chunk the tokens'
+// hot rows are looked up (lookup_range), then hot_chunk; no index tensor is written and read
+// back.
 at::Tensor hot_embed(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& table,
                      const at::Tensor& tokens, const at::Tensor& coef_a, const at::Tensor& coef_b,
                      const at::Tensor& nibble_w, int64_t dim, int64_t z, bool lma, bool aligned) {
   check_hot(memory, hot, dim, z, coef_a);
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == 8 && table.size(0) >= 2 &&
-                  table.scalar_type() == at::kLong && table.device().is_cpu(),
-              "table must be a (n_buckets >= 2, 8) int64 CPU tensor: 4 keys then 4 values per bucket");
+  check_key_table(table);
   const Hasher hs(coef_a, coef_b, nibble_w, memory.numel(), z, lma, aligned);
   const at::Tensor tl = table.contiguous();
-  const BucketPair bucket(static_cast<uint64_t>(tl.size(0)));
-  const int64_t* tp = tl.data_ptr<int64_t>();
+  const SlotHash sh(tl.data_ptr<int64_t>());
   const int64_t n_hot = hot.size(0);
   return hot_rows(memory, hot, tokens, hs, dim, z,
                   [&](int64_t c0, int64_t c1, const int64_t* kp, int64_t* ix) -> const int64_t* {
-                    lookup_range(bucket, tp, kp, c0, c1, nullptr, -1, ix);
+                    lookup_range(sh, kp, c0, c1, nullptr, -1, ix);
                     for (int64_t i = c0; i < c1; ++i)
                       TORCH_CHECK(ix[i - c0] < n_hot, "the key table maps token ", kp[i],
                                   " to hot row ", ix[i - c0], ", out of range for ", n_hot,
@@ -551,26 +539,22 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& keys, const at::Te
   return out;
 }
 
-// Key table lookup (lma/hashspec.py, "Key tables", v2): keys (N,) int64 -> values, or the
-// default where a key is absent. A table row is one 64-byte bucket: 4 keys, then their 4 values.
-// Two candidate buckets per key from the key's own bits (b0 = lo mod nb, b1 = (b0 + 1 + hi mod
-// (nb - 1)) mod nb); the buckets of a chunk of keys are computed and prefetched before any of
-// them is compared, so their cache misses overlap.
+// Key table lookup (lma/hashspec.py, "Key tables", v3): keys (N,) int64 -> values, or the
+// default where a key is absent: per key its group's displacement, then its one slot (key and
+// value side by side), each pass over a chunk of keys prefetched before it is read.
 at::Tensor key_lookup(const at::Tensor& keys, const at::Tensor& fallback, const at::Tensor& table) {
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == 8 && table.size(0) >= 2,
-              "table must be (n_buckets >= 2, 8) int64: 4 keys then 4 values per bucket");
+  check_key_table(table);
   const at::Tensor k = flat_keys(keys);
   const at::Tensor d = fallback.to(at::kLong).expand(keys.sizes()).reshape({-1}).contiguous();
-  const at::Tensor tl = table.to(at::kLong).contiguous();
-  const BucketPair bucket(static_cast<uint64_t>(tl.size(0)));
+  const at::Tensor tl = table.contiguous();
+  const SlotHash sh(tl.data_ptr<int64_t>());
   const int64_t n = k.numel();
   at::Tensor out = at::empty({n}, k.options());
   const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t* dp = d.data_ptr<int64_t>();
-  const int64_t* tp = tl.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    lookup_range(bucket, tp, kp, begin, end, dp, 0, op + begin);
+    lookup_range(sh, kp, begin, end, dp, 0, op + begin);
   });
   return out.reshape(keys.sizes());
 }
@@ -585,8 +569,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("backward", &backward, "hashed gather backward (dense scatter-add)");
   mod.def("hot_gather", &hot_gather, "hot rows where index >= 0, else the hashed gather of keys");
   mod.def("hot_embed", &hot_embed, "hot_gather with its token -> hot row key table lookup fused");
-  mod.def("key_lookup", &key_lookup, "key table v2 lookup (keys -> values or default)");
+  mod.def("key_lookup", &key_lookup, "key table v3 lookup (keys -> values or default)");
   mod.def("dot_interaction", &dot_interaction, "DLRM pairwise dot products behind a prefix");
-  mod.attr("KEY_TABLE_VERSION") = 2;
+  mod.attr("KEY_TABLE_VERSION") = 3;
   mod.attr("SPEC_VERSION") = 1;
 }
