@@ -168,17 +168,20 @@ def slot_indices(
 # Key table v3: a perfect hash with one probe. Each key has exactly one slot, found with two
 # reads: its group's displacement, then the slot's (key, value) pair (16 bytes, in one cache
 # line). With u the key's two's-complement bits as an unsigned 64-bit integer and all arithmetic
-# unsigned 64-bit (only the product u * A wraps, mod 2^64):
-#     lo, hi = u mod 2^32, u div 2^32
-#     g      = lo mod G                                  (the key's group)
-#     s0     = ((u * A) mod 2^64) div 2^32 mod M         (A: the table's odd multiplier)
+# unsigned 64-bit (only the product u * A wraps, mod 2^64; an odd A makes it a bijection, so
+# distinct keys have distinct y, and it mixes structured keys such as small integers or
+# multiples of 2^32, whose own halves would put them all in one group or give them one step):
+#     y      = (u * A) mod 2^64                          (A: the table's odd multiplier)
+#     lo, hi = y mod 2^32, y div 2^32
+#     g      = hi mod G                                  (the key's group; G prime too)
+#     s0     = lo mod M
 #     s1     = 1 + hi mod (M - 1)                        (M prime: s1 visits every slot)
 #     slot   = (s0 + disp[g] * s1) mod M
 #     value  = the slot's value if the slot's key is k, else the caller's default.
 # The table is one (2 + M + ceil(G / 2), 2) int64 array that describes itself:
 #     row 0 = (M, G), row 1 = (A, n_keys), rows 2 .. 2 + M = the slots' (key, value) pairs,
 #     and, in the flat view, element 2 (2 + M) + g = disp[g] (two displacements per row).
-# Every displacement is below 2^20 and M below 2^32, so s0 + disp * s1 < 2^53 never wraps.
+# Every displacement is below 2^16 and M below 2^32, so s0 + disp * s1 < 2^49 never wraps.
 # The build places the groups largest first; a group takes the smallest displacement that puts
 # all its keys in free, distinct slots (groups of one size try the same displacement together,
 # a slot wanted by several of them going to the first). Empty slots hold a filler key that is in
@@ -196,7 +199,7 @@ META_ROWS = 2  # (M, G), (A, n_keys)
 MIN_SLOTS = 4  # fillers need a slot of their own outside the keys'
 DEFAULT_LOAD = 0.85  # keys per slot
 GROUP_SIZE = 4  # keys per displacement (on average)
-MAX_DISPLACEMENT = 1 << 20
+MAX_DISPLACEMENT = 1 << 16
 _LO32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
@@ -290,11 +293,10 @@ def slot_hashes(keys: np.ndarray, n_slots: int, n_groups: int,
     if n_slots < 2 or n_slots >= 1 << 32 or n_groups < 1:
         raise ValueError(f"a key table needs 2 <= slots < 2^32 and >= 1 group, got "
                          f"{n_slots} slots, {n_groups} groups")
-    u = np.asarray(keys, dtype=np.int64).reshape(-1).view(np.uint64)
-    hi = u >> np.uint64(32)
-    g = ((u & np.uint64(_LO32)) % np.uint64(n_groups)).astype(np.int64)
-    y = u * np.uint64(multiplier)  # wraps mod 2^64 (numpy arrays wrap silently)
-    s0 = ((y >> np.uint64(32)) % np.uint64(n_slots)).astype(np.int64)
+    y = np.asarray(keys, dtype=np.int64).reshape(-1).view(np.uint64) * np.uint64(multiplier)
+    hi = y >> np.uint64(32)  # (numpy arrays wrap the product silently)
+    g = (hi % np.uint64(n_groups)).astype(np.int64)
+    s0 = ((y & np.uint64(_LO32)) % np.uint64(n_slots)).astype(np.int64)
     s1 = (np.uint64(1) + hi % np.uint64(n_slots - 1)).astype(np.int64)
     return g, s0, s1
 
@@ -312,9 +314,16 @@ def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
     Groups are placed largest first (the order that lets a perfect hash of this kind succeed at
     high loads); all pending groups of one size try the same displacement in each round, and a
     group is placed when its keys' slots are free and distinct and no earlier group of the round
-    wants any of them."""
+    wants any of them. Two keys of one group with the same base and step collide at every
+    displacement, so that fails at once (two keys of one group otherwise collide at one
+    displacement at most: M is prime)."""
     counts = np.bincount(g, minlength=n_groups)
-    order = np.argsort(g, kind="stable")
+    order = np.lexsort((s1, s0, g))
+    same = ((g[order[1:]] == g[order[:-1]]) & (s0[order[1:]] == s0[order[:-1]])
+            & (s1[order[1:]] == s1[order[:-1]]))
+    if same.any():  # two keys of one group with one base and step: no displacement parts them
+        return None
+    del same
     starts = np.zeros(n_groups, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     taken = np.zeros(n_slots, dtype=bool)
@@ -328,7 +337,7 @@ def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
         del members
         d = 0
         while len(grp):
-            if d >= MAX_DISPLACEMENT:
+            if d >= min(MAX_DISPLACEMENT, n_slots):  # d and d + M give the same slots
                 return None
             slots = (a + d * b) % n_slots
             ok = ~taken[slots].any(axis=1)
@@ -371,7 +380,9 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
     """Key table mapping ``keys[i] -> values[i]`` (the first i of a repeated key).
 
     ``load`` is keys per slot: M = the first prime >= max(5, ceil(n / load) + 1) slots (prime,
-    so that every step s1 visits every slot), and G = ceil(n / group_size) groups. ``seed``
+    so that every step s1 visits every slot), and G = the first prime >= ceil(n / group_size)
+    groups (prime, so that keys whose hashes differ by multiples of a power of two, as the
+    products of structured keys do, still spread over every group). ``seed``
     picks the multiplier. If placement fails, the table grows by 2% of its slots and is placed
     again with the next multiplier.
     """
@@ -392,7 +403,7 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
     del first
     n = len(uniq)
     n_slots = _prime_at_least(max(MIN_SLOTS + 1, int(np.ceil(n / load)) + 1))
-    n_groups = max(1, -(-n // group_size))
+    n_groups = _prime_at_least(max(2, -(-n // group_size)))
     attempt = 0
     while True:
         mult = _multiplier(seed + attempt)

@@ -464,8 +464,9 @@ def key_lookup_attributes() -> dict[str, int]:
 
 def _key_lookup_body() -> list[onnx.NodeProto]:
     """Nodes of ``ai.lma::KeyLookup(keys, default, table) -> out`` (key table v3, hashspec "Key
-    tables"): M, G and A from the table's first elements; per key the two 32-bit halves from one
-    uint64 division, its group, base and step with three uint64 remainders, its displacement
+    tables"): M, G and A from the table's first elements; per key the product y = u * A, its two
+    32-bit halves from one uint64 division, its group, base and step with three uint64
+    remainders, its displacement
     with a GatherElements of one int64 from the flat table, its slot, and the slot's key and
     value (side by side) with two more; Equal and Where then pick the value or the default. Every
     tensor is (N,) against scalars (onnxruntime's CPU kernels broadcast anything else element by
@@ -498,17 +499,16 @@ def _key_lookup_body() -> list[onnx.NodeProto]:
         n("Sub", ["m_u", "c1u"], ["m1_u"]),
         n("Add", ["m_u", "meta_off"], ["m_meta"]),
         n("Mul", ["m_meta", "row_u"], ["disp_off"]),  # flat index of disp[0]
-        # per key: halves, group, base, step (uint64)
+        # per key: y = u * A (wraps mod 2^64), its halves, group, base, step (uint64)
         n("Reshape", ["keys", "cm1"], ["kf"]),
         n("Cast", ["kf"], ["ku"], to=u64),
-        n("Div", ["ku", "c2p32u"], ["k_hi"]),
-        n("Mul", ["k_hi", "c2p32u"], ["k_hi_sh"]),
-        n("Sub", ["ku", "k_hi_sh"], ["k_lo"]),
-        n("Mod", ["k_lo", "g_u"], ["grp"]),
-        n("Mul", ["ku", "a_u"], ["ka"]),  # wraps mod 2^64
-        n("Div", ["ka", "c2p32u"], ["ka_hi"]),
-        n("Mod", ["ka_hi", "m_u"], ["s0"]),
-        n("Mod", ["k_hi", "m1_u"], ["s1_0"]),
+        n("Mul", ["ku", "a_u"], ["y"]),
+        n("Div", ["y", "c2p32u"], ["y_hi"]),
+        n("Mul", ["y_hi", "c2p32u"], ["y_hi_sh"]),
+        n("Sub", ["y", "y_hi_sh"], ["y_lo"]),
+        n("Mod", ["y_hi", "g_u"], ["grp"]),
+        n("Mod", ["y_lo", "m_u"], ["s0"]),
+        n("Mod", ["y_hi", "m1_u"], ["s1_0"]),
         n("Add", ["s1_0", "c1u"], ["s1"]),
         # the group's displacement, then the slot
         n("Add", ["grp", "disp_off"], ["disp_at_u"]),

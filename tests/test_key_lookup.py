@@ -65,7 +65,7 @@ def test_numpy_table_equals_binary_search(name: str) -> None:
     default = np.arange(q.shape[1], dtype=np.int64) - 7
     assert np.array_equal(hs.key_table_lookup(table, q, default), _search(keys, values, q, default))
     m, g = table.n_slots, table.n_groups
-    assert m >= hs.MIN_SLOTS and hs._is_prime(m) and g >= 1
+    assert m >= hs.MIN_SLOTS and hs._is_prime(m) and hs._is_prime(g)
     assert table.rows.shape == (hs.table_rows(m, g), hs.ROW)
     assert table.rows[1, 1] == table.n_keys == len(np.unique(keys))
     slots = hs.key_slots(table, q.reshape(-1))
@@ -97,8 +97,8 @@ def test_table_is_compact_and_each_key_in_its_slot() -> None:
 
 
 def _slot_hashes_by_hand(k: int, m: int, g: int, a: int) -> tuple[int, int, int]:
-    u = k & ((1 << 64) - 1)
-    return (u & 0xFFFFFFFF) % g, ((u * a) % (1 << 64) >> 32) % m, 1 + (u >> 32) % (m - 1)
+    y = ((k & ((1 << 64) - 1)) * a) % (1 << 64)
+    return (y >> 32) % g, (y & 0xFFFFFFFF) % m, 1 + (y >> 32) % (m - 1)
 
 
 def test_slot_hashes_of_extreme_keys() -> None:
@@ -288,3 +288,28 @@ def test_cpp_refuses_a_table_that_does_not_fit_its_header() -> None:
                        (t.clone().index_fill_(0, torch.tensor([0]), 1), "does not fit")):
         with pytest.raises(RuntimeError, match=match):
             ext.key_lookup(tq, d, bad.contiguous())
+
+
+@pytest.mark.parametrize("kind", ["small integers", "multiples of 2^32", "high bits only"])
+def test_structured_keys_build_quickly_and_exactly(kind: str) -> None:
+    """Keys whose own halves carry little entropy (what v3's multiplier is for): a table of them
+    builds in one attempt or a few and answers exactly."""
+    n = 20_000
+    i = np.arange(n, dtype=np.int64)
+    keys = {"small integers": i - n // 2, "multiples of 2^32": i << np.int64(32),
+            "high bits only": (i << np.int64(44)) | np.int64(12345)}[kind]
+    values = i * 3 + 1
+    table = hs.build_key_table(keys, values)
+    assert table.n_slots < 1.2 * n / hs.DEFAULT_LOAD  # at most a few 2% growths
+    q = np.concatenate([keys, keys + 1, keys - (1 << 32), EXTREME])
+    assert np.array_equal(hs.key_table_lookup(table, q, -1), _search(keys, values, q, np.int64(-1)))
+
+
+def test_inseparable_keys_fail_placement_at_once() -> None:
+    """Two keys of one group with the same base and step collide at every displacement: the
+    placement says so before trying any."""
+    g = np.array([0, 0, 1], np.int64)
+    s0 = np.array([3, 3, 4], np.int64)
+    s1 = np.array([2, 2, 5], np.int64)
+    assert hs._place(g, s0, s1, 7, 2) is None
+    assert hs._place(g, s0, np.array([2, 3, 5], np.int64), 7, 2) is not None

@@ -45,11 +45,11 @@ def slot_hashes_torch(keys: torch.Tensor, n_slots: torch.Tensor | int, n_groups:
     """(N,) int64 keys -> group, base and step, exactly as ``hashspec.slot_hashes``: int64
     arithmetic whose wrapping product has the bits of the unsigned one; ``multiplier`` is A in
     its int64 form."""
-    lo = keys & _LO32  # the low 32 bits, as a non-negative int64
-    hi = (keys >> 32) & _LO32  # the high 32 bits unsigned (arithmetic shift, then mask)
-    g = torch.remainder(lo, n_groups)
     y = keys * multiplier  # wraps mod 2^64
-    s0 = torch.remainder((y >> 32) & _LO32, n_slots)
+    lo = y & _LO32  # the low 32 bits, as a non-negative int64
+    hi = (y >> 32) & _LO32  # the high 32 bits unsigned (arithmetic shift, then mask)
+    g = torch.remainder(hi, n_groups)
+    s0 = torch.remainder(lo, n_slots)
     s1 = 1 + torch.remainder(hi, n_slots - 1)
     return g, s0, s1
 

@@ -225,12 +225,12 @@ def _key_lookup_kernel(keys_ptr, def_ptr, table_ptr, out_ptr, N, BN: tl.constexp
     n_groups = tl.load(table_ptr + 1)
     mult = tl.load(table_ptr + 2)
     k = tl.load(keys_ptr + offs, mask=mask, other=0)
-    lo = k & 4294967295  # non-negative int64: the low 32 bits
-    hi = (k >> 32) & 4294967295  # the high 32 bits, unsigned (arithmetic shift, then mask)
-    # Every operand of % is non-negative, so % (which truncates, like C) is the spec's remainder;
-    # the int64 product wraps with the bits of the unsigned one.
-    g = lo % n_groups
-    s0 = (((k * mult) >> 32) & 4294967295) % m
+    y = k * mult  # the int64 product wraps with the bits of the unsigned one
+    lo = y & 4294967295  # non-negative int64: the low 32 bits
+    hi = (y >> 32) & 4294967295  # the high 32 bits, unsigned (arithmetic shift, then mask)
+    # Every operand of % is non-negative, so % (which truncates, like C) is the spec's remainder.
+    g = hi % n_groups
+    s0 = lo % m
     s1 = 1 + hi % (m - 1)
     disp = tl.load(table_ptr + 2 * (2 + m) + g, mask=mask, other=0)
     slot = (s0 + disp * s1) % m

@@ -302,8 +302,9 @@ void check_hot(const at::Tensor& memory, const at::Tensor& hot, int64_t dim, int
 
 // Key table v3 (lma/hashspec.py, "Key tables"): a table describes itself in its first two rows,
 // (M, G) and (A, n_keys); then come M (key, value) slots and G displacements. Slot of key u:
-// (s0 + disp[g] * s1) mod M with g = lo mod G, s0 = ((u * A) mod 2^64) div 2^32 mod M and
-// s1 = 1 + hi mod (M - 1); s0 + disp * s1 < 2^53, inside FastMod's range.
+// with y = u * A mod 2^64, (s0 + disp[g] * s1) mod M where g = (y >> 32) mod G,
+// s0 = (y mod 2^32) mod M and s1 = 1 + (y >> 32) mod (M - 1); s0 + disp * s1 < 2^49, inside
+// FastMod's range.
 struct SlotHash {
   const int64_t* slots;  // (M, 2): key, value
   const int64_t* disp;   // (G,)
@@ -318,10 +319,11 @@ struct SlotHash {
         mod_g(static_cast<uint64_t>(tp[1])),
         mod_m(static_cast<uint64_t>(tp[0])),
         mod_m1(static_cast<uint64_t>(tp[0]) - 1) {}
-  inline uint64_t group(uint64_t u) const { return mod_g(u & 0xFFFFFFFFull); }
+  inline uint64_t group(uint64_t u) const { return mod_g((u * mult) >> 32); }
   inline uint64_t slot(uint64_t u, int64_t d) const {
-    const uint64_t s0 = mod_m((u * mult) >> 32);
-    const uint64_t s1 = 1 + mod_m1(u >> 32);
+    const uint64_t y = u * mult;
+    const uint64_t s0 = mod_m(y & 0xFFFFFFFFull);
+    const uint64_t s1 = 1 + mod_m1(y >> 32);
     return mod_m(s0 + static_cast<uint64_t>(d) * s1);
   }
 };
