@@ -318,12 +318,21 @@ def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
     displacement, so that fails at once (two keys of one group otherwise collide at one
     displacement at most: M is prime)."""
     counts = np.bincount(g, minlength=n_groups)
-    order = np.lexsort((s1, s0, g))
-    same = ((g[order[1:]] == g[order[:-1]]) & (s0[order[1:]] == s0[order[:-1]])
-            & (s1[order[1:]] == s1[order[:-1]]))
-    if same.any():  # two keys of one group with one base and step: no displacement parts them
-        return None
-    del same
+    # Keys by (group, base): one int64 (g * M + s0 < M^2) sorts 3x faster than a lexsort of
+    # three columns; a group's keys end up side by side (the order within one is irrelevant).
+    order = g * n_slots
+    order += s0
+    tied = order
+    order = np.argsort(tied)
+    tied = tied[order]
+    at = np.flatnonzero(tied[1:] == tied[:-1])  # keys sharing a group and a base (rare)
+    if len(at):
+        sub = order[np.unique(np.concatenate([at, at + 1]))]
+        sub = sub[np.lexsort((s1[sub], s0[sub], g[sub]))]
+        if ((g[sub[1:]] == g[sub[:-1]]) & (s0[sub[1:]] == s0[sub[:-1]])
+                & (s1[sub[1:]] == s1[sub[:-1]])).any():
+            return None  # two keys of one group with one base and step: no displacement parts them
+    del tied, at
     starts = np.zeros(n_groups, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     taken = np.zeros(n_slots, dtype=bool)
@@ -333,18 +342,18 @@ def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
         if len(grp) == 0:
             continue
         members = order[starts[grp][:, None] + np.arange(size)]
-        a, b = s0[members], s1[members]  # (P, size)
+        dt = np.int32 if n_slots < 1 << 30 else np.int64  # slot + step < 2M fits
+        slots = s0[members].astype(dt)  # (P, size): the slots at displacement d, kept
+        b = s1[members].astype(dt)  # incrementally (slots + d * b mod M without a multiply)
         del members
         d = 0
         while len(grp):
             if d >= min(MAX_DISPLACEMENT, n_slots):  # d and d + M give the same slots
                 return None
-            slots = (a + d * b) % n_slots
-            ok = ~taken[slots].any(axis=1)
-            if size > 1:
-                srt = np.sort(slots, axis=1)
-                ok &= (srt[:, 1:] != srt[:, :-1]).all(axis=1)
-            cand = np.flatnonzero(ok)
+            cand = np.flatnonzero(~taken[slots].any(axis=1))
+            if size > 1 and len(cand):
+                srt = np.sort(slots[cand], axis=1)
+                cand = cand[(srt[:, 1:] != srt[:, :-1]).all(axis=1)]
             if len(cand):
                 flat = slots[cand].reshape(-1)
                 _, first = np.unique(flat, return_index=True)  # the first group wanting a slot
@@ -355,7 +364,9 @@ def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
                 disp[grp[placed]] = d
                 keep = np.ones(len(grp), dtype=bool)
                 keep[placed] = False
-                grp, a, b = grp[keep], a[keep], b[keep]
+                grp, slots, b = grp[keep], slots[keep], b[keep]
+            slots += b
+            slots[slots >= n_slots] -= n_slots
             d += 1
     return disp
 

@@ -313,3 +313,16 @@ def test_inseparable_keys_fail_placement_at_once() -> None:
     s1 = np.array([2, 2, 5], np.int64)
     assert hs._place(g, s0, s1, 7, 2) is None
     assert hs._place(g, s0, np.array([2, 3, 5], np.int64), 7, 2) is not None
+
+
+def test_inseparable_keys_found_among_keys_sharing_a_base() -> None:
+    """Keys sharing a group and a base are checked exactly, whatever their order: a third key
+    of the same base between two with the same step does not hide the pair (steps 5, 7, 5)."""
+    g = np.array([1, 0, 1, 1, 0], np.int64)
+    s0 = np.array([2, 6, 2, 2, 1], np.int64)
+    for s1 in ([5, 3, 7, 5, 4], [7, 3, 5, 5, 4], [5, 3, 5, 7, 4]):
+        assert hs._place(g, s0, np.array(s1, np.int64), 11, 2) is None
+    disp = hs._place(g, s0, np.array([5, 3, 7, 6, 4], np.int64), 11, 2)
+    assert disp is not None
+    slots = (s0 + disp[g] * np.array([5, 3, 7, 6, 4])) % 11
+    assert len(set(slots.tolist())) == 5
