@@ -200,6 +200,7 @@ MIN_SLOTS = 4  # fillers need a slot of their own outside the keys'
 DEFAULT_LOAD = 0.85  # keys per slot
 GROUP_SIZE = 4  # keys per displacement (on average)
 MAX_DISPLACEMENT = 1 << 16
+MAX_KEYS = 1 << 31  # the build orders keys by group * M + base, which must fit in an int64
 _LO32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
@@ -413,6 +414,8 @@ def build_key_table(keys: np.ndarray, values: np.ndarray, seed: int = 0,
         uniq, vals = keys[first], values[first]  # stable: the first value of a repeated key
     del first
     n = len(uniq)
+    if n > MAX_KEYS:
+        raise ValueError(f"a key table holds at most {MAX_KEYS} keys, got {n}")
     n_slots = _prime_at_least(max(MIN_SLOTS + 1, int(np.ceil(n / load)) + 1))
     n_groups = _prime_at_least(max(2, -(-n // group_size)))
     attempt = 0
