@@ -321,29 +321,28 @@ def _place(g: np.ndarray, s0: np.ndarray, s1: np.ndarray, n_slots: int,
     counts = np.bincount(g, minlength=n_groups)
     # Keys by (group, base): one int64 (g * M + s0 < M^2) sorts 3x faster than a lexsort of
     # three columns; a group's keys end up side by side (the order within one is irrelevant).
-    order = g * n_slots
-    order += s0
-    tied = order
-    order = np.argsort(tied)
-    tied = tied[order]
-    at = np.flatnonzero(tied[1:] == tied[:-1])  # keys sharing a group and a base (rare)
+    group_base = g * n_slots
+    group_base += s0
+    order = np.argsort(group_base)
+    in_order = group_base[order]
+    at = np.flatnonzero(in_order[1:] == in_order[:-1])  # keys sharing a group and a base (rare)
+    del in_order
     if len(at):
         sub = order[np.unique(np.concatenate([at, at + 1]))]
-        sub = sub[np.lexsort((s1[sub], s0[sub], g[sub]))]
-        if ((g[sub[1:]] == g[sub[:-1]]) & (s0[sub[1:]] == s0[sub[:-1]])
-                & (s1[sub[1:]] == s1[sub[:-1]])).any():
+        sub = sub[np.lexsort((s1[sub], group_base[sub]))]
+        if ((group_base[sub[1:]] == group_base[sub[:-1]]) & (s1[sub[1:]] == s1[sub[:-1]])).any():
             return None  # two keys of one group with one base and step: no displacement parts them
-    del tied, at
+    del group_base, at
     starts = np.zeros(n_groups, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     taken = np.zeros(n_slots, dtype=bool)
     disp = np.zeros(n_groups, dtype=np.int64)
+    dt = np.int32 if n_slots < 1 << 30 else np.int64  # slot + step < 2M fits
     for size in range(int(counts.max(initial=0)), 0, -1):
         grp = np.flatnonzero(counts == size)
         if len(grp) == 0:
             continue
         members = order[starts[grp][:, None] + np.arange(size)]
-        dt = np.int32 if n_slots < 1 << 30 else np.int64  # slot + step < 2M fits
         slots = s0[members].astype(dt)  # (P, size): the slots at displacement d, kept
         b = s1[members].astype(dt)  # incrementally (slots + d * b mod M without a multiply)
         del members

@@ -14,7 +14,6 @@ that both give the same output on the benchmark's token draws, and times each in
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -22,23 +21,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-
-
-def _load(path: str, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tokens(feature_map: str, rows: int) -> list[np.ndarray]:
@@ -86,15 +74,16 @@ def main() -> int:
 
     import onnx
     import onnxruntime as ort
+    from memprof.keytable_compare import load_module
 
     work = Path(tempfile.mkdtemp(prefix="bench_keylookup_"))
     tokens = _tokens(args.feature_map, args.rows)
     tok_path = work / "tokens.npz"
     np.savez(tok_path, *tokens)
+    model = onnx.load(args.model)  # once: only its KeyLookup function differs between versions
     paths, outputs = {}, {}
     for tag, src in (("old", args.old), ("new", args.new)):
-        mod = _load(src, f"onnx_op_{tag}")
-        model = onnx.load(args.model)
+        mod = load_module(src, f"onnx_op_{tag}")
         keep = [f for f in model.functions if f.name != mod.KEY_LOOKUP_OP_TYPE]
         del model.functions[:]
         model.functions.extend([*keep, mod.key_lookup_function()])
@@ -103,8 +92,9 @@ def main() -> int:
         n_nodes = len(model.functions[-1].node)
         sess = ort.InferenceSession(str(paths[tag]), providers=["CPUExecutionProvider"])
         outputs[tag] = [sess.run(None, {"tokens": t})[0] for t in tokens]
-        del sess, model
+        del sess
         print(f"{tag}: {src} ({n_nodes} nodes in KeyLookup)", flush=True)
+    del model
     same = all(np.array_equal(a, b) for a, b in zip(outputs["old"], outputs["new"], strict=True))
     print(f"outputs identical on {len(tokens)} batches of {args.rows} rows: {same}", flush=True)
     if not same:
