@@ -2,8 +2,8 @@
 per operator type over 48 calls of 1000 rows (one thread), for the whole model or the key
 resolution alone.
 
-    taskset -c 0 python scripts/profile_ort_nodes.py BENCH_OUT VARIANT [model|resolve]
-    # e.g. /tmp/bench_model lma16/hot resolve
+    taskset -c 0 python scripts/profile_ort_nodes.py BENCH_OUT VARIANT [model|resolve] [nodes]
+    # e.g. /tmp/bench_model lma16/hot resolve      (``nodes``: per node instead of per type)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> int:
         sys.exit(__doc__)
     out, name = Path(sys.argv[1]), sys.argv[2]
     part = sys.argv[3] if len(sys.argv) > 3 else "model"
+    by_node = len(sys.argv) > 4 and sys.argv[4] == "nodes"
     fmap = bm._fmap(out)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -50,13 +51,15 @@ def main() -> int:
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             op = e["args"].get("op_name", "?")
+            if by_node:
+                op = f"{op} {e['name'].removesuffix('_kernel_time')}"
             per_op[op] += e["dur"]
             nodes[op] += 1
         if e.get("cat") == "Session" and e["name"] == "model_run":
             total += e["dur"]
     sys.stdout.write(f"{name} {part}: mean run {total / calls / 1e3:.3f} ms\n\n"
                      "| op | ms per call | share of run | nodes |\n|---|---|---|---|\n")
-    for op, d in per_op.most_common(20):
+    for op, d in per_op.most_common(30 if by_node else 20):
         sys.stdout.write(f"| {op} | {d / calls / 1e3:.3f} | {d / max(total, 1):.0%} | "
                          f"{nodes[op] // calls} |\n")
     return 0

@@ -11,6 +11,7 @@ returns ``None`` and the callers fall back to the pure-torch reference (with one
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 EXT_NAME = "lma_hashed_gather_cpu"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "hashed_gather.cpp", CSRC / "interaction.cpp"]
+HEADERS = [CSRC / "lma_kernels.h"]  # torch's JIT builder hashes the sources only
 DISABLE_ENV = "LMA_DISABLE_NATIVE_OPS"
 PREBUILT_ENV = "LMA_TORCH_EXT_PREBUILT"
 
@@ -62,7 +64,9 @@ def build(verbose: bool = False) -> ModuleType:
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # the headers' digest as a define: editing one changes the flags, so the module is rebuilt
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
+    flags = ["-O3", "-fopenmp", "-std=c++17", f"-DLMA_HEADERS_DIGEST={digest}"]
     return cpp_extension.load(
         name=EXT_NAME,
         sources=[str(s) for s in SOURCES],
