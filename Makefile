@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 
 setup: $(VENV)/.installed
 	$(BIN)/python -m lma.ops.build --quiet || true
+	$(BIN)/python -m lma.ort_ops --quiet || true
 
 serve: setup
 	bash scripts/quickstart.sh $(ARTIFACTS) $(PORT)

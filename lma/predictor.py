@@ -43,8 +43,8 @@ CPU_EP = "CPUExecutionProvider"
 
 
 def onnx_session(bundle: Bundle, providers: Sequence[Any] | None = None,
-                 session_options: Any = None, weights: str = DEFAULT_WEIGHTS
-                 ) -> tuple[Any, dict[str, Any]]:
+                 session_options: Any = None, weights: str = DEFAULT_WEIGHTS,
+                 native_ops: bool | None = None) -> tuple[Any, dict[str, Any]]:
     """An onnxruntime session of ``bundle``'s ``model.onnx`` and what must outlive it.
 
     ``weights`` (:data:`lma.bundle.WEIGHT_MODES`): with ``"mmap"`` onnxruntime loads the
@@ -55,8 +55,15 @@ def onnx_session(bundle: Bundle, providers: Sequence[Any] | None = None,
     long as the session. Private applies to a format 2 bundle on the CPU provider alone; on
     another provider (CUDA) the weights are copied to the device either way, and format 1
     bundles carry theirs inside ``model.onnx``: onnxruntime then loads them itself (logged).
+
+    ``native_ops``: whether the ``ai.lma`` nodes run with the C++ kernels of the onnxruntime
+    LMA ops library (:mod:`lma.ort_ops`; CPU provider only) instead of their ONNX functions:
+    None follows ``LMA_ORT_NATIVE_OPS`` (default ``auto``: where the library is available),
+    True requires it, False never. ``owned["native_ops"]`` says what the session got.
     """
     import onnxruntime as ort
+
+    from lma import ort_ops
 
     check_weights_mode(weights)
     providers = list(providers) if providers else [CPU_EP]
@@ -80,6 +87,18 @@ def onnx_session(bundle: Bundle, providers: Sequence[Any] | None = None,
                 so.add_initializer(k, v)
             owned.update(arrays=arrays, values=values,
                          private_bytes=int(sum(a.nbytes for a in arrays.values())))
+    if native_ops is None:
+        owned["native_ops"] = ort_ops.register(so, providers)
+    elif native_ops:
+        if ort_ops.names_other_than_cpu(providers):
+            raise ValueError(f"native_ops=True needs the CPU provider alone, got {names}")
+        path = ort_ops.library()
+        if path is None:
+            raise RuntimeError(f"the onnxruntime LMA ops are unavailable: {ort_ops.unavailable_reason()}")
+        so.register_custom_ops_library(str(path))
+        owned["native_ops"] = True
+    else:
+        owned["native_ops"] = False
     try:
         sess = ort.InferenceSession(str(bundle.onnx_path), sess_options=so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -100,6 +119,8 @@ class Predictor:
     # Where the weights live: "private", "mmap", or "onnxruntime" / "program" where the
     # engine loads them itself (see open); _owned keeps private arrays alive with the session.
     weights: str = ""
+    # onnx engine: whether the ai.lma nodes run with the native ops library (lma.ort_ops)
+    native_ops: bool = False
     _owned: Any = field(default=None, repr=False)
 
     @classmethod
@@ -113,6 +134,7 @@ class Predictor:
         device: str = "cpu",
         verify_checksums: bool = True,
         weights: str = DEFAULT_WEIGHTS,
+        native_ops: bool | None = None,
     ) -> Predictor:
         """Open ``path`` (a bundle folder, or an already loaded :class:`Bundle`, whose checksums
         are then not hashed again) with ``engine``.
@@ -125,7 +147,8 @@ class Predictor:
         ``weights`` (``"private"`` or ``"mmap"``, :data:`lma.bundle.WEIGHT_MODES`): whether the
         onnx and eager engines read the weights into this process's memory or map
         ``weights.safetensors`` (see :func:`onnx_session`). The program engine always holds
-        its own copy (``torch.export.load`` reads ``model.pt2`` into memory).
+        its own copy (``torch.export.load`` reads ``model.pt2`` into memory). ``native_ops``
+        (onnx engine): see :func:`onnx_session`.
         """
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -133,7 +156,8 @@ class Predictor:
         t0 = time.perf_counter()
         b = path if isinstance(path, Bundle) else load_bundle(path, verify_checksums)
         if engine == "onnx":
-            p = cls._open_onnx(b, providers, session_options, intra_op_threads, weights)
+            p = cls._open_onnx(b, providers, session_options, intra_op_threads, weights,
+                               native_ops)
         else:
             p = cls._open_torch(b, engine, device, intra_op_threads, weights)
         p.open_seconds = time.perf_counter() - t0
@@ -141,18 +165,20 @@ class Predictor:
 
     @classmethod
     def _open_onnx(cls, b: Bundle, providers: Sequence[Any] | None, session_options: Any,
-                   intra_op_threads: int | None, weights: str) -> Predictor:
+                   intra_op_threads: int | None, weights: str,
+                   native_ops: bool | None = None) -> Predictor:
         import onnxruntime as ort
 
         so = session_options if session_options is not None else ort.SessionOptions()
         if intra_op_threads is not None:
             so.intra_op_num_threads = int(intra_op_threads)
-        sess, owned = onnx_session(b, providers, so, weights)
+        sess, owned = onnx_session(b, providers, so, weights, native_ops)
 
         def run(d: np.ndarray, t: np.ndarray) -> np.ndarray:
             return sess.run(None, {"dense": d, "tokens": t})[0]
 
-        return cls(b, "onnx", run, session=sess, weights=owned["mode"], _owned=owned)
+        return cls(b, "onnx", run, session=sess, weights=owned["mode"],
+                   native_ops=owned["native_ops"], _owned=owned)
 
     @classmethod
     def _open_torch(cls, b: Bundle, engine: str, device: str,

@@ -555,7 +555,7 @@ def key_lookup_model(table: Any, default_shape: Sequence[int] | None = None) -> 
     inputs = [
         helper.make_tensor_value_info("keys", TensorProto.INT64, ["batch", "slots_dim"]),
         helper.make_tensor_value_info("default", TensorProto.INT64,
-                                      list(default_shape) if default_shape else ["batch", "slots_dim"]),
+                                      list(default_shape) if default_shape is not None else ["batch", "slots_dim"]),
     ]
     node = helper.make_node(KEY_LOOKUP_OP_TYPE, ["keys", "default", "table"],
                             ["y"], domain=DOMAIN, **key_lookup_attributes())

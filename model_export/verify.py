@@ -28,7 +28,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from lma import hashspec
+from lma import hashspec, ort_ops
 from model_export.bundle import ONNX_FILE, Bundle
 
 TOLERANCE = 1e-5
@@ -281,6 +281,16 @@ def verify_bundle(
     (got,), ms = _timed(lambda: sess.run(None, {"dense": dense, "tokens": tokens}))
     report.lines.append(_compare("onnxruntime (model.onnx)", got, ref, ms))
     sess = None
+    # The same file with the ai.lma nodes on the native ops library (what CPU serving runs by
+    # default), in a session of its own too; skipped where the library cannot be built.
+    native = ort_ops.library() if ort_ops.mode() != "0" else None
+    if native is not None:
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(str(native))
+        sess = ort.InferenceSession(str(bundle.onnx_path), so, providers=["CPUExecutionProvider"])
+        (got,), ms = _timed(lambda: sess.run(None, {"dense": dense, "tokens": tokens}))
+        report.lines.append(_compare("onnxruntime + native ai.lma ops (lma.ort_ops)", got, ref, ms))
+        sess = None
 
     if eager is not None:
         emb = eager.embedding

@@ -41,6 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ROWS = [1, 100, 1000]
+# onnxruntime runs model.onnx as exported (the ai.lma nodes as their ONNX functions: what every
+# execution provider runs) or with the native ops library registered (lma.ort_ops: the C++
+# kernels, what CPU serving runs by default); torch is the torch.export program.
+ENGINES = ("onnxruntime", "onnxruntime+native", "torch")
 N_SIGNED = 107_000  # tokens a 125k-row sample signs at this vocabulary (issue 9)
 UNSEEN = 0.05
 
@@ -205,13 +209,20 @@ def cmd_export(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 def _engine_fn(out: Path, name: str, spec: dict[str, Any], engine: str, part: str):  # noqa: ANN202
     """(fn(batch), feature map): one engine of one exported variant, ready to call."""
     d = out / name.replace("/", "_")
-    if engine == "onnxruntime":
+    if engine.startswith("onnxruntime"):
         import onnxruntime as ort
 
         fmap = _fmap(out)
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
+        if engine == "onnxruntime+native":
+            from lma import ort_ops
+
+            lib = ort_ops.library()
+            if lib is None:
+                raise RuntimeError(f"no native ops library: {ort_ops.unavailable_reason()}")
+            so.register_custom_ops_library(str(lib))
         sess = ort.InferenceSession(str(d / f"{part}.onnx"), so, providers=["CPUExecutionProvider"])
         if part == "model":
             def fn(b):  # noqa: ANN001, ANN202
@@ -325,6 +336,8 @@ def main() -> int:
     ap.add_argument("--interleaved", type=int, default=0, metavar="CALLS",
                     help="also time the variants' whole models in one process per engine, calls "
                          "alternating between models, CALLS calls each per row count")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"comma-separated engines to time (of {', '.join(ENGINES)})")
     ap.add_argument("--fmap-rows", type=int, default=45_840_617,
                     help="rows whose value set makes the vocabulary (default: Criteo Kaggle's)")
     args = ap.parse_args()
@@ -338,6 +351,9 @@ def main() -> int:
     if not (out / "feature_map").exists():
         results["prepare"] = _run(["--worker", "prepare", str(out), str(args.fmap_rows)], pin=False)
         rpath.write_text(json.dumps(results, indent=1))
+    engines = [e for e in args.engines.split(",") if e]
+    if unknown := set(engines) - set(ENGINES):
+        ap.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
     vs = variants(args.quick)
     if args.only:
         vs = {k: v for k, v in vs.items() if k in args.only.split(",")}
@@ -349,7 +365,7 @@ def main() -> int:
     for rnd in range(0 if args.export_only else args.rounds):
         for name, spec in vs.items():
             r = results["variants"][name]
-            for engine in ("onnxruntime", "torch"):
+            for engine in engines:
                 parts = (["model"] if spec["kind"] == "robez" or "/z" in name
                          else ["model", "resolve"])
                 for part in parts:
@@ -366,7 +382,7 @@ def main() -> int:
                     rpath.write_text(json.dumps(results, indent=1))
                     sys.stderr.write(f"round {rnd} {name} {key}: {cell}\n")
     if args.interleaved and not args.export_only:
-        for engine in ("onnxruntime", "torch"):
+        for engine in engines:
             cell = _run(["--worker", "interleave", str(out), engine, json.dumps(vs),
                          str(args.interleaved)])
             results.setdefault("interleaved", {})[engine] = cell
@@ -396,12 +412,12 @@ def _round_ratios(results: dict[str, Any]) -> list[str]:
     """Each model's 1000-row time over full tables' in the same round (wall-clock)."""
     v = results.get("variants", {})
     ref = {e: {c["round"]: c["1000"] for c in v.get("full/table", {}).get(f"{e}/model@rounds", [])
-               if "error" not in c} for e in ("onnxruntime", "torch")}
+               if "error" not in c} for e in ENGINES}
     if not any(ref.values()):
         return []
     lines = ["", "Per round, 1000 rows, model / full tables in the same round (wall-clock):", "",
              "| model | engine | ratio per round | median |", "|---|---|---|---|"]
-    for engine in ("onnxruntime", "torch"):
+    for engine in ENGINES:
         for name, r in v.items():
             if name == "full/table":
                 continue
@@ -440,7 +456,7 @@ def report(results: dict[str, Any]) -> str:
     lines = ["| model | lookup | engine | 1 row ms | 100 rows ms | 1000 rows ms | key resolution "
              "ms at 1000 (share) | vs full/table at 1000 | CPU ms at 1000: model, key resolution "
              "(share) | vs full/table (CPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for engine in ("onnxruntime", "torch"):
+    for engine in ENGINES:
         ref = v.get("full/table", {}).get(f"{engine}/model", {}).get("1000")
         ref_cpu = v.get("full/table", {}).get(f"{engine}/model", {}).get("cpu", {}).get("1000")
         for name in ("full/search", "full/table", "lma16/search", "lma16/table", "lma16/hot",
@@ -464,7 +480,7 @@ def report(results: dict[str, Any]) -> str:
     if zs:
         lines += ["", "| model | Z | engine | 1 row ms | 100 rows ms | 1000 rows ms |",
                   "|---|---|---|---|---|---|"]
-        for engine in ("onnxruntime", "torch"):
+        for engine in ENGINES:
             for name in zs:
                 m = v[name].get(f"{engine}/model", {})
                 if "1000" in m:

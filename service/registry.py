@@ -158,6 +158,7 @@ class LoadedModel:
             "providers": p.providers,
             "device": p.device,
             "weights": p.weights,
+            "native_ops": p.native_ops,
             "embedding_memory": {"location": p.memory, "bytes": comp["embedding"],
                                  **p.memory_bytes},
             "checksums": {k: v for k, v in (self.bundle.verification or {}).items()

@@ -28,6 +28,9 @@ class Placement:
     # Where the host holds the weights: "private" (read into the process's memory), "mmap"
     # (mapped from weights.safetensors), or who loaded them ("onnxruntime", "program", "cuda:N").
     weights: str = ""
+    # onnxruntime: whether the ai.lma nodes run with the native ops library (lma.ort_ops) or
+    # as their ONNX functions; torch: the program's own kernels (always native).
+    native_ops: bool = False
 
 
 class Backend(Protocol):

@@ -65,6 +65,7 @@ class OnnxRuntimeBackend:
                    if "private_bytes" in self._owned else {})},
             engine="onnx",
             weights=dev if on_cuda else self._owned["mode"],
+            native_ops=self._owned["native_ops"],
         )
         self._output = self.session.get_outputs()[0].name
 

@@ -54,6 +54,7 @@ class TorchBackend:
             memory_bytes={"weights_and_buffers": int(nbytes)},
             engine=engine,
             weights=held if device == "cpu" else device,
+            native_ops=_native_kernels(device),
         )
 
     @torch.inference_mode()
@@ -66,3 +67,13 @@ class TorchBackend:
         self.module = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _native_kernels(device: str) -> bool:
+    """Whether the lma ops run compiled kernels here: the C++ extension on the CPU (else the
+    pure-torch reference), Triton on CUDA where it imports."""
+    from lma.ops import _native, _op
+
+    if device == "cpu":
+        return _native.native_module() is not None
+    return _op.triton_module() is not None
