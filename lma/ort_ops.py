@@ -8,10 +8,11 @@ with the native ops"); a session that registers this library (:func:`register`) 
 ``lma_kernels.h``), with identical outputs. The model files do not change: a session without the
 library, or on another provider, runs the functions as before.
 
-The library is compiled with the system C++ compiler on first use into ``<repo>/.cache/ort_ops``
-(``LMA_ORT_OPS_DIR`` overrides it), named by a digest of its sources and flags, or ahead of time
-with ``python -m lma.ort_ops`` (the serving images do that, so that a read-only file system
-finds it built). Nothing here imports torch.
+The library is compiled with the system C++ compiler on first use into :func:`build_dir`
+(``LMA_ORT_OPS_DIR``, else ``<repo>/.cache/ort_ops`` or ``~/.cache/lma/ort_ops``), named by a
+digest of its sources and flags, or ahead of time with ``python -m lma.ort_ops`` (the serving
+images do that, so that a read-only file system without a compiler finds it built). Nothing
+here imports torch.
 
 ``LMA_ORT_NATIVE_OPS``: ``auto`` (default: use the library on CPU sessions where it builds, else
 the functions, with one logged warning), ``1`` (required: fail where it cannot be used) or ``0``
@@ -68,10 +69,16 @@ def mode() -> str:
 
 
 def build_dir() -> Path:
+    """``LMA_ORT_OPS_DIR``, else ``.cache/ort_ops`` of a source checkout, else the user's cache
+    (``$XDG_CACHE_HOME`` or ``~/.cache``, ``lma/ort_ops``) for an installed package."""
     env = os.environ.get(DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / ".cache" / "ort_ops"
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():
+        return root / ".cache" / "ort_ops"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "lma" / "ort_ops"
 
 
 def _digest() -> str:

@@ -446,12 +446,20 @@ def test_entry_point_and_healthcheck_in_a_serving_only_venv(trained_repo, tmp_pa
     for heavy in ("torch", "onnx", "lma.train"):
         probe = _run([str(py), "-c", f"import {heavy}"], cwd=tmp_path)
         assert probe.returncode != 0, f"{heavy} is importable from the serving extras alone"
+    # The build stage compiles the onnxruntime LMA ops into their folder (from the installed
+    # package's sources); the serving stage uses them from there, without a compiler.
+    ort_ops_dir = tmp_path / "ort_ops"
+    res = _run([str(py), "-m", "lma.ort_ops", "--quiet"], cwd=tmp_path,
+               env={**os.environ, "LMA_ORT_OPS_DIR": str(ort_ops_dir)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMA_", "PYTHON"))}
     env.update(  # the serving image's ENV, with a loopback address and a free port
-        PATH=f"{venv / 'bin'}:/usr/bin:/bin",
+        PATH=f"{venv / 'bin'}:/bin",
+        CXX="/nonexistent/c++",
         LMA_TORCH_EXT_PREBUILT="1",
+        LMA_ORT_OPS_DIR=str(ort_ops_dir),
         LMA_SERVE_HOST="127.0.0.1",
         LMA_SERVE_PORT=str(port),
         LMA_SERVE_DEVICE="cpu",
@@ -480,6 +488,8 @@ def test_entry_point_and_healthcheck_in_a_serving_only_venv(trained_repo, tmp_pa
             answer = json.loads(r.read())
         assert len(answer["predictions"]) == 2
         assert all(0.0 < p < 1.0 for p in answer["predictions"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/demo", timeout=10) as r:
+            assert json.loads(r.read())["native_ops"] is True  # the prebuilt library, used
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

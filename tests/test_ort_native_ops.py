@@ -200,3 +200,38 @@ def test_a_build_failure_falls_back_in_auto_and_raises_when_required(
     monkeypatch.setenv(ort_ops.MODE_ENV, "1")
     with pytest.raises(RuntimeError, match="unavailable"):
         ort_ops.register(ort.SessionOptions(), ["CPUExecutionProvider"])
+
+
+def test_prebuilt_library_loads_from_a_read_only_folder_without_a_compiler(tmp_path) -> None:  # noqa: ANN001
+    """As in the serving image: built ahead of time (python -m lma.ort_ops), then used from a
+    read-only folder with no compiler on PATH; nothing is written there."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import sys
+
+    built = ort_ops.library()
+    lib_dir = tmp_path / "ort_ops"
+    lib_dir.mkdir()
+    shutil.copy2(built, lib_dir / built.name)
+    lib_dir.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    script = (
+        "import onnxruntime as ort\n"
+        "from lma import ort_ops\n"
+        "so = ort.SessionOptions()\n"
+        "assert ort_ops.register(so, ['CPUExecutionProvider']), ort_ops.unavailable_reason()\n"
+        "print(ort_ops.library())\n"
+    )
+    env = dict(os.environ, LMA_ORT_OPS_DIR=str(lib_dir), LMA_ORT_NATIVE_OPS="1",
+               CXX="/nonexistent/c++", PATH="/nonexistent",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("LMA_DISABLE_NATIVE_OPS", None)
+    try:
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=env, timeout=120, check=False)
+    finally:
+        lib_dir.chmod(0o755)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(lib_dir / built.name)
+    assert sorted(p.name for p in lib_dir.iterdir()) == [built.name], "nothing written"
