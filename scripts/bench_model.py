@@ -43,8 +43,12 @@ sys.path.insert(0, str(REPO))
 ROWS = [1, 100, 1000]
 # onnxruntime runs model.onnx as exported (the ai.lma nodes as their ONNX functions: what every
 # execution provider runs) or with the native ops library registered (lma.ort_ops: the C++
-# kernels, what CPU serving runs by default); torch is the torch.export program.
-ENGINES = ("onnxruntime", "onnxruntime+native", "torch")
+# kernels, what CPU serving runs by default), its weights mapped from the file as onnxruntime
+# loads them (serving's default, LMA_SERVE_WEIGHTS=mmap) or, with "/private", read into arrays
+# of the process's own memory (LMA_SERVE_WEIGHTS=private; numpy asks for transparent huge pages
+# for large arrays, which the page cache's file mappings do not get); torch is the torch.export
+# program (its tables are the process's own memory too).
+ENGINES = ("onnxruntime", "onnxruntime+native", "onnxruntime+native/private", "torch")
 N_SIGNED = 107_000  # tokens a 125k-row sample signs at this vocabulary (issue 9)
 UNSEEN = 0.05
 
@@ -216,14 +220,16 @@ def _engine_fn(out: Path, name: str, spec: dict[str, Any], engine: str, part: st
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
-        if engine == "onnxruntime+native":
+        if engine.startswith("onnxruntime+native"):
             from lma import ort_ops
 
             lib = ort_ops.library()
             if lib is None:
                 raise RuntimeError(f"no native ops library: {ort_ops.unavailable_reason()}")
             so.register_custom_ops_library(str(lib))
+        held = _private_initializers(d / f"{part}.onnx", so) if engine.endswith("/private") else []
         sess = ort.InferenceSession(str(d / f"{part}.onnx"), so, providers=["CPUExecutionProvider"])
+        sess.held = held  # the arrays and OrtValues must outlive the session
         if part == "model":
             def fn(b):  # noqa: ANN001, ANN202
                 return sess.run(None, {"dense": b[0], "tokens": b[1]})
@@ -251,6 +257,34 @@ def _engine_fn(out: Path, name: str, spec: dict[str, Any], engine: str, part: st
                     return prog(torch.from_numpy(b[0]), torch.from_numpy(b[1]))
                 return prog(torch.from_numpy(b[1]))
     return fn, fmap
+
+
+def _private_initializers(path: Path, so: Any) -> list[Any]:
+    """Every initializer of ``path`` of 1 MB or more read into a numpy array of this process
+    (from its external data file, or the model itself) and handed to onnxruntime with
+    ``add_initializer``, as ``LMA_SERVE_WEIGHTS=private`` serves (lma.predictor.onnx_session)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    held: list[Any] = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in init.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            arr = np.empty(tuple(init.dims), dtype)
+            with open(path.parent / ext["location"], "rb", buffering=0) as f:
+                f.seek(int(ext.get("offset", 0)))
+                f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        elif len(init.raw_data) >= 1 << 20:
+            arr = np.array(numpy_helper.to_array(init), copy=True)
+        else:
+            continue
+        value = ort.OrtValue.ortvalue_from_numpy(arr)
+        so.add_initializer(init.name, value)
+        held.append((arr, value))
+    return held
 
 
 def cmd_time(out: Path, name: str, spec: dict[str, Any], engine: str, part: str) -> dict[str, Any]:

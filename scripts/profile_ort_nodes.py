@@ -2,8 +2,9 @@
 per operator type over 48 calls of 1000 rows (one thread), for the whole model or the key
 resolution alone.
 
-    taskset -c 0 python scripts/profile_ort_nodes.py BENCH_OUT VARIANT [model|resolve] [nodes]
-    # e.g. /tmp/bench_model lma16/hot resolve      (``nodes``: per node instead of per type)
+    taskset -c 0 python scripts/profile_ort_nodes.py BENCH_OUT VARIANT [model|resolve] [nodes] [native]
+    # e.g. /tmp/bench_model lma16/hot resolve      (``nodes``: per node instead of per type;
+    # ``native``: with the onnxruntime LMA ops library registered, lma.ort_ops)
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ def main() -> int:
         sys.exit(__doc__)
     out, name = Path(sys.argv[1]), sys.argv[2]
     part = sys.argv[3] if len(sys.argv) > 3 else "model"
-    by_node = len(sys.argv) > 4 and sys.argv[4] == "nodes"
+    by_node = "nodes" in sys.argv[4:]
+    native = "native" in sys.argv[4:]
     fmap = bm._fmap(out)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    if native:
+        from lma import ort_ops
+
+        so.register_custom_ops_library(str(ort_ops.library()))
     sess = ort.InferenceSession(str(out / name.replace("/", "_") / f"{part}.onnx"), so,
                                 providers=["CPUExecutionProvider"])
     batches = bm._batches(fmap, 1000, 1100)
@@ -57,7 +63,7 @@ def main() -> int:
             nodes[op] += 1
         if e.get("cat") == "Session" and e["name"] == "model_run":
             total += e["dur"]
-    sys.stdout.write(f"{name} {part}: mean run {total / calls / 1e3:.3f} ms\n\n"
+    sys.stdout.write(f"{name} {part}{' (native ops)' if native else ''}: mean run {total / calls / 1e3:.3f} ms\n\n"
                      "| op | ms per call | share of run | nodes |\n|---|---|---|---|\n")
     for op, d in per_op.most_common(30 if by_node else 20):
         sys.stdout.write(f"| {op} | {d / calls / 1e3:.3f} | {d / max(total, 1):.0%} | "

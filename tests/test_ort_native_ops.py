@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(ort_ops.library() is None,
                                 reason=f"the library cannot be built here: {ort_ops.unavailable_reason()}")
 
 
-def _session(model: onnx.ModelProto, native: bool) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, native: bool, threads: int = 1) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = threads
     if native:
         so.register_custom_ops_library(str(ort_ops.library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -158,6 +158,28 @@ def test_hot_gather_equals_the_function(dtype: type, mode: str, z: int, aligned:
             feeds = {"index": index, "keys": keys}
             got = native.run(None, feeds)[0]
             assert np.array_equal(_bits(got), _bits(func.run(None, feeds)[0])), (h, cold)
+
+
+def test_several_threads_give_the_same_answers() -> None:
+    """Batches of many tasks, split over the session's intra-op threads (KernelContext_ParallelFor)."""
+    rng = np.random.default_rng(11)
+    keys, _, table = _table(rng, 50_000)
+    q = rng.permutation(np.concatenate([rng.choice(keys, 60_000),
+                                        rng.integers(I64_MIN, I64_MAX, 18_000, dtype=np.int64)]))
+    q = q.reshape(3000, 26)
+    model = onnx_op.key_lookup_model(table, default_shape=[26])
+    feeds = {"keys": q, "default": -1 - np.arange(26, dtype=np.int64)}
+    want = _session(model, False).run(None, feeds)[0]
+    assert np.array_equal(_session(model, True, threads=3).run(None, feeds)[0], want)
+    cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=10007, seed=3)
+    memory = rng.standard_normal(cfg.m).astype(np.float32)
+    hot = rng.standard_normal((500, 16)).astype(np.float32)
+    index = rng.integers(-1, 500, (3000, 26)).astype(np.int64)
+    for model, feeds in ((onnx_op.standalone_model(cfg, memory), {"keys": q}),
+                         (onnx_op.hot_standalone_model(cfg, memory, hot), {"index": index, "keys": q})):
+        want = _session(model, False).run(None, feeds)[0]
+        got = _session(model, True, threads=3).run(None, feeds)[0]
+        assert np.array_equal(_bits(got), _bits(want))
 
 
 def test_hot_index_out_of_range_is_an_error() -> None:

@@ -59,6 +59,7 @@ enum ApiEntry : int {
   kKernelContextGetOutput = 91,
   kReleaseStatus = 93,
   kReleaseTypeShape = 99,
+  kKernelContextParallelFor = 274,  // C API version 17 (onnxruntime 1.17)
 };
 
 // ONNX element types, error codes, input characteristics and memory types (C enums, int).
@@ -109,6 +110,19 @@ struct Failure : std::exception {
 class Api {
  public:
   explicit Api(const OrtApiTable* table) : t_(reinterpret_cast<void* const*>(table)) {}
+
+  // Whether the runtime has KernelContext_ParallelFor (set once at registration).
+  static bool& has_parallel_for() {
+    static bool has = false;
+    return has;
+  }
+  // fn(data, i) for i in [0, total) on the session's intra-op threads (the caller's thread
+  // among them; a plain loop with one thread), returning once all are done.
+  void parallel_for(OrtKernelContext* ctx, void (*f)(void*, size_t), size_t total,
+                    void* data) const {
+    check(fn<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t,
+                            void*)>(kKernelContextParallelFor)(ctx, f, total, 0, data));
+  }
 
   OrtStatus* status(int code, const char* message) const {
     return fn<OrtStatus* (*)(int, const char*)>(kCreateStatus)(code, message);
@@ -202,6 +216,33 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
+// body(begin, end) over [0, n) in tasks of ``grain`` items, spread over the session's intra-op
+// threads where the runtime can (body must not throw: kernels check their inputs first).
+template <typename Body>
+void parallel(const Api& api, OrtKernelContext* ctx, int64_t n, int64_t grain, Body&& body) {
+  const int64_t tasks = (n + grain - 1) / grain;
+  if (tasks <= 1 || !Api::has_parallel_for()) {
+    if (n > 0) body(int64_t{0}, n);
+    return;
+  }
+  struct Job {
+    Body* body;
+    int64_t n, grain;
+  } job{&body, n, grain};
+  api.parallel_for(
+      ctx,
+      [](void* d, size_t i) {
+        const Job* j = static_cast<const Job*>(d);
+        const int64_t b = static_cast<int64_t>(i) * j->grain;
+        (*j->body)(b, std::min(j->n, b + j->grain));
+      },
+      static_cast<size_t>(tasks), &job);
+}
+
+// Keys per task: enough work (tens of microseconds) that spreading small batches over threads
+// does not cost more in wake-ups than it saves (as the torch extension's grain_for).
+int64_t grain_for(int64_t nb) { return std::max<int64_t>(256, 8192 / std::max<int64_t>(nb, 1)); }
+
 // ------------------------------------------------------------------------------------- kernels
 
 // KeyLookup(keys (...) int64, default (broadcastable to keys) int64, table (R, 2) int64) ->
@@ -227,9 +268,12 @@ struct KeyLookupKernel {
     const std::vector<int64_t> expanded = broadcast(dp, ds, ks);
     int64_t* op = static_cast<int64_t*>(api.data(api.output(ctx, ks)));
     const lma_kernels::SlotHash sh(tp);
-    const bool scalar = numel(ds) == 1;
-    lma_kernels::lookup_range(sh, kp, 0, n, scalar ? nullptr : expanded.data(),
-                              scalar ? dp[0] : 0, op);
+    const int64_t* dv = expanded.empty() ? nullptr : expanded.data();
+    const int64_t dconst = dv == nullptr && numel(ds) == 1 ? dp[0] : 0;
+    parallel(api, ctx, n, 4096, [&](int64_t begin, int64_t end) {
+      lma_kernels::lookup_range(sh, kp, begin, end, dv, dconst,
+                                op + begin);
+    });
   }
 
   // The default as an array of keys' shape (empty when it is one value).
@@ -251,6 +295,17 @@ struct KeyLookupKernel {
     }
     const int64_t n = numel(ks);
     std::vector<int64_t> out(static_cast<size_t>(n));
+    // The usual default (one per field: (F,) or (1, F) against (B, F)) repeats along the
+    // leading dimensions: copy it row after row.
+    size_t lead = off;
+    while (lead < r && ds[lead - off] == 1) ++lead;
+    bool periodic = true;
+    for (size_t i = lead; i < r; ++i) periodic = periodic && ds[i - off] == ks[i];
+    if (periodic) {
+      const int64_t period = numel(ds);
+      for (int64_t i = 0; i < n; i += period) std::memcpy(out.data() + i, dp, period * sizeof(int64_t));
+      return out;
+    }
     std::vector<int64_t> at(r, 0);
     int64_t src = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -349,25 +404,27 @@ struct HashedGatherKernel {
     const void* mp = api.data(mem);
     const int64_t* kp = static_cast<const int64_t*>(api.data(keys));
     switch (width_of(elem)) {
-      case 2: run<2>(hs, mp, kp, numel(ks), out); break;
-      case 8: run<8>(hs, mp, kp, numel(ks), out); break;
-      default: run<4>(hs, mp, kp, numel(ks), out);
+      case 2: run<2>(ctx, hs, mp, kp, numel(ks), out); break;
+      case 8: run<8>(ctx, hs, mp, kp, numel(ks), out); break;
+      default: run<4>(ctx, hs, mp, kp, numel(ks), out);
     }
   }
 
   template <int W>
-  void run(const lma_kernels::Hasher& hs, const void* mem, const int64_t* kp, int64_t n,
-           void* out) const {
+  void run(OrtKernelContext* ctx, const lma_kernels::Hasher& hs, const void* mem,
+           const int64_t* kp, int64_t n, void* out) const {
     using T = typename Bits<W>::type;
     const T* mp = static_cast<const T*>(mem);
     T* op = static_cast<T*>(out);
     const char* pf = at.z >= 4 ? static_cast<const char*>(mem) : nullptr;
-    std::vector<int64_t> st(lma_kernels::kChunk * hs.nb);
-    for (int64_t c0 = 0; c0 < n; c0 += lma_kernels::kChunk) {
-      const int64_t c1 = std::min(n, c0 + lma_kernels::kChunk);
-      hs.starts(kp, c0, c1, st.data(), pf, W);
-      lma_kernels::gather_blocks(op + c0 * at.dim, mp, st.data(), (c1 - c0) * hs.nb, at.z);
-    }
+    parallel(api, ctx, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> st(lma_kernels::kChunk * hs.nb);
+      for (int64_t c0 = begin; c0 < end; c0 += lma_kernels::kChunk) {
+        const int64_t c1 = std::min(end, c0 + lma_kernels::kChunk);
+        hs.starts(kp, c0, c1, st.data(), pf, W);
+        lma_kernels::gather_blocks(op + c0 * at.dim, mp, st.data(), (c1 - c0) * hs.nb, at.z);
+      }
+    });
   }
 };
 
@@ -405,25 +462,27 @@ struct HotGatherKernel {
     const void* hp = hs_[0] > 0 ? api.data(hot) : nullptr;
     const int64_t* kp = static_cast<const int64_t*>(api.data(keys));
     switch (width_of(elem)) {
-      case 2: run<2>(hs, mp, hp, ip, kp, n, out); break;
-      case 8: run<8>(hs, mp, hp, ip, kp, n, out); break;
-      default: run<4>(hs, mp, hp, ip, kp, n, out);
+      case 2: run<2>(ctx, hs, mp, hp, ip, kp, n, out); break;
+      case 8: run<8>(ctx, hs, mp, hp, ip, kp, n, out); break;
+      default: run<4>(ctx, hs, mp, hp, ip, kp, n, out);
     }
   }
 
   template <int W>
-  void run(const lma_kernels::Hasher& hs, const void* mem, const void* hot, const int64_t* ip,
-           const int64_t* kp, int64_t n, void* out) const {
+  void run(OrtKernelContext* ctx, const lma_kernels::Hasher& hs, const void* mem,
+           const void* hot, const int64_t* ip, const int64_t* kp, int64_t n, void* out) const {
     using T = typename Bits<W>::type;
     constexpr int64_t kChunk = lma_kernels::kChunk;
     const char* pf = at.z >= 4 ? static_cast<const char*>(mem) : nullptr;
-    std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb);
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-      const int64_t c1 = std::min(n, c0 + kChunk);
-      lma_kernels::hot_chunk(hs, static_cast<const T*>(mem), static_cast<const T*>(hot), ip + c0,
-                             kp, static_cast<T*>(out), c0, c1, at.dim, pf, cold_pos.data(),
-                             cold_key.data(), st.data());
-    }
+    parallel(api, ctx, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb);
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t c1 = std::min(end, c0 + kChunk);
+        lma_kernels::hot_chunk(hs, static_cast<const T*>(mem), static_cast<const T*>(hot),
+                               ip + c0, kp, static_cast<T*>(out), c0, c1, at.dim, pf,
+                               cold_pos.data(), cold_key.data(), st.data());
+      }
+    });
   }
 };
 
@@ -566,6 +625,7 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   const OrtApiTable* table = base->get_api(kApiVersion);
   if (table == nullptr) return nullptr;  // cannot even report: the runtime is older than 1.16
   g_api = table;
+  Api::has_parallel_for() = base->get_api(17) != nullptr;
   const Api api(table);
   try {
     OrtCustomOpDomain* domain = api.create_domain("ai.lma");
