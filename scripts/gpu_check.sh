@@ -8,7 +8,10 @@
 #   3. times forward and forward+backward of the op against nn.EmbeddingBag at Criteo-Kaggle size
 #      (33.7M x 16 = 2.16 GB), and the op at 1/16 of that memory (M = 2^25, 134 MB).
 #   4. checks lma::hot_gather (the LMA hot serving form: hot rows, the Triton gather for the other
-#      tokens) against the CPU reference bit for bit, and times it beside the op at Z = 4.
+#      tokens) against the CPU reference bit for bit, and times it beside the op at Z = 4,
+#   5. checks the Triton key table lookup (lma::key_lookup, key table v3) against the numpy
+#      reference (present, absent, extreme and filler keys; per-field defaults) and the fused
+#      lma::hot_embed against hot_gather of it, and times the lookup at the Kaggle vocabulary.
 # Prints a markdown table and writes it to $OUT/gpu_check.md when OUT is set.
 # Env: PYTHON (default python3), LMA_GPU_CHECK_DEVICE=cpu for a dry run without a GPU (needs
 # triton installed and TRITON_INTERPRET=1), LMA_GPU_CHECK_QUICK=1 for smaller timings.
@@ -159,6 +162,56 @@ for mode in ("lma", "robez"):
             print(lines[-1], flush=True)
 lines.append("")
 
+# Key table v3 on the device: the Triton lookup against the numpy spec (hashspec), and
+# lma::hot_embed (lookup fused into the hot gather) against hot_gather of the looked-up rows.
+import numpy as np  # noqa: E402
+
+from lma.ops import hot_embed  # noqa: E402
+
+lines += ["## Key table v3 lookup (device vs numpy reference)", "",
+          "| keys in table | queries | absent | identical |", "|---|---|---|---|"]
+rng = np.random.default_rng(7)
+extreme = np.array([0, -1, 1, I64_MIN, I64_MAX, I64_MIN + 1, I64_MAX - 1, 1 << 32], np.int64)
+for n_keys in (0, 1, 5000, 200_000 if quick else 2_000_000):
+    keys_np = np.unique(np.concatenate([rng.integers(I64_MIN, I64_MAX, n_keys, dtype=np.int64,
+                                                     endpoint=True), extreme[: min(n_keys, 8)]]))
+    values = rng.integers(0, 1 << 40, len(keys_np))
+    table = hashspec.build_key_table(keys_np, values)
+    fillers = np.setdiff1d(np.unique(table.keys), keys_np)
+    q = np.concatenate([rng.choice(keys_np, 20_000) if len(keys_np) else np.zeros(0, np.int64),
+                        rng.integers(I64_MIN, I64_MAX, 5_000, dtype=np.int64, endpoint=True),
+                        extreme, fillers])
+    q = np.resize(q, (len(q) // 26 + 1) * 26).reshape(-1, 26)
+    default = -1 - np.arange(26, dtype=np.int64)
+    want = hashspec.key_table_lookup(table, q, default)
+    got = tk.key_lookup(torch.from_numpy(q).to(dev), torch.from_numpy(default).to(dev),
+                        torch.from_numpy(table.rows).to(dev)).cpu().numpy()
+    same = np.array_equal(got, want)
+    if not same:
+        failures.append(f"key_lookup n={n_keys}")
+    lines.append(f"| {len(keys_np):,} | {q.size:,} | {int((want < 0).sum()):,} | "
+                 f"{'yes' if same else 'NO'} |")
+    print(lines[-1], flush=True)
+cfg = HashedGatherConfig(dim=16, z=4, mode="lma", aligned=False, m=m, seed=11)
+consts = cfg.param_tensors()
+hot_tokens = np.unique(rng.integers(I64_MIN, I64_MAX, 5000, dtype=np.int64, endpoint=True))
+hot_table = hashspec.build_key_table(hot_tokens, np.arange(len(hot_tokens)))
+tokens = np.where(rng.random((n_rows, 26)) < 0.88, rng.choice(hot_tokens, (n_rows, 26)),
+                  rng.integers(I64_MIN, I64_MAX, (n_rows, 26), dtype=np.int64, endpoint=True))
+mem_cpu = torch.randn(m, generator=g)
+hot_cpu = torch.randn(len(hot_tokens), 16, generator=g)
+index = torch.from_numpy(hashspec.key_table_lookup(hot_table, tokens, -1))
+want = hot_gather_reference(mem_cpu, hot_cpu, index, torch.from_numpy(tokens), consts, cfg)
+with torch.no_grad():
+    got = hot_embed(mem_cpu.to(dev), hot_cpu.to(dev), torch.from_numpy(hot_table.rows).to(dev),
+                    torch.from_numpy(tokens).to(dev), consts, cfg).cpu()
+same = torch.equal(got, want)
+if not same:
+    failures.append("hot_embed")
+lines += ["", f"lma::hot_embed (key lookup fused into the hot gather) on {dev.type}: identical to "
+          f"the CPU reference: {'yes' if same else 'NO'}", ""]
+print(lines[-2], flush=True)
+
 # ---------------------------------------------------------------- timings
 def timed(fn, reps):
     fn()
@@ -241,6 +294,26 @@ for z in (1, 4, 16):
                          f"{m * 4 / 1e6:.0f} MB + 7 MB | {bsz} | {h_ms:.3f} | - | "
                          f"{bsz * 26 / h_ms * 1e3:.3g} |")
             print(lines[-1], flush=True)
+
+# The key table lookup at the Kaggle vocabulary (33.7M keys; 705 MB table on the device).
+n_vocab = 1 << 20 if quick else 33_762_577
+vocab = np.unique(rng.integers(I64_MIN, I64_MAX, n_vocab, dtype=np.int64, endpoint=True))
+t0 = time.perf_counter()
+big = hashspec.build_key_table(vocab, np.arange(len(vocab)))
+build_s = time.perf_counter() - t0
+big_rows = torch.from_numpy(big.rows).to(dev)
+lines += ["", f"Key table lookup, {len(vocab):,} keys ({big.nbytes / 1e6:.0f} MB table, built on "
+          f"the host in {build_s:.0f} s), 95% present:", "",
+          "| B | lookup ms | lookups/s |", "|---|---|---|"]
+for bsz in batches:
+    qk = np.where(rng.random((bsz, 26)) < 0.95, rng.choice(vocab, (bsz, 26)),
+                  rng.integers(I64_MIN, I64_MAX, (bsz, 26), dtype=np.int64, endpoint=True))
+    qd = torch.from_numpy(qk).to(dev)
+    dflt = torch.full((), -1, dtype=torch.int64, device=dev)
+    k_ms = timed(lambda: tk.key_lookup(qd, dflt, big_rows), reps)  # noqa: B023
+    lines.append(f"| {bsz} | {k_ms:.3f} | {bsz * 26 / k_ms * 1e3:.3g} |")
+    print(lines[-1], flush=True)
+del big_rows
 
 lines += ["", "result: " + ("OK" if not failures else "FAILED: " + "; ".join(failures))]
 report = "\n".join(lines) + "\n"
