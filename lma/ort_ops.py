@@ -182,6 +182,26 @@ def wanted(providers: list[Any]) -> bool:
     return mode() != "0" and all(n == "CPUExecutionProvider" for n in names)
 
 
+# Marks session options that carry the library: onnxruntime refuses a second registration of the
+# ai.lma domain on the same options ("Domain already set in registry").
+_MARK = "lma.ort_ops.registered"
+
+
+def add_to(session_options: Any) -> None:
+    """Register the library on ``session_options`` (once: options that already carry it are left
+    as they are); raises where it is unavailable."""
+    try:
+        if session_options.get_session_config_entry(_MARK) == "1":
+            return
+    except Exception:  # noqa: BLE001 - onnxruntime raises for an entry never set
+        pass
+    path = library()
+    if path is None:
+        raise RuntimeError(f"the onnxruntime LMA ops are unavailable: {_error}")
+    session_options.register_custom_ops_library(str(path))
+    session_options.add_session_config_entry(_MARK, "1")
+
+
 def register(session_options: Any, providers: list[Any]) -> bool:
     """Register the library on ``session_options`` for a session on ``providers`` where
     :func:`wanted`; True when registered. In mode ``auto`` a library that cannot be built or
@@ -191,10 +211,9 @@ def register(session_options: Any, providers: list[Any]) -> bool:
             raise RuntimeError(f"{MODE_ENV}=1 but the session is on {providers}: the native ops "
                                "run on the CPU provider only")
         return False
-    path = library()
-    if path is not None:
+    if library() is not None:
         try:
-            session_options.register_custom_ops_library(str(path))
+            add_to(session_options)
             return True
         except Exception as exc:  # noqa: BLE001
             global _error

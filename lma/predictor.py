@@ -92,10 +92,7 @@ def onnx_session(bundle: Bundle, providers: Sequence[Any] | None = None,
     elif native_ops:
         if ort_ops.names_other_than_cpu(providers):
             raise ValueError(f"native_ops=True needs the CPU provider alone, got {names}")
-        path = ort_ops.library()
-        if path is None:
-            raise RuntimeError(f"the onnxruntime LMA ops are unavailable: {ort_ops.unavailable_reason()}")
-        so.register_custom_ops_library(str(path))
+        ort_ops.add_to(so)
         owned["native_ops"] = True
     else:
         owned["native_ops"] = False

@@ -210,6 +210,16 @@ def test_modes_and_providers(monkeypatch: pytest.MonkeyPatch) -> None:
         ort_ops.register(ort.SessionOptions(), ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
+def test_registering_twice_on_one_options_object_is_harmless() -> None:
+    _, _, table = _table(np.random.default_rng(9), 100)
+    model = onnx_op.key_lookup_model(table, default_shape=[])
+    so = ort.SessionOptions()
+    for _ in range(2):
+        assert ort_ops.register(so, ["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        assert sess.run(None, {"keys": np.zeros((1, 26), np.int64), "default": np.array(-1)})[0].shape == (1, 26)
+
+
 def test_a_build_failure_falls_back_in_auto_and_raises_when_required(
         monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     monkeypatch.setenv(ort_ops.DIR_ENV, str(tmp_path / "ops"))
