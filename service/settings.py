@@ -44,6 +44,10 @@ variable                        meaning                                         
 ``LMA_SERVE_WATCH_INTERVAL_S``  poll the model folders for new versions every S s; 0 off  0
 ``LMA_SERVE_RELOAD_CHANNEL``    Redis pub/sub channel of reload messages (every replica   (off)
                                 subscribed reloads the named model), e.g. ``lma:reload:v1``
+``LMA_ORT_NATIVE_OPS``          onnxruntime on the CPU: the ai.lma nodes on the native    auto
+                                ops library (``lma.ort_ops``): ``auto`` where it builds,
+                                ``1`` required, ``0`` never (their ONNX functions)
+``LMA_ORT_OPS_DIR``             where that library is built / found (prebuilt images)     (cache)
 ==============================  =======================================================  =========
 
 With ``LMA_SERVE_MAX_WAIT_MS=0`` a request adds no wait of its own: batches form from the requests
