@@ -1,14 +1,16 @@
 """Where a bundle's ONNX model spends its time: key resolution, the embedding gather, and the rest
 (pooling, interaction, MLPs), for ``lma bench serve``'s profile breakdown.
 
-onnxruntime inlines the model-local functions (``ai.lma::KeyLookup``, ``ai.lma::HashedGather``)
-into anonymous nodes, so its node profiler cannot say which node belonged to which lookup.
-Instead the model is cut: one copy ends at the outputs of its key lookups (token -> row or
+onnxruntime inlines the model-local functions (``ai.lma::KeyLookup``, ``ai.lma::HashedGather``,
+``ai.lma::HotGather``) into anonymous nodes where they run as functions, so its node profiler
+cannot say which node belonged to which lookup. Instead the model is cut: one copy ends at the outputs of its key lookups (token -> row or
 signature), one at the embedding rows (after the float16 -> float32 cast where there is one),
 and each copy keeps only the nodes its outputs need. Timed on the same encoded rows with the same
 session options, key resolution is the first copy's time, the gather the second's minus the
 first's, and the rest the whole model's minus the second's. Each copy's time includes one
 ``session.run`` call's fixed cost (tens of microseconds), so at one row the split is coarse.
+The sessions are made as the service makes them: on the CPU the ``ai.lma`` nodes run on the
+native ops library where it is available (``lma.ort_ops``; ``native_ops`` says whether they did).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _cut_points(model: Any) -> dict[str, list[str]]:
             consumers.setdefault(i, []).append(n)
     table = [n for n in model.graph.node
              if n.input and n.input[0] in inits and n.input[0].startswith("embedding.")
-             and n.op_type in ("Gather", "HashedGather")]
+             and n.op_type in ("Gather", "HashedGather", "HotGather")]
     gather = []
     for n in table:
         out = n.output[0]
@@ -101,9 +103,12 @@ class StageModels:
                     os.link(f, d / f.name)
                 except OSError:
                     shutil.copyfile(f, d / f.name)
+        from lma import ort_ops
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        self.native_ops = ort_ops.register(opts, ["CPUExecutionProvider"])
         self.sessions: dict[str, Any] = {}
         for name in ("keys", "gather"):
             if not self.cuts[name]:

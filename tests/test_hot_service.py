@@ -66,3 +66,22 @@ def test_hot_bundle_serves_what_the_hash_bundle_serves(bundles: dict[str, Path],
     assert answers["hot"].shape == (N_ROWS,)
     # Bit-identical logits in the model; the JSON round trip of the same float32 values.
     np.testing.assert_array_equal(answers["hot"], answers["hash"])
+
+
+def test_the_model_profile_splits_both_forms(bundles: dict[str, Path]) -> None:
+    """``lma bench serve``'s stage profile (loadtest.model_profile) cuts a hot bundle at its
+    HotGather as it cuts a hash bundle at its HashedGather, on the sessions the service makes."""
+    from lma import ort_ops
+    from loadtest.model_profile import STAGES, StageModels
+
+    for form, path in bundles.items():
+        b = load_bundle(path)
+        sample = b.sample()
+        stages = StageModels(b, threads=1)
+        try:
+            assert stages.cuts["keys"] and stages.cuts["gather"], form
+            assert stages.native_ops == (ort_ops.library() is not None)
+            got = stages.profile([(sample["dense"], sample["tokens"])] * 2, seconds=0.05)
+        finally:
+            stages.close()
+        assert set(STAGES) <= set(got) and all(got[k] >= 0 for k in STAGES), (form, got)
