@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lma import hashspec
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "ops" / "csrc"
@@ -46,9 +48,6 @@ MODE_ENV = "LMA_ORT_NATIVE_OPS"
 DIR_ENV = "LMA_ORT_OPS_DIR"
 DISABLE_ENV = "LMA_DISABLE_NATIVE_OPS"
 MODES = ("auto", "1", "0")
-# What the library computes (its lma_ort_ops_versions(): key table version * 100 + hash spec).
-KEY_TABLE_VERSION = 3
-SPEC_VERSION = 1
 MIN_ORT = (1, 16)  # custom ops with status-returning kernels (C API version 16)
 
 _lock = threading.Lock()
@@ -120,8 +119,9 @@ def build(verbose: bool = False) -> Path:
             sys.stderr.write(proc.stdout + proc.stderr)
         if proc.returncode:
             os.unlink(tmp)
+            last = (proc.stderr.strip().splitlines() or [""])[-1]
             raise RuntimeError(f"compiling {SOURCE.name} failed ({cxx} exited {proc.returncode}): "
-                               f"{proc.stderr.strip().splitlines()[-1:] or ''}")
+                               f"{last}")
         os.replace(tmp, target)
         logger.info("onnxruntime LMA ops built in %.1fs: %s", time.perf_counter() - t0, target)
     return target
@@ -132,11 +132,11 @@ def _check_library(path: Path) -> None:
     lib = ctypes.CDLL(str(path))
     fn = lib.lma_ort_ops_versions
     fn.restype = ctypes.c_int64
-    got = int(fn())
-    want = KEY_TABLE_VERSION * 100 + SPEC_VERSION
+    got = int(fn())  # key table version * 100 + hash spec version
+    want = hashspec.KEY_TABLE_VERSION * 100 + hashspec.SPEC_VERSION
     if got != want:
         raise RuntimeError(f"{path} computes key table v{got // 100} / hash spec {got % 100}, "
-                           f"this package v{KEY_TABLE_VERSION} / {SPEC_VERSION}")
+                           f"this package v{hashspec.KEY_TABLE_VERSION} / {hashspec.SPEC_VERSION}")
 
 
 def _ort_version_ok() -> bool:

@@ -267,3 +267,16 @@ def test_prebuilt_library_loads_from_a_read_only_folder_without_a_compiler(tmp_p
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == str(lib_dir / built.name)
     assert sorted(p.name for p in lib_dir.iterdir()) == [built.name], "nothing written"
+
+
+def test_version_marker_mismatch_and_compiler_failure_are_reported(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setattr(hashspec, "KEY_TABLE_VERSION", hashspec.KEY_TABLE_VERSION + 1)
+    with pytest.raises(RuntimeError, match="computes key table v3"):
+        ort_ops._check_library(ort_ops.library())
+    monkeypatch.undo()
+    monkeypatch.setenv(ort_ops.DIR_ENV, str(tmp_path / "ops"))
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(RuntimeError, match="failed .*exited 1"):
+        ort_ops.build()
+    assert not any((tmp_path / "ops").glob("*.so*")), "no partial library left behind"
