@@ -178,8 +178,7 @@ def wanted(providers: list[Any]) -> bool:
     """Whether a session on ``providers`` should use the library: the mode allows it and every
     provider is the CPU one (on CUDA the ai.lma nodes run as functions on the device; the
     library's CPU kernels there would copy every lookup's inputs to the host)."""
-    names = [p[0] if isinstance(p, tuple) else p for p in providers]
-    return mode() != "0" and all(n == "CPUExecutionProvider" for n in names)
+    return mode() != "0" and not names_other_than_cpu(providers)
 
 
 # Marks session options that carry the library: onnxruntime refuses a second registration of the
@@ -225,6 +224,7 @@ def register(session_options: Any, providers: list[Any]) -> bool:
 
 
 def names_other_than_cpu(providers: list[Any]) -> list[str]:
+    """The providers' names (a provider may be given as ``(name, options)``) but the CPU one."""
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     return [n for n in names if n != "CPUExecutionProvider"]
 

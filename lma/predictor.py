@@ -90,7 +90,7 @@ def onnx_session(bundle: Bundle, providers: Sequence[Any] | None = None,
     if native_ops is None:
         owned["native_ops"] = ort_ops.register(so, providers)
     elif native_ops:
-        if ort_ops.names_other_than_cpu(providers):
+        if names != [CPU_EP]:
             raise ValueError(f"native_ops=True needs the CPU provider alone, got {names}")
         ort_ops.add_to(so)
         owned["native_ops"] = True

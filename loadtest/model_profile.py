@@ -3,9 +3,10 @@
 
 onnxruntime inlines the model-local functions (``ai.lma::KeyLookup``, ``ai.lma::HashedGather``,
 ``ai.lma::HotGather``) into anonymous nodes where they run as functions, so its node profiler
-cannot say which node belonged to which lookup. Instead the model is cut: one copy ends at the outputs of its key lookups (token -> row or
-signature), one at the embedding rows (after the float16 -> float32 cast where there is one),
-and each copy keeps only the nodes its outputs need. Timed on the same encoded rows with the same
+cannot say which node belonged to which lookup. Instead the model is cut: one copy ends at the
+outputs of its key lookups (token -> row or signature), one at the embedding rows (after the
+float16 -> float32 cast where there is one), and each copy keeps only the nodes its outputs
+need. Timed on the same encoded rows with the same
 session options, key resolution is the first copy's time, the gather the second's minus the
 first's, and the rest the whole model's minus the second's. Each copy's time includes one
 ``session.run`` call's fixed cost (tens of microseconds), so at one row the split is coarse.

@@ -283,10 +283,9 @@ def verify_bundle(
     sess = None
     # The same file with the ai.lma nodes on the native ops library (what CPU serving runs by
     # default), in a session of its own too; skipped where the library cannot be built.
-    native = ort_ops.library() if ort_ops.mode() != "0" else None
-    if native is not None:
+    if ort_ops.mode() != "0" and ort_ops.library() is not None:
         so = ort.SessionOptions()
-        so.register_custom_ops_library(str(native))
+        ort_ops.add_to(so)
         sess = ort.InferenceSession(str(bundle.onnx_path), so, providers=["CPUExecutionProvider"])
         (got,), ms = _timed(lambda: sess.run(None, {"dense": dense, "tokens": tokens}))
         report.lines.append(_compare("onnxruntime + native ai.lma ops (lma.ort_ops)", got, ref, ms))

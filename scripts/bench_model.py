@@ -223,19 +223,13 @@ def _engine_fn(out: Path, name: str, spec: dict[str, Any], engine: str, part: st
         if engine.startswith("onnxruntime+native"):
             from lma import ort_ops
 
-            lib = ort_ops.library()
-            if lib is None:
-                raise RuntimeError(f"no native ops library: {ort_ops.unavailable_reason()}")
-            so.register_custom_ops_library(str(lib))
+            ort_ops.add_to(so)
         held = _private_initializers(d / f"{part}.onnx", so) if engine.endswith("/private") else []
         sess = ort.InferenceSession(str(d / f"{part}.onnx"), so, providers=["CPUExecutionProvider"])
-        sess.held = held  # the arrays and OrtValues must outlive the session
-        if part == "model":
-            def fn(b):  # noqa: ANN001, ANN202
-                return sess.run(None, {"dense": b[0], "tokens": b[1]})
-        else:
-            def fn(b):  # noqa: ANN001, ANN202
-                return sess.run(None, {"tokens": b[1]})
+
+        def fn(b, _held=held):  # noqa: ANN001, ANN202 - _held: arrays the session must outlive
+            feed = {"dense": b[0], "tokens": b[1]} if part == "model" else {"tokens": b[1]}
+            return sess.run(None, feed)
     else:
         import torch
 

@@ -40,7 +40,7 @@ def main() -> int:
     if native:
         from lma import ort_ops
 
-        so.register_custom_ops_library(str(ort_ops.library()))
+        ort_ops.add_to(so)
     sess = ort.InferenceSession(str(out / name.replace("/", "_") / f"{part}.onnx"), so,
                                 providers=["CPUExecutionProvider"])
     batches = bm._batches(fmap, 1000, 1100)

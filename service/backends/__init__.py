@@ -29,7 +29,8 @@ class Placement:
     # (mapped from weights.safetensors), or who loaded them ("onnxruntime", "program", "cuda:N").
     weights: str = ""
     # onnxruntime: whether the ai.lma nodes run with the native ops library (lma.ort_ops) or
-    # as their ONNX functions; torch: the program's own kernels (always native).
+    # as their ONNX functions; torch: whether the lma ops run compiled kernels (the C++
+    # extension, Triton on CUDA) or the pure-torch reference.
     native_ops: bool = False
 
 

@@ -23,10 +23,6 @@ namespace {
 
 using namespace lma_kernels;
 
-// Keys per task: enough work (tens of microseconds) that spreading small batches over threads
-// does not cost more in wake-ups than it saves.
-int64_t grain_for(int64_t nb) { return std::max<int64_t>(256, 8192 / std::max<int64_t>(nb, 1)); }
-
 at::Tensor flat_keys(const at::Tensor& keys) {
   TORCH_CHECK(keys.scalar_type() == at::kLong, "keys must be int64");
   TORCH_CHECK(keys.device().is_cpu(), "keys must be a CPU tensor");
@@ -91,7 +87,6 @@ at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::T
   const Hasher hs = make_hasher(coef_a, coef_b, nibble_w, mem.numel(), z, lma, aligned);
   const at::Tensor k = flat_keys(keys);
   const int64_t n = k.numel();
-  const int64_t nb = hs.nb;
   std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end());
   shape.push_back(dim);
   at::Tensor out = at::empty(shape, mem.options());
@@ -99,18 +94,8 @@ at::Tensor forward(const at::Tensor& memory, const at::Tensor& keys, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem.scalar_type(), "lma_hashed_gather", [&] {
     const scalar_t* mp = mem.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, grain_for(nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> st(kChunk * nb);
-      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int64_t c1 = std::min(end, c0 + kChunk);
-        // A block of indices (prefetching the memory they point at) ...
-        // (Prefetching pays for blocks of 4+ elements; for single elements it costs more than
-        // the latency it hides.)
-        hs.starts(kp, c0, c1, st.data(), z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr,
-                  sizeof(scalar_t));
-        // ... then the gather.
-        gather_blocks(op + c0 * dim, mp, st.data(), (c1 - c0) * nb, z);
-      }
+    at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      gather_range(hs, mp, kp, begin, end, op);
     });
   });
   return out;
@@ -144,12 +129,11 @@ void check_key_table(const at::Tensor& table) {
 
 namespace {
 
-// What hot_gather and hot_embed share: the (..., dim) rows of keys, chunk by chunk (hot_chunk),
-// where chunk_index(c0, c1, flat keys, scratch) gives the chunk's hot rows (-1 = cold), in its
-// kChunk-entry scratch buffer or elsewhere.
+// What hot_gather and hot_embed share: the (..., dim) rows of keys (hot_range), where
+// chunk_index(c0, c1, flat keys, scratch) gives each chunk's hot rows (-1 = cold).
 template <typename ChunkIndex>
 at::Tensor hot_rows(const at::Tensor& memory, const at::Tensor& hot, const at::Tensor& keys,
-                    const Hasher& hs, int64_t dim, int64_t z, ChunkIndex chunk_index) {
+                    const Hasher& hs, int64_t dim, ChunkIndex chunk_index) {
   const at::Tensor mem = memory.contiguous();
   const at::Tensor hr = hot.contiguous();
   const at::Tensor k = flat_keys(keys);
@@ -162,15 +146,8 @@ at::Tensor hot_rows(const at::Tensor& memory, const at::Tensor& hot, const at::T
     const scalar_t* mp = mem.data_ptr<scalar_t>();
     const scalar_t* hp = hr.size(0) > 0 ? hr.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    const char* pf = z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
     at::parallel_for(0, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb), ix(kChunk);
-      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int64_t c1 = std::min(end, c0 + kChunk);
-        const int64_t* ip = chunk_index(c0, c1, kp, ix.data());
-        hot_chunk(hs, mp, hp, ip, kp, op, c0, c1, dim, pf, cold_pos.data(), cold_key.data(),
-                  st.data());
-      }
+      hot_range(hs, mp, hp, kp, begin, end, op, chunk_index);
     });
   });
   return out;
@@ -195,7 +172,7 @@ at::Tensor hot_gather(const at::Tensor& memory, const at::Tensor& hot, const at:
   for (int64_t i = 0; i < ix.numel(); ++i)
     TORCH_CHECK(ip[i] < n_hot, "hot index ", ip[i], " at position ", i, " is out of range for ",
                 n_hot, " hot rows");
-  return hot_rows(memory, hot, keys, hs, dim, z,
+  return hot_rows(memory, hot, keys, hs, dim,
                   [&](int64_t c0, int64_t, const int64_t*, int64_t*) -> const int64_t* {
                     return ip + c0;
                   });
@@ -215,7 +192,7 @@ at::Tensor hot_embed(const at::Tensor& memory, const at::Tensor& hot, const at::
   const at::Tensor tl = table.contiguous();
   const SlotHash sh(tl.data_ptr<int64_t>());
   const int64_t n_hot = hot.size(0);
-  return hot_rows(memory, hot, tokens, hs, dim, z,
+  return hot_rows(memory, hot, tokens, hs, dim,
                   [&](int64_t c0, int64_t c1, const int64_t* kp, int64_t* ix) -> const int64_t* {
                     lookup_range(sh, kp, c0, c1, nullptr, -1, ix);
                     for (int64_t i = c0; i < c1; ++i)

@@ -205,6 +205,48 @@ inline void hot_chunk(const Hasher& hs, const T* mp, const T* hp, const int64_t*
   for (int64_t j = 0; j < n_cold; ++j) gather_blocks(op + cold_pos[j] * dim, mp, st + j * hs.nb, hs.nb, hs.z);
 }
 
+// Keys per task: enough work (tens of microseconds) that spreading small batches over threads
+// does not cost more in wake-ups than it saves.
+inline int64_t grain_for(int64_t nb) { return std::max<int64_t>(256, 8192 / std::max<int64_t>(nb, 1)); }
+
+// Blocks of Z >= 4 elements are prefetched as soon as their start is known; for single elements
+// prefetching costs more than the latency it hides.
+template <typename T>
+inline const char* prefetch_base(const T* mp, int64_t z) {
+  return z >= 4 ? reinterpret_cast<const char*>(mp) : nullptr;
+}
+
+// The hashed gather of keys[begin, end) into their (nb * Z)-element output rows, chunk by chunk:
+// a chunk's block starts first (prefetching the blocks), then its blocks copied.
+template <typename T>
+inline void gather_range(const Hasher& hs, const T* mp, const int64_t* kp, int64_t begin,
+                         int64_t end, T* op) {
+  const int64_t dim = hs.nb * hs.z;
+  const char* pf = prefetch_base(mp, hs.z);
+  std::vector<int64_t> st(kChunk * hs.nb);
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t c1 = std::min(end, c0 + kChunk);
+    hs.starts(kp, c0, c1, st.data(), pf, sizeof(T));
+    gather_blocks(op + c0 * dim, mp, st.data(), (c1 - c0) * hs.nb, hs.z);
+  }
+}
+
+// The hot serving form over keys[begin, end) (hot_chunk per chunk), where chunk_index(c0, c1,
+// kp, scratch) gives the chunk's hot rows (-1 = cold), in its kChunk-entry scratch buffer or
+// elsewhere.
+template <typename T, typename ChunkIndex>
+inline void hot_range(const Hasher& hs, const T* mp, const T* hp, const int64_t* kp, int64_t begin,
+                      int64_t end, T* op, ChunkIndex chunk_index) {
+  const char* pf = prefetch_base(mp, hs.z);
+  std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb), ix(kChunk);
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t c1 = std::min(end, c0 + kChunk);
+    const int64_t* ip = chunk_index(c0, c1, kp, ix.data());
+    hot_chunk(hs, mp, hp, ip, kp, op, c0, c1, hs.nb * hs.z, pf, cold_pos.data(), cold_key.data(),
+              st.data());
+  }
+}
+
 // Key table v3 (lma/hashspec.py, "Key tables"): a table describes itself in its first two rows,
 // (M, G) and (A, n_keys); then come M (key, value) slots and G displacements. Slot of key u:
 // with y = u * A mod 2^64, (s0 + disp[g] * s1) mod M where g = (y >> 32) mod G,

@@ -239,10 +239,6 @@ void parallel(const Api& api, OrtKernelContext* ctx, int64_t n, int64_t grain, B
       static_cast<size_t>(tasks), &job);
 }
 
-// Keys per task: enough work (tens of microseconds) that spreading small batches over threads
-// does not cost more in wake-ups than it saves (as the torch extension's grain_for).
-int64_t grain_for(int64_t nb) { return std::max<int64_t>(256, 8192 / std::max<int64_t>(nb, 1)); }
-
 // ------------------------------------------------------------------------------------- kernels
 
 // KeyLookup(keys (...) int64, default (broadcastable to keys) int64, table (R, 2) int64) ->
@@ -414,16 +410,8 @@ struct HashedGatherKernel {
   void run(OrtKernelContext* ctx, const lma_kernels::Hasher& hs, const void* mem,
            const int64_t* kp, int64_t n, void* out) const {
     using T = typename Bits<W>::type;
-    const T* mp = static_cast<const T*>(mem);
-    T* op = static_cast<T*>(out);
-    const char* pf = at.z >= 4 ? static_cast<const char*>(mem) : nullptr;
-    parallel(api, ctx, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> st(lma_kernels::kChunk * hs.nb);
-      for (int64_t c0 = begin; c0 < end; c0 += lma_kernels::kChunk) {
-        const int64_t c1 = std::min(end, c0 + lma_kernels::kChunk);
-        hs.starts(kp, c0, c1, st.data(), pf, W);
-        lma_kernels::gather_blocks(op + c0 * at.dim, mp, st.data(), (c1 - c0) * hs.nb, at.z);
-      }
+    parallel(api, ctx, n, lma_kernels::grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      lma_kernels::gather_range(hs, static_cast<const T*>(mem), kp, begin, end, static_cast<T*>(out));
     });
   }
 };
@@ -472,16 +460,10 @@ struct HotGatherKernel {
   void run(OrtKernelContext* ctx, const lma_kernels::Hasher& hs, const void* mem,
            const void* hot, const int64_t* ip, const int64_t* kp, int64_t n, void* out) const {
     using T = typename Bits<W>::type;
-    constexpr int64_t kChunk = lma_kernels::kChunk;
-    const char* pf = at.z >= 4 ? static_cast<const char*>(mem) : nullptr;
-    parallel(api, ctx, n, grain_for(hs.nb), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> cold_pos(kChunk), cold_key(kChunk), st(kChunk * hs.nb);
-      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int64_t c1 = std::min(end, c0 + kChunk);
-        lma_kernels::hot_chunk(hs, static_cast<const T*>(mem), static_cast<const T*>(hot),
-                               ip + c0, kp, static_cast<T*>(out), c0, c1, at.dim, pf,
-                               cold_pos.data(), cold_key.data(), st.data());
-      }
+    parallel(api, ctx, n, lma_kernels::grain_for(hs.nb), [&](int64_t begin, int64_t end) {
+      lma_kernels::hot_range(hs, static_cast<const T*>(mem), static_cast<const T*>(hot), kp, begin,
+                             end, static_cast<T*>(out),
+                             [&](int64_t c0, int64_t, const int64_t*, int64_t*) { return ip + c0; });
     });
   }
 };
