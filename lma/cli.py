@@ -216,15 +216,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lma.train import train_model
 
     result = train_model(train_config_from_args(args))
-    if int(result.metrics.get("world_size", 1)) == 1 or _rank() == 0:
+    if result.rank == 0:
         print_json(result.metrics)
     return 0
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lma.checkpoint import load_checkpoint

@@ -144,6 +144,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, float]]
     out: Path | None
+    rank: int = 0  # this process's rank in distributed training (0 otherwise)
 
 
 def load_splits(cfg: TrainConfig, source: DataSource | None = None) -> tuple[Splits, DataSource]:
@@ -731,10 +732,23 @@ def train_model(cfg: TrainConfig, splits: Splits | None = None) -> TrainResult:
     as in memory, row for row.
     """
     cfg.validate()
-    if cfg.ddp and not torch.distributed.is_initialized():
+    own_group = cfg.ddp and not torch.distributed.is_initialized()
+    if own_group:
         # Launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment); every
         # rank reads the same rows and builds the same model, and trains its share of each batch.
         torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    try:
+        result = _train_model(cfg, splits)
+        result.rank = _dist_rank_world()[0]
+        return result
+    finally:
+        if own_group:
+            # A process group left to interpreter exit can abort it ("terminate called without
+            # an active exception" from the backend's threads): end the one this call began.
+            torch.distributed.destroy_process_group()
+
+
+def _train_model(cfg: TrainConfig, splits: Splits | None) -> TrainResult:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
